@@ -1,0 +1,42 @@
+# segcompress: two commands for users (see README.md).
+#   make run   set up .venv if needed, then run the default benchmark (snakemake on config.yaml)
+#   make test  set up .venv if needed, then run the test suite
+# CORES (default: all) and SNAKEMAKE_ARGS pass through to snakemake.
+
+PYTHON ?= python3
+VENV ?= .venv
+CORES ?= all
+SNAKEMAKE_ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.segcompress-installed
+
+.PHONY: venv run test dry-run lint clean-results
+
+venv: $(STAMP)
+
+# torch first and alone: pinned 2.13.0 takes the local CPU wheel on a CPU-only machine and the
+# CUDA build elsewhere; every later install is constrained so it never replaces it.
+$(STAMP): envs/requirements.txt envs/constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip<26" 
+	$(BIN)/python -m pip install --quiet torch==2.13.0 setuptools==81.0.0
+	$(BIN)/python -m pip install --quiet -c envs/constraints.txt -r envs/requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m segcompress._import_hooks install
+	$(BIN)/python -m pip check
+	touch $@
+
+run: venv
+	$(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
+
+dry-run: venv
+	$(BIN)/snakemake -n --cores $(CORES) $(SNAKEMAKE_ARGS)
+
+lint: venv
+	$(BIN)/snakemake --lint
+
+test: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean-results:
+	rm -rf results

@@ -1,0 +1,5 @@
+import sys
+
+from segcompress.cli import main
+
+sys.exit(main())

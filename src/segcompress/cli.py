@@ -1,0 +1,60 @@
+"""The one command-line entry point: ``segcompress <verb> ...``.
+
+Every pipeline stage is a verb that reads files and writes files; Snakemake and DVC only schedule
+these commands. Each verb lives in ``segcompress.commands.<verb>`` with ``add_arguments(parser)``
+and ``main(args) -> int``; modules are imported only when their verb runs, so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+VERBS: dict[str, str] = {
+    "data": "generate (synthetic) or verify a dataset and write its manifest",
+    "train": "train a dense Segmenter (resumable; torchrun for several GPUs)",
+    "evaluate": "sliding-window mIoU of a model variant on a dataset split",
+    "flops": "GFLOPs of a model or method (fvcore convention, one crop)",
+    "bench": "throughput (images/s) of a model or method",
+    "convert": "import a released Segmenter checkpoint (mmseg or original format)",
+    "report": "aggregate raw results into results/benchmark.csv, tables and figures",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segcompress", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb, help_text in VERBS.items():
+        sub.add_parser(verb, help=help_text, description=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    # Parse the verb first, then let the verb's module add its own arguments.
+    known, _ = parser.parse_known_args(argv[:1] if argv and argv[0] in VERBS else argv)
+    verb = known.verb
+    module = importlib.import_module(f"segcompress.commands.{verb.replace('-', '_')}")
+    verb_parser = argparse.ArgumentParser(prog=f"segcompress {verb}", description=VERBS[verb])
+    verb_parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    module.add_arguments(verb_parser)
+    args = verb_parser.parse_args(argv[1:])
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(module.main(args) or 0)
+    except (FileNotFoundError, ValueError, KeyError) as e:  # bad input: one clear line, no traceback
+        if args.verbose:
+            raise
+        print(f"segcompress {verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets: synthetic scene generation and readers for the ADE20K and Cityscapes layouts."""
