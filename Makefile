@@ -18,7 +18,6 @@ venv: $(STAMP)
 # CUDA build elsewhere; every later install is constrained so it never replaces it.
 $(STAMP): envs/requirements.txt envs/constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade "pip<26" 
 	$(BIN)/python -m pip install --quiet torch==2.13.0 setuptools==81.0.0
 	$(BIN)/python -m pip install --quiet -c envs/constraints.txt -r envs/requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .

@@ -1,0 +1,111 @@
+"""Segmenter model, spec and checkpoint files."""
+
+import json
+
+import pytest
+import torch
+
+from segcompress.models import BlockDims, SegmenterSpec, build_segmenter, spec_from_timm, unfused_attention
+from segcompress.models.checkpoint import load_model, save_model, spec_path
+from segcompress.models.spec import spec_from_arch
+
+torch.set_num_threads(1)
+
+
+def tiny_spec(**kw) -> SegmenterSpec:
+    base = dict(num_classes=7, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    base.update(kw)
+    return SegmenterSpec(**base)
+
+
+def test_forward_shape_and_decoder_defaults():
+    spec = tiny_spec()
+    assert spec.decoder_dim == 32 and spec.decoder_heads == 1 and spec.grid == (4, 4)
+    model = build_segmenter(spec).eval()
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 7, 32, 32)
+
+
+def test_non_square_crop():
+    model = build_segmenter(tiny_spec(img_size=[32, 48])).eval()
+    assert model(torch.randn(1, 3, 32, 48)).shape == (1, 7, 32, 48)
+
+
+def test_unfused_attention_is_numerically_the_same():
+    torch.manual_seed(0)
+    model = build_segmenter(tiny_spec()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        fused = model(x)
+        with unfused_attention(model):
+            plain = model(x)
+    assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_encoder_matches_timm_vit_with_the_same_weights():
+    """Our Attention has timm's parameter layout: timm weights give the same features."""
+    from functools import partial
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    spec = tiny_spec()
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0,
+                            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+    model = build_segmenter(spec).eval()
+    model.encoder.load_state_dict(vit.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), vit.forward_features(x)[:, 1:], atol=1e-5, rtol=1e-4)
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = build_segmenter(tiny_spec()).eval()
+    path = tmp_path / "m" / "dense.safetensors"
+    save_model(model, path)
+    assert spec_path(path).is_file() and json.loads(spec_path(path).read_text())["embed_dim"] == 32
+    loaded = load_model(path).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert not list(path.parent.glob(".*tmp"))  # atomic writes leave no temp files
+
+
+def test_pruned_spec_builds_smaller_modules(tmp_path):
+    blocks = [BlockDims(num_heads=1, qk_dim=8, v_dim=12, mlp_hidden=20), BlockDims(2, 16, 16, 64)]
+    spec = tiny_spec(blocks=blocks, attn_scale=16 ** -0.5)
+    model = build_segmenter(spec).eval()
+    attn = model.encoder.blocks[0].attn
+    assert attn.qkv.weight.shape == (1 * (2 * 8 + 12), 32) and attn.proj.weight.shape == (32, 12)
+    assert attn.scale == 16 ** -0.5
+    assert model.encoder.blocks[0].mlp.fc1.weight.shape == (20, 32)
+    save_model(model, tmp_path / "p.safetensors")
+    reloaded = load_model(tmp_path / "p.safetensors").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), reloaded(x))
+
+
+def test_spec_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="unknown key"):
+        SegmenterSpec.from_dict({"num_classes": 3, "embed_dims": 4})
+    with pytest.raises(ValueError, match="depth 2 but 1 block"):
+        tiny_spec(blocks=[BlockDims(1, 8, 8, 8)])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        SegmenterSpec.load(bad)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        load_model(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="unknown backbone key"):
+        spec_from_arch({"embed_dim": 32, "depht": 2}, 3, 32)
+    with pytest.raises(ValueError, match="missing: depth"):
+        spec_from_arch({"patch_size": 8, "embed_dim": 32, "num_heads": 2}, 3, 32)
+
+
+def test_spec_from_timm_reads_widths():
+    spec = spec_from_timm("vit_base_patch16_384", num_classes=19, img_size=768)
+    assert (spec.embed_dim, spec.depth, spec.num_heads, spec.patch_size) == (768, 12, 12, 16)
+    assert spec.grid == (48, 48) and spec.decoder_heads == 12
