@@ -1,0 +1,431 @@
+"""Dataset readers for the ADE20K and Cityscapes layouts (real or synthetic, one code path).
+
+Reading is mmsegmentation's: its ``ADE20KDataset`` (``reduce_zero_label``: 0 -> 255, others -1)
+and ``CityscapesDataset`` (``*_gtFine_labelTrainIds.png``) list the files, and its transforms
+(Segmenter's recipe) load and augment them. This module only checks the layout first (one clear
+line naming the path and the expected layout), names the file when an image or a label cannot be
+read or holds labels outside the class range, and converts mmseg's BGR uint8 output to the
+tensors of ``docs/contracts.md``: normalised RGB (mean 127.5, std 127.5) and int64 labels with
+255 = ignore.
+
+mmseg's random transforms draw from numpy's global generator: seed it (``np.random.seed``) in
+the training process and use :func:`seed_worker` as the DataLoader's ``worker_init_fn``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segcompress.data import cityscapes as cs
+from segcompress.data.layouts import IGNORE_INDEX, get_layout
+
+MEAN = 127.5
+STD = 127.5
+RATIO_RANGE = (0.5, 2.0)
+CAT_MAX_RATIO = 0.75
+
+
+@dataclass(frozen=True)
+class LayoutFiles:
+    """Where a layout keeps one split's files (``{split}`` is the layout's split folder)."""
+
+    image_dir: str
+    label_dir: str
+    image_suffix: str
+    label_suffix: str
+    source_label_suffix: str | None  # Cityscapes: the labelIds the trainIds are derived from
+    expected: str  # one-line description for error messages
+
+
+FILES: dict[str, LayoutFiles] = {
+    "ade20k": LayoutFiles(
+        "images/{split}", "annotations/{split}", ".jpg", ".png", None,
+        "ADEChallengeData2016 layout: images/{training,validation}/*.jpg and "
+        "annotations/{training,validation}/*.png (pass the ADEChallengeData2016 folder itself)",
+    ),
+    "cityscapes": LayoutFiles(
+        "leftImg8bit/{split}", "gtFine/{split}", cs.IMAGE_SUFFIX, cs.TRAIN_IDS_SUFFIX, cs.LABEL_IDS_SUFFIX,
+        "Cityscapes layout: leftImg8bit/{train,val}/<city>/*_leftImg8bit.png and "
+        "gtFine/{train,val}/<city>/*_gtFine_labelIds.png + *_gtFine_labelTrainIds.png",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and its label files.
+
+    Args:
+        name: path below the split folder without the image suffix (``ADE_val_00000001``,
+            ``frankfurt/frankfurt_000000_000294``).
+        image: the image file.
+        label: the label file the reader loads (ADE ``.png``; Cityscapes ``*_labelTrainIds.png``).
+        source_label: Cityscapes ``*_gtFine_labelIds.png`` (None for ADE20K).
+    """
+
+    name: str
+    image: Path
+    label: Path
+    source_label: Path | None = None
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.image, self.label] + ([self.source_label] if self.source_label else [])
+
+
+def split_folder(layout: str, split: str) -> str:
+    """The layout's folder for ``split``: ``train``/``val`` (or the layout's own names) -> e.g. ``validation``."""
+    names = get_layout(layout).splits
+    canonical = {"train": names[0], "val": names[1], names[0]: names[0], names[1]: names[1]}
+    try:
+        return canonical[split]
+    except KeyError:
+        raise ValueError(f"unknown split {split!r} for {layout}; choose train or val") from None
+
+
+def _root_error(layout: str, root: Path, missing: Path) -> FileNotFoundError:
+    hint = ""
+    if layout == "ade20k" and (root / "ADEChallengeData2016").is_dir():
+        hint = f"; did you mean --root {root / 'ADEChallengeData2016'}?"
+    return FileNotFoundError(f"{missing}: not found; {root} must be in the {FILES[layout].expected}{hint}")
+
+
+def list_samples(layout: str, root: str | Path, split: str, require_labels: bool = True) -> list[Sample]:
+    """Check one split's layout and list its samples, sorted by image path.
+
+    Raises:
+        FileNotFoundError: a folder, or an image's label, is missing (the message names the path,
+            the expected layout and, for Cityscapes trainIds, the ``--prepare`` fix).
+    """
+    files = FILES[layout]
+    root = Path(root)
+    folder = split_folder(layout, split)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: dataset root not found; expected the {files.expected}")
+    image_dir = root / files.image_dir.format(split=folder)
+    label_dir = root / files.label_dir.format(split=folder)
+    for d in (image_dir, label_dir):
+        if not d.is_dir():
+            raise _root_error(layout, root, d)
+    images = sorted(p for p in image_dir.rglob(f"*{files.image_suffix}") if p.is_file())
+    if not images:
+        raise FileNotFoundError(f"{image_dir}: no *{files.image_suffix} images; expected the {files.expected}")
+    samples = []
+    for img in images:
+        rel = img.relative_to(image_dir).as_posix()[: -len(files.image_suffix)]
+        label = label_dir / f"{rel}{files.label_suffix}"
+        source = label_dir / f"{rel}{files.source_label_suffix}" if files.source_label_suffix else None
+        if require_labels:
+            if source is not None and not source.is_file():
+                raise FileNotFoundError(f"{source}: label missing for {img}; expected the {files.expected}")
+            if not label.is_file():
+                if source is not None:
+                    raise FileNotFoundError(
+                        f"{label}: missing; run `segcompress data --layout cityscapes --root {root} --prepare` "
+                        f"to write *{cs.TRAIN_IDS_SUFFIX} from *{cs.LABEL_IDS_SUFFIX}"
+                    )
+                raise FileNotFoundError(f"{label}: label missing for {img}; expected the {files.expected}")
+        samples.append(Sample(rel, img, label, source))
+    return samples
+
+
+def check_layout(layout: str, root: str | Path, splits: Sequence[str] = ("train", "val")) -> dict[str, list[Sample]]:
+    """:func:`list_samples` for each split (a dataset for the pipeline has train and val)."""
+    get_layout(layout)
+    return {split: list_samples(layout, root, split) for split in splits}
+
+
+# -- content checks (used by `segcompress data`) -------------------------------------------------
+
+@dataclass(frozen=True)
+class FileRecord:
+    """A file of the dataset as the manifest lists it."""
+
+    path: str  # relative to the dataset root, POSIX separators
+    bytes: int
+    sha256: str
+
+
+def _decode(data: bytes, path: Path, what: str) -> Any:
+    from PIL import Image
+
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()  # full decode: truncated or corrupt files raise here
+        return im
+    except Exception as e:  # PIL raises many types for bad files
+        raise ValueError(
+            f"{path}: corrupt or unreadable {what} ({e}); replace the file or regenerate the dataset"
+        ) from None
+
+
+def _label_array(im: Any, path: Path) -> np.ndarray:
+    if im.mode not in ("L", "P"):
+        raise ValueError(f"{path}: label image has mode {im.mode}; expected a single-channel (L or P) PNG")
+    return np.asarray(im, dtype=np.uint8)
+
+
+def check_label_values(layout: str, label: np.ndarray, path: str | Path) -> None:
+    """Raise ValueError naming ``path`` if a raw label file holds values outside the layout's range.
+
+    ADE20K annotations hold 0 (other) .. 150; Cityscapes trainIds hold 0..18 or 255.
+    """
+    values = np.unique(label)
+    if layout == "ade20k":
+        bad = values[values > get_layout(layout).num_classes]
+        expected = f"0..{get_layout(layout).num_classes} (0 = other)"
+    else:
+        bad = values[(values >= get_layout(layout).num_classes) & (values != IGNORE_INDEX)]
+        expected = f"trainIds 0..{get_layout(layout).num_classes - 1} or {IGNORE_INDEX}"
+    if bad.size:
+        raise ValueError(f"{path}: label value(s) {bad[:5].tolist()} outside the class range ({expected})")
+
+
+def check_sample(layout: str, root: str | Path, sample: Sample, decode: bool = True) -> list[FileRecord]:
+    """Read a sample's files once: hash them and (``decode``) check that they decode, that image and
+    label sizes agree and that labels are in range (Cityscapes: trainIds match labelIds).
+
+    Raises:
+        ValueError: naming the offending file.
+    """
+    root = Path(root)
+    records, arrays, sizes = [], {}, {}
+    for path in sample.files:
+        data = path.read_bytes()
+        records.append(FileRecord(path.relative_to(root).as_posix(), len(data), hashlib.sha256(data).hexdigest()))
+        if not decode:
+            continue
+        im = _decode(data, path, "image" if path == sample.image else "label")
+        sizes[path] = im.size
+        if path != sample.image:
+            arrays[path] = _label_array(im, path)
+    if decode:
+        for path, size in sizes.items():
+            if size != sizes[sample.image]:
+                raise ValueError(
+                    f"{path}: size {size[0]}x{size[1]} differs from its image {sample.image} "
+                    f"({sizes[sample.image][0]}x{sizes[sample.image][1]})"
+                )
+        check_label_values(layout, arrays[sample.label], sample.label)
+        if sample.source_label is not None:
+            ids = arrays[sample.source_label]
+            cs.check_label_ids(ids, sample.source_label)
+            if not np.array_equal(cs.label_ids_to_train_ids(ids), arrays[sample.label]):
+                raise ValueError(
+                    f"{sample.label}: does not match {sample.source_label.name} under the official id -> trainId "
+                    f"mapping; rewrite it with "
+                    f"`segcompress data --layout cityscapes --root {root} --prepare --overwrite`"
+                )
+    return records
+
+
+def dataset_digest(records: Iterable[FileRecord]) -> str:
+    """One sha256 over every file's relative path, size and content hash (order-independent)."""
+    h = hashlib.sha256()
+    for r in sorted(records, key=lambda r: r.path):
+        h.update(f"{r.path}\0{r.bytes}\0{r.sha256}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+# -- readers -------------------------------------------------------------------------------------
+
+def normalize(img_bgr: torch.Tensor) -> torch.Tensor:
+    """mmseg's uint8 BGR (3, H, W) -> float32 RGB normalised with mean 127.5, std 127.5."""
+    return (img_bgr.flip(0).float() - MEAN) / STD
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(v, int):
+        return v, v
+    v = tuple(int(x) for x in v)
+    if len(v) != 2:
+        raise ValueError(f"expected one size or (H, W), got {v}")
+    return v  # type: ignore[return-value]
+
+
+def build_pipeline(mode: str, crop: int | Sequence[int], img_scale: Sequence[int]) -> list:
+    """mmseg transforms of Segmenter's recipe (``mode``: ``train`` or ``test``)."""
+    from mmcv.transforms import LoadImageFromFile, RandomResize
+    from mmseg.datasets.transforms import (
+        LoadAnnotations, PackSegInputs, PhotoMetricDistortion, RandomCrop, RandomFlip, Resize,
+    )
+
+    scale = tuple(int(s) for s in img_scale)
+    if len(scale) != 2:
+        raise ValueError(f"img_scale must be (long, short), got {img_scale}")
+    if mode == "train":
+        return [
+            LoadImageFromFile(),
+            LoadAnnotations(),
+            RandomResize(scale=scale, ratio_range=RATIO_RANGE, resize_type="mmseg.Resize", keep_ratio=True),
+            RandomCrop(crop_size=_pair(crop), cat_max_ratio=CAT_MAX_RATIO),
+            RandomFlip(prob=0.5),
+            PhotoMetricDistortion(),
+            PackSegInputs(),
+        ]
+    if mode == "test":
+        return [LoadImageFromFile(), Resize(scale=scale, keep_ratio=True), LoadAnnotations(), PackSegInputs()]
+    raise ValueError(f"unknown dataset mode {mode!r}; choose train or test")
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """An mmseg dataset seen through the contract of ``docs/contracts.md``.
+
+    ``mode="train"``: ``(image (3, cH, cW) float32, label (cH, cW) int64)`` after augmentation,
+    padded to the crop with 0 (the normalised mean) and 255. ``mode="test"``: ``{"image": (3, h, w)
+    resized keep-ratio to img_scale, "label": (H0, W0) original size, "name": str}``.
+    """
+
+    def __init__(self, mm_dataset: Any, layout: str, mode: str, crop: int | Sequence[int]) -> None:
+        self.mm = mm_dataset
+        self.layout = layout
+        self.mode = mode
+        self.crop = _pair(crop)
+        self.num_classes = get_layout(layout).num_classes
+
+    def __len__(self) -> int:
+        return len(self.mm)
+
+    @property
+    def names(self) -> list[str]:
+        return [self.mm.get_data_info(i)["name"] for i in range(len(self))]
+
+    def _run_pipeline(self, info: dict) -> dict:
+        from mmseg.datasets.transforms import LoadAnnotations
+
+        results = dict(info)
+        img_path, seg_path = info["img_path"], info["seg_map_path"]
+        for t in self.mm.pipeline.transforms:
+            culprit = seg_path if isinstance(t, LoadAnnotations) else img_path
+            try:
+                out = t(results)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{culprit}: file not found") from None
+            except Exception as e:  # decoders raise many types; name the file
+                what = "label" if culprit == seg_path else "image"
+                raise ValueError(
+                    f"{culprit}: cannot read {what} ({type(e).__name__}: {e}); "
+                    "replace the file or regenerate the dataset"
+                ) from e
+            if out is None:
+                raise ValueError(f"{img_path}: {type(t).__name__} returned nothing")
+            results = out
+        return results
+
+    def _check_label(self, label: torch.Tensor, path: str) -> None:
+        bad = (label >= self.num_classes) & (label != IGNORE_INDEX)
+        if bool(bad.any()):
+            v = int(label[bad][0])
+            if self.layout == "ade20k":
+                shown = f"{v + 1} (raw; 0..{self.num_classes} allowed)"
+            else:
+                shown = f"{v} (0..{self.num_classes - 1} or {IGNORE_INDEX} allowed)"
+            raise ValueError(f"{path}: label value {shown} outside the class range")
+
+    def __getitem__(self, idx: int):
+        info = self.mm.get_data_info(idx)
+        results = self._run_pipeline(info)
+        image = normalize(results["inputs"])
+        label = results["data_samples"].gt_sem_seg.data[0].long()
+        self._check_label(label, info["seg_map_path"])
+        if self.mode == "test":
+            return {"image": image, "label": label, "name": info["name"]}
+        ch, cw = self.crop
+        h, w = label.shape
+        if h < ch or w < cw:
+            image = F.pad(image, (0, cw - w, 0, ch - h), value=0.0)
+            label = F.pad(label, (0, cw - w, 0, ch - h), value=IGNORE_INDEX)
+        return image, label
+
+
+def collate_train(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack training items into ``(images (B, 3, cH, cW), labels (B, cH, cW))``."""
+    images, labels = zip(*batch)
+    return torch.stack(images), torch.stack(labels)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed numpy and random (mmseg's transforms) from torch's seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def corrupted_image_path(img_root: str | Path, rel: str | Path) -> Path:
+    """Where a corrupted copy of the clean image ``rel`` (relative to the dataset root) lives."""
+    return (Path(img_root) / rel).with_suffix(".png")
+
+
+def build_dataset(
+        layout: str,
+        root: str | Path,
+        split: str,
+        mode: str,
+        crop: int | Sequence[int],
+        img_scale: Sequence[int],
+        img_root: str | Path | None = None,
+        max_images: int | None = None,
+) -> SegDataset:
+    """A dataset of ``layout`` under ``root`` (real or synthetic; see :class:`SegDataset` for items).
+
+    Args:
+        layout: ``ade20k`` or ``cityscapes``.
+        root: dataset root (the ADEChallengeData2016 folder, or the Cityscapes root).
+        split: ``train`` or ``val`` (or the layout's folder names).
+        mode: ``train`` (augmented crops) or ``test`` (resized images, original-size labels).
+        crop: training crop ``S`` or ``(H, W)``.
+        img_scale: ``(long, short)`` resize scale (ADE20K: (2048, 512), Cityscapes: (2048, 1024)).
+        img_root: read images from this folder instead (corrupted sets): same paths relative to
+            the root, ``.png`` suffix; labels still from ``root``.
+        max_images: use only the first N images (sorted by path).
+    """
+    from mmseg.datasets import ADE20KDataset, CityscapesDataset
+
+    get_layout(layout)
+    files = FILES[layout]
+    root = Path(root)
+    folder = split_folder(layout, split)
+    samples = list_samples(layout, root, split)  # layout check with clear messages
+    if max_images is not None:
+        if max_images < 1:
+            raise ValueError(f"max_images must be >= 1, got {max_images}")
+        samples = samples[:max_images]
+    cls = ADE20KDataset if layout == "ade20k" else CityscapesDataset
+    mm = cls(
+        data_root=str(root),
+        data_prefix=dict(
+            img_path=files.image_dir.format(split=folder), seg_map_path=files.label_dir.format(split=folder),
+        ),
+        pipeline=build_pipeline(mode, crop, img_scale),
+        indices=max_images,
+        serialize_data=False,
+        test_mode=False,
+    )
+    if len(mm) != len(samples):
+        raise ValueError(f"{root}: mmseg lists {len(mm)} {split} images but the layout has {len(samples)}")
+    by_image = {os.path.normpath(s.image): s for s in samples}
+    for info in mm.data_list:
+        sample = by_image.get(os.path.normpath(info["img_path"]))
+        if sample is None:
+            raise ValueError(f"{info['img_path']}: listed by mmseg but not in the {files.expected}")
+        info["name"] = sample.name
+        if img_root is not None:
+            info["img_path"] = str(corrupted_image_path(img_root, sample.image.relative_to(root)))
+    if img_root is not None:
+        missing = [i["img_path"] for i in mm.data_list if not os.path.isfile(i["img_path"])]
+        if missing:
+            raise FileNotFoundError(
+                f"{missing[0]}: corrupted image not found ({len(missing)} of {len(mm)} missing under {img_root}); "
+                "expected the clean images' paths relative to the dataset root with a .png suffix"
+            )
+    return SegDataset(mm, layout, mode, crop)

@@ -1,0 +1,511 @@
+"""Seeded synthetic scenes written in the real ADE20K and Cityscapes on-disk layouts.
+
+The scenes are built so that token compression has something to lose: large textured regions
+(sky, walls, roads, buildings: many similar tokens to merge), small objects (people, signs,
+lamps) and thin structures (poles, fences, railings, table legs, wires) a few pixels wide. Every
+class has its own colour and texture (stripes, checkers, blotches, dots, speckle, gradients) drawn
+from a fixed "world" table, so a model trained on one seed generalises to another; colours are
+shared between classes and every image gets illumination changes, blur and noise, so classes are
+learnable but not trivial.
+
+Files written (``root`` = the dataset root):
+
+* ADE20K (ADEChallengeData2016): ``images/{training,validation}/ADE_{train,val}_%08d.jpg`` and
+  ``annotations/.../*.png`` with raw ADE labels (0 = "other", ignored; 1..150 = classes).
+* Cityscapes: ``leftImg8bit/{train,val}/<city>/<city>_%06d_000019_leftImg8bit.png``,
+  ``gtFine/.../*_gtFine_labelIds.png`` (real labelIds, void ids included) and
+  ``*_gtFine_labelTrainIds.png`` written by :func:`segcompress.data.cityscapes.write_train_ids`,
+  the same function that converts real Cityscapes.
+
+Each image is drawn from its own generator ``numpy.random.default_rng([seed, split, index])``, so
+the same seed gives the same bytes and adding training images does not change the others.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from segcompress.data.cityscapes import IMAGE_SUFFIX, LABEL_IDS_SUFFIX, write_label_png, write_train_ids
+
+WORLD_SEED = 20240611  # fixes the class appearance table (not the scenes)
+JPEG_QUALITY = 92
+
+# ADE20K class ids used by the scenes (1-based, as in the annotation PNGs; names as in mmseg).
+ADE = {
+    "wall": 1, "building": 2, "sky": 3, "floor": 4, "tree": 5, "ceiling": 6, "road": 7, "bed": 8,
+    "windowpane": 9, "grass": 10, "cabinet": 11, "sidewalk": 12, "person": 13, "earth": 14, "door": 15,
+    "table": 16, "mountain": 17, "plant": 18, "curtain": 19, "chair": 20, "car": 21, "water": 22,
+    "painting": 23, "sofa": 24, "shelf": 25, "house": 26, "rug": 29, "fence": 33, "rock": 35,
+    "lamp": 37, "railing": 39, "cushion": 40, "box": 42, "column": 43, "signboard": 44, "sand": 47,
+    "skyscraper": 49, "book": 68, "bus": 81, "truck": 84, "streetlight": 88, "pole": 94, "bottle": 99,
+    "bicycle": 128, "vase": 136, "traffic light": 137, "ashcan": 139, "clock": 149, "flag": 150,
+}
+ADE_OTHER = 0
+
+# Cityscapes labelIds (cityscapesscripts.helpers.labels).
+CS = {
+    "unlabeled": 0, "ego vehicle": 1, "rectification border": 2, "out of roi": 3, "static": 4,
+    "dynamic": 5, "ground": 6, "road": 7, "sidewalk": 8, "parking": 9, "building": 11, "wall": 12,
+    "fence": 13, "guard rail": 14, "pole": 17, "polegroup": 18, "traffic light": 19,
+    "traffic sign": 20, "vegetation": 21, "terrain": 22, "sky": 23, "person": 24, "rider": 25,
+    "car": 26, "truck": 27, "bus": 28, "caravan": 29, "trailer": 30, "train": 31,
+    "motorcycle": 32, "bicycle": 33,
+}
+
+CITIES = {"train": ("aachen", "bremen", "zurich"), "val": ("frankfurt", "lindau", "munster")}
+ADE_SIDES = (128, 224)  # each side of an ADE image is drawn from this range (varied aspect)
+CITYSCAPES_SIZE = (128, 256)  # (H, W), the real 2:1 aspect
+
+
+@dataclass(frozen=True)
+class Appearance:
+    """How one class looks: base colour, texture kind and its parameters."""
+
+    color: tuple[float, float, float]
+    contrast: tuple[float, float, float]
+    kind: str
+    period: float
+    angle: float
+
+
+_PALETTE = (  # muted base colours; several classes share one and differ by texture
+    (70, 70, 75), (120, 120, 125), (175, 170, 160), (110, 80, 55), (150, 110, 70), (70, 110, 50),
+    (120, 160, 80), (90, 130, 180), (160, 190, 220), (150, 60, 60), (200, 170, 90), (60, 60, 120),
+)
+_KINDS = ("gradient", "stripes", "checker", "blotch", "dots", "speckle")
+
+
+def appearance_table(class_ids: list[int], layout: str) -> dict[int, Appearance]:
+    """A fixed, distinct appearance for every class id (no two share colour and texture)."""
+    rng = np.random.default_rng([WORLD_SEED, zlib.crc32(layout.encode())])
+    combos = [(c, k) for c in range(len(_PALETTE)) for k in range(len(_KINDS))]
+    order = rng.permutation(len(combos))
+    table = {}
+    for i, cid in enumerate(sorted(class_ids)):
+        c, k = combos[order[i % len(combos)]]
+        contrast = rng.uniform(18, 45) * rng.uniform(0.6, 1.0, size=3)
+        table[cid] = Appearance(
+            color=tuple(float(v) for v in _PALETTE[c]), contrast=tuple(float(v) for v in contrast),
+            kind=_KINDS[k], period=float(rng.uniform(3.0, 10.0)), angle=float(rng.uniform(0, np.pi)),
+        )
+    return table
+
+
+def _texture(app: Appearance, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """Texture values in about [-1, 1] on the grid (yy, xx)."""
+    h, w = yy.shape
+    p, phase = app.period, rng.uniform(0, 2 * np.pi)
+    if app.kind == "gradient":
+        low = cv2.resize(rng.normal(size=(3, 3)).astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+        return 0.7 * (yy / h - 0.5) * 2 + 0.3 * low
+    if app.kind == "stripes":
+        return np.sin(2 * np.pi * (xx * np.cos(app.angle) + yy * np.sin(app.angle)) / p + phase)
+    if app.kind == "checker":
+        return np.sign(np.sin(2 * np.pi * xx / p + phase) * np.sin(2 * np.pi * yy / p + phase))
+    if app.kind == "blotch":
+        gh, gw = max(2, int(h / p / 2)), max(2, int(w / p / 2))
+        low = cv2.resize(rng.normal(size=(gh, gw)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+        return np.clip(low, -1.5, 1.5)
+    if app.kind == "dots":
+        return (np.sin(2 * np.pi * xx / p + phase) * np.sin(2 * np.pi * yy / p) > 0.4) * 2.0 - 1.0
+    return rng.uniform(-1, 1, size=(h, w))  # speckle
+
+
+def render(label: np.ndarray, table: dict[int, Appearance], rng: np.random.Generator) -> np.ndarray:
+    """RGB uint8 image for a raw label map: per-class texture, illumination, blur and noise."""
+    h, w = label.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    for cid in np.unique(label).tolist():
+        app = table[cid]
+        mask = label == cid
+        tex = _texture(app, rng, yy, xx)[mask]
+        color = np.asarray(app.color, np.float32) + rng.normal(0, 10, size=3)
+        img[mask] = color + tex[:, None] * np.asarray(app.contrast, np.float32)
+    img = cv2.GaussianBlur(img, (3, 3), 0.6)
+    gain = rng.uniform(0.75, 1.2)
+    cast = rng.normal(0, 6, size=3)
+    img = img * gain + cast + rng.normal(0, 9, size=img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+# -- drawing helpers -----------------------------------------------------------------------------
+
+def _wave(rng: np.random.Generator, w: int, y0: float, amp: float) -> np.ndarray:
+    """A wavy horizontal boundary y(x) around ``y0``."""
+    x = np.arange(w, dtype=np.float32)
+    y = np.full(w, y0, np.float32)
+    for f in (1, 2, 5):
+        y += amp / f * np.sin(2 * np.pi * f * x / w * rng.uniform(0.5, 1.5) + rng.uniform(0, 2 * np.pi))
+    return y
+
+
+def _fill_below(label: np.ndarray, y: np.ndarray, cid: int) -> None:
+    rows = np.arange(label.shape[0], dtype=np.float32)[:, None]
+    label[rows >= y[None, :]] = cid
+
+
+def _rect(label: np.ndarray, x0: float, y0: float, x1: float, y1: float, cid: int) -> None:
+    cv2.rectangle(label, (int(x0), int(y0)), (int(x1), int(y1)), int(cid), thickness=-1)
+
+
+def _ellipse(label: np.ndarray, cx: float, cy: float, rx: float, ry: float, cid: int, angle: float = 0) -> None:
+    cv2.ellipse(label, (int(cx), int(cy)), (max(1, int(rx)), max(1, int(ry))), angle, 0, 360, int(cid), -1)
+
+
+def _line(label: np.ndarray, x0: float, y0: float, x1: float, y1: float, cid: int, width: int = 1) -> None:
+    cv2.line(label, (int(x0), int(y0)), (int(x1), int(y1)), int(cid), max(1, int(width)))
+
+
+def _blob(label: np.ndarray, rng: np.random.Generator, cx: float, cy: float, r: float, cid: int) -> None:
+    """An irregular star-shaped polygon (bushes, rocks, "other" clutter)."""
+    n = int(rng.integers(7, 13))
+    ang = np.sort(rng.uniform(0, 2 * np.pi, n))
+    rad = r * rng.uniform(0.55, 1.0, n)
+    pts = np.stack([cx + rad * np.cos(ang), cy + rad * np.sin(ang)], 1).astype(np.int32)
+    cv2.fillPoly(label, [pts], int(cid))
+
+
+def _fence(label: np.ndarray, rng: np.random.Generator, x0: float, x1: float, ytop: float, ybot: float,
+           cid: int) -> None:
+    """A lattice of 1-px lines: two rails and posts every few pixels."""
+    for y in (ytop, (ytop + ybot) / 2):
+        _line(label, x0, y, x1, y, cid)
+    step = rng.uniform(3, 7)
+    for x in np.arange(x0, x1, step):
+        _line(label, x, ytop, x, ybot, cid)
+
+
+def _depth(y: float, horizon: float, h: int) -> float:
+    """Perspective scale (0.25 at the horizon, 1 at the bottom edge)."""
+    return float(np.clip(0.25 + 0.75 * (y - horizon) / max(1.0, h - horizon), 0.25, 1.0))
+
+
+def _pole(label: np.ndarray, rng: np.random.Generator, x: float, ybot: float, s: float, pole: int,
+          top: int | None) -> None:
+    height = rng.uniform(30, 60) * s
+    width = 1 if s < 0.6 else int(rng.integers(1, 3))
+    _line(label, x, ybot, x, ybot - height, pole, width)
+    if top is not None:
+        bw, bh = rng.uniform(4, 8) * s + 1, rng.uniform(4, 9) * s + 1
+        _rect(label, x - bw / 2, ybot - height - bh, x + bw / 2, ybot - height, top)
+
+
+def _person(label: np.ndarray, rng: np.random.Generator, x: float, ybot: float, s: float, cid: int) -> None:
+    hgt = rng.uniform(14, 26) * s
+    _rect(label, x - hgt * 0.13, ybot - hgt * 0.8, x + hgt * 0.13, ybot, cid)
+    _ellipse(label, x, ybot - hgt * 0.88, hgt * 0.1, hgt * 0.11, cid)
+
+
+def _vehicle(label: np.ndarray, rng: np.random.Generator, x: float, ybot: float, s: float, cid: int,
+             long: bool = False) -> None:
+    w = rng.uniform(30, 45) * s * (1.8 if long else 1.0)
+    hb = rng.uniform(9, 13) * s * (1.6 if long else 1.0)
+    _rect(label, x - w / 2, ybot - hb, x + w / 2, ybot - 2 * s, cid)
+    if not long:
+        _rect(label, x - w * 0.3, ybot - hb * 1.7, x + w * 0.25, ybot - hb, cid)
+    for wx in (x - w * 0.3, x + w * 0.3):
+        _ellipse(label, wx, ybot - 2 * s, 3.5 * s, 3.5 * s, cid)
+
+
+# -- scenes --------------------------------------------------------------------------------------
+
+def ade_scene(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A raw ADE20K label map (uint8, 0 = other): an outdoor street or an indoor room."""
+    return (_ade_outdoor if rng.random() < 0.6 else _ade_indoor)(rng, h, w)
+
+
+def _ade_outdoor(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    s = min(h, w) / 128
+    label = np.full((h, w), ADE["sky"], np.uint8)
+    horizon = rng.uniform(0.35, 0.55) * h
+    if rng.random() < 0.5:  # distant mountains
+        _fill_below(label, _wave(rng, w, horizon - 0.12 * h, 0.06 * h), ADE["mountain"])
+    x = 0.0
+    while x < w:  # skyline of buildings / houses / skyscrapers / trees
+        bw = rng.uniform(14, 45) * s
+        kind = rng.choice(["building", "building", "house", "skyscraper", "tree"])
+        top = horizon - rng.uniform(0.1, 0.35 if kind != "skyscraper" else 0.5) * h
+        if kind == "tree":
+            _blob(label, rng, x + bw / 2, top + bw / 2, bw * 0.6, ADE["tree"])
+            _rect(label, x + bw / 2 - 2 * s, top + bw / 2, x + bw / 2 + 2 * s, horizon, ADE["tree"])
+        else:
+            _rect(label, x, top, x + bw, horizon + 2, ADE[kind])
+            if kind != "house" and rng.random() < 0.7:  # windows (small objects on the facade)
+                for wy in np.arange(top + 4 * s, horizon - 6 * s, 9 * s):
+                    for wx in np.arange(x + 3 * s, x + bw - 6 * s, 8 * s):
+                        _rect(label, wx, wy, wx + 3 * s, wy + 4 * s, ADE["windowpane"])
+        x += bw
+    ground = rng.choice(["road", "road", "grass", "earth", "sand", "water"])
+    _fill_below(label, _wave(rng, w, horizon, 0.02 * h), ADE[ground])
+    if ground == "road":  # sidewalk strip and lane markings ("other": ignored thin lines)
+        _fill_below(label, _wave(rng, w, horizon + 0.08 * h, 0.01 * h), ADE["sidewalk"])
+        _fill_below(label, _wave(rng, w, horizon + 0.18 * h, 0.02 * h), ADE["road"])
+        ymark = horizon + rng.uniform(0.3, 0.4) * h
+        for mx in np.arange(rng.uniform(0, 20 * s), w, 22 * s):
+            _rect(label, mx, ymark, mx + 9 * s, ymark + 1.5 * s, ADE_OTHER)
+    for _ in range(int(rng.integers(0, 3))):  # grass / earth patches
+        _blob(label, rng, rng.uniform(0, w), rng.uniform(horizon + 10, h), rng.uniform(10, 30) * s,
+              ADE[rng.choice(["grass", "earth", "plant", "rock"])])
+    if rng.random() < 0.6:  # fence or railing along the horizon
+        fx0 = rng.uniform(0, w / 2)
+        _fence(label, rng, fx0, fx0 + rng.uniform(0.3, 0.6) * w, horizon - 10 * s, horizon + 2,
+               ADE[rng.choice(["fence", "railing"])])
+    for _ in range(int(rng.integers(2, 6))):  # poles with a sign, a light or a lamp on top
+        yb = rng.uniform(horizon + 5, h)
+        top = rng.choice([None, ADE["signboard"], ADE["traffic light"], ADE["streetlight"]])
+        _pole(label, rng, rng.uniform(0, w), yb, _depth(yb, horizon, h), ADE["pole"], top)
+    for _ in range(int(rng.integers(0, 4))):  # vehicles
+        yb = rng.uniform(horizon + 12, h)
+        kind = rng.choice(["car", "car", "bus", "truck"])
+        _vehicle(label, rng, rng.uniform(0, w), yb, _depth(yb, horizon, h), ADE[kind], long=kind != "car")
+    for _ in range(int(rng.integers(1, 7))):  # people, bicycles, bins, flags
+        yb = rng.uniform(horizon + 4, h)
+        d = _depth(yb, horizon, h)
+        kind = rng.choice(["person", "person", "bicycle", "ashcan", "flag"])
+        xc = rng.uniform(0, w)
+        if kind == "person":
+            _person(label, rng, xc, yb, d * s, ADE["person"])
+        elif kind == "bicycle":
+            for dx in (-5, 5):
+                cv2.circle(label, (int(xc + dx * d * s), int(yb)), max(2, int(4 * d * s)), ADE["bicycle"], 1)
+        else:
+            _rect(label, xc, yb - 8 * d * s, xc + 5 * d * s, yb, ADE[kind])
+    for _ in range(int(rng.integers(0, 3))):  # wires across the sky ("other")
+        y0, y1 = rng.uniform(0, horizon * 0.7, 2)
+        _line(label, 0, y0, w, y1, ADE_OTHER)
+    return label
+
+
+def _ade_indoor(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    s = min(h, w) / 128
+    label = np.full((h, w), ADE["wall"], np.uint8)
+    ceil_y = rng.uniform(0.1, 0.25) * h
+    floor_y = rng.uniform(0.6, 0.75) * h
+    tilt = rng.uniform(-0.08, 0.08) * h
+    rows = np.arange(h)[:, None]
+    cols = np.arange(w)[None, :]
+    label[rows < ceil_y + tilt * cols / w] = ADE["ceiling"]
+    label[rows >= floor_y - tilt * cols / w] = ADE["floor"]
+    if rng.random() < 0.5:
+        _ellipse(label, rng.uniform(0.2, 0.8) * w, rng.uniform(floor_y + 10, h), rng.uniform(20, 40) * s,
+                 rng.uniform(6, 14) * s, ADE["rug"])
+    for _ in range(int(rng.integers(1, 3))):  # windows with 1-px mullions, curtains beside them
+        wx, wy = rng.uniform(0, 0.7) * w, rng.uniform(ceil_y + 8, floor_y - 40 * s)
+        ww, wh = rng.uniform(20, 40) * s, rng.uniform(20, 35) * s
+        _rect(label, wx, wy, wx + ww, wy + wh, ADE["windowpane"])
+        _line(label, wx + ww / 2, wy, wx + ww / 2, wy + wh, ADE_OTHER)
+        _line(label, wx, wy + wh / 2, wx + ww, wy + wh / 2, ADE_OTHER)
+        if rng.random() < 0.6:
+            _rect(label, wx - 8 * s, wy - 4, wx - 1, floor_y, ADE["curtain"])
+    for _ in range(int(rng.integers(0, 3))):  # paintings, clocks on the wall
+        px, py = rng.uniform(0, w), rng.uniform(ceil_y + 4, floor_y - 20 * s)
+        if rng.random() < 0.7:
+            _rect(label, px, py, px + rng.uniform(8, 20) * s, py + rng.uniform(6, 14) * s, ADE["painting"])
+        else:
+            _ellipse(label, px, py, 4 * s, 4 * s, ADE["clock"])
+    if rng.random() < 0.5:  # door or column standing on the floor
+        dx = rng.uniform(0, 0.85) * w
+        kind = rng.choice(["door", "column"])
+        _rect(label, dx, floor_y - rng.uniform(45, 60) * s, dx + (18 if kind == "door" else 7) * s, floor_y, ADE[kind])
+    for _ in range(int(rng.integers(1, 4))):  # furniture
+        yb = rng.uniform(floor_y + 5, h)
+        xc = rng.uniform(0, w)
+        kind = rng.choice(["bed", "sofa", "cabinet", "shelf", "table", "chair"])
+        fw, fh = rng.uniform(20, 45) * s, rng.uniform(10, 25) * s
+        if kind in ("table", "chair"):  # slab on thin legs
+            fw = fw * (0.5 if kind == "chair" else 1.0)
+            _rect(label, xc - fw / 2, yb - fh, xc + fw / 2, yb - fh + 3 * s, ADE[kind])
+            for lx in (xc - fw / 2 + 1, xc + fw / 2 - 2):
+                _line(label, lx, yb - fh, lx, yb, ADE[kind])
+            if kind == "chair":
+                _rect(label, xc + fw / 2 - 3 * s, yb - fh * 1.8, xc + fw / 2, yb - fh, ADE["chair"])
+            else:
+                for _ in range(int(rng.integers(0, 3))):  # small things on the table
+                    ox = rng.uniform(xc - fw / 2, xc + fw / 2 - 3 * s)
+                    _rect(label, ox, yb - fh - rng.uniform(4, 9) * s, ox + 3 * s, yb - fh,
+                          ADE[rng.choice(["vase", "bottle", "book", "box", "lamp"])])
+        else:
+            if kind in ("cabinet", "shelf"):
+                fh *= 2.0
+            _rect(label, xc - fw / 2, yb - fh, xc + fw / 2, yb, ADE[kind])
+            if kind in ("bed", "sofa"):
+                for cx in np.arange(xc - fw / 2 + 4 * s, xc + fw / 2 - 4 * s, 9 * s):
+                    _ellipse(label, cx, yb - fh, 3.5 * s, 2.5 * s, ADE["cushion"])
+    if rng.random() < 0.4:  # railing / bannister of thin lines
+        ry = rng.uniform(floor_y - 25 * s, floor_y)
+        _fence(label, rng, rng.uniform(0, w / 2), rng.uniform(w / 2, w), ry, floor_y, ADE["railing"])
+    if rng.random() < 0.5:  # potted plant or floor lamp (pole + shade)
+        x = rng.uniform(0, w)
+        if rng.random() < 0.5:
+            _blob(label, rng, x, floor_y - 6 * s, 7 * s, ADE["plant"])
+        else:
+            _pole(label, rng, x, rng.uniform(floor_y, h), s * 0.8, ADE["lamp"], ADE["lamp"])
+    for _ in range(int(rng.integers(0, 3))):  # clutter: "other"
+        _blob(label, rng, rng.uniform(0, w), rng.uniform(0, h), rng.uniform(3, 8) * s, ADE_OTHER)
+    return label
+
+
+def cityscapes_scene(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A Cityscapes labelIds map (uint8): a street seen from a car, with void regions."""
+    s = h / 128
+    label = np.full((h, w), CS["sky"], np.uint8)
+    horizon = rng.uniform(0.38, 0.5) * h
+    x = 0.0
+    while x < w:  # buildings, walls and trees along the street
+        bw = rng.uniform(18, 55) * s
+        kind = rng.choice(["building", "building", "building", "vegetation", "wall"])
+        top = horizon - (rng.uniform(0.15, 0.4) * h if kind != "wall" else rng.uniform(4, 10) * s)
+        if kind == "vegetation":
+            _blob(label, rng, x + bw / 2, top + bw / 3, bw * 0.6, CS["vegetation"])
+            _rect(label, x, top + bw / 3, x + bw, horizon + 2, CS["vegetation"])
+        else:
+            _rect(label, x, top, x + bw, horizon + 2, CS[kind])
+        x += bw
+    _fill_below(label, _wave(rng, w, horizon, 0.01 * h), CS["sidewalk"])
+    # road: a trapezoid widening towards the car
+    cx = rng.uniform(0.4, 0.6) * w
+    top_half, bot_half = rng.uniform(0.05, 0.15) * w, rng.uniform(0.5, 0.8) * w
+    road = np.array([[cx - top_half, horizon], [cx + top_half, horizon], [cx + bot_half, h], [cx - bot_half, h]])
+    cv2.fillPoly(label, [road.astype(np.int32)], CS["road"])
+    for side in (-1, 1):  # terrain / parking / ground patches beside the road
+        if rng.random() < 0.5:
+            px = cx + side * rng.uniform(0.35, 0.5) * w
+            _blob(label, rng, px, rng.uniform(horizon + 15, h - 10), rng.uniform(10, 25) * s,
+                  CS[rng.choice(["terrain", "terrain", "parking", "ground"])])
+    if rng.random() < 0.6:  # fence or guard rail at the roadside
+        fx0 = rng.uniform(0, w * 0.6)
+        if rng.random() < 0.6:
+            _fence(label, rng, fx0, fx0 + rng.uniform(0.2, 0.4) * w, horizon - 8 * s, horizon + 2, CS["fence"])
+        else:
+            _line(label, fx0, horizon + 3, fx0 + 0.3 * w, horizon + 3 + 4 * s, CS["guard rail"], int(2 * s))
+    for _ in range(int(rng.integers(3, 8))):  # poles with signs and lights
+        side = rng.choice([-1, 1])
+        yb = rng.uniform(horizon + 3, h * 0.85)
+        d = _depth(yb, horizon, h)
+        x = cx + side * (top_half + (bot_half - top_half) * (yb - horizon) / (h - horizon) + rng.uniform(2, 12) * d * s)
+        top = rng.choice([None, CS["traffic sign"], CS["traffic light"]])
+        _pole(label, rng, x, yb, d * s, CS[rng.choice(["pole", "pole", "pole", "polegroup"])], top)
+    for _ in range(int(rng.integers(1, 5))):  # vehicles on the road
+        yb = rng.uniform(horizon + 8, h * 0.9)
+        d = _depth(yb, horizon, h)
+        kind = rng.choice(["car", "car", "car", "truck", "bus", "train", "caravan", "trailer"],
+                          p=[0.25, 0.25, 0.2, 0.08, 0.08, 0.04, 0.05, 0.05])
+        _vehicle(label, rng, cx + rng.uniform(-1, 1) * bot_half * d, yb, d * s, CS[kind], long=kind != "car")
+    for _ in range(int(rng.integers(1, 7))):  # people, riders, two-wheelers, static/dynamic things
+        yb = rng.uniform(horizon + 4, h * 0.9)
+        d = _depth(yb, horizon, h)
+        x = rng.uniform(0, w)
+        kind = rng.choice(["person", "person", "rider", "bicycle", "motorcycle", "static", "dynamic"])
+        if kind in ("person", "rider"):
+            _person(label, rng, x, yb - (4 * d * s if kind == "rider" else 0), d * s, CS[kind])
+            if kind == "rider":
+                for dx in (-4, 4):
+                    cv2.circle(label, (int(x + dx * d * s), int(yb)), max(2, int(3.5 * d * s)), CS["bicycle"], -1)
+        elif kind in ("bicycle", "motorcycle"):
+            for dx in (-4, 4):
+                cv2.circle(label, (int(x + dx * d * s), int(yb)), max(2, int(3.5 * d * s)), CS[kind],
+                           1 if kind == "bicycle" else -1)
+        else:
+            _rect(label, x, yb - 6 * d * s, x + 6 * d * s, yb, CS[kind])
+    if rng.random() < 0.3:  # small unlabeled clutter
+        _blob(label, rng, rng.uniform(0, w), rng.uniform(horizon, h), 5 * s, CS["unlabeled"])
+    # the ego vehicle's bonnet, the rectification border and out-of-ROI corners (all void)
+    _ellipse(label, w / 2, h + 0.02 * h, w * 0.6, rng.uniform(0.06, 0.12) * h, CS["ego vehicle"])
+    cv2.fillPoly(label, [np.array([[0, h - 1], [0, h - 10 * s], [10 * s, h - 1]], np.int32)], CS["out of roi"])
+    label[:, :1] = CS["rectification border"]
+    label[:, -1:] = CS["rectification border"]
+    label[-1:, :] = CS["rectification border"]
+    return label
+
+
+# -- writers ------------------------------------------------------------------------------------
+
+ADE_CLASSES = sorted({ADE_OTHER, *ADE.values()})
+CS_CLASSES = sorted(CS.values())
+
+
+def _save_image(path: Path, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
+    if path.suffix == ".jpg":
+        im.save(path, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        im.save(path, format="PNG")
+
+
+def _write_ade(root: Path, split: str, index: int, rng: np.random.Generator,
+               table: dict[int, Appearance]) -> list[Path]:
+    folder = "training" if split == "train" else "validation"
+    h, w = (int(v) for v in rng.integers(ADE_SIDES[0], ADE_SIDES[1] + 1, size=2))
+    label = ade_scene(rng, h, w)
+    name = f"ADE_{split}_{index + 1:08d}"
+    img_path = root / "images" / folder / f"{name}.jpg"
+    ann_path = root / "annotations" / folder / f"{name}.png"
+    _save_image(img_path, render(label, table, rng))
+    write_label_png(ann_path, label)
+    return [img_path, ann_path]
+
+
+def _write_cityscapes(root: Path, split: str, index: int, rng: np.random.Generator,
+                      table: dict[int, Appearance]) -> list[Path]:
+    h, w = CITYSCAPES_SIZE
+    label = cityscapes_scene(rng, h, w)
+    cities = CITIES[split]
+    city = cities[index % len(cities)]
+    stem = f"{city}_{index // len(cities):06d}_000019"
+    img_path = root / "leftImg8bit" / split / city / f"{stem}{IMAGE_SUFFIX}"
+    ids_path = root / "gtFine" / split / city / f"{stem}{LABEL_IDS_SUFFIX}"
+    _save_image(img_path, render(label, table, rng))
+    write_label_png(ids_path, label)
+    return [img_path, ids_path, write_train_ids(ids_path)]  # the same conversion as for real data
+
+
+_WRITERS: dict[str, tuple[Callable[..., list[Path]], list[int]]] = {
+    "ade20k": (_write_ade, ADE_CLASSES),
+    "cityscapes": (_write_cityscapes, CS_CLASSES),
+}
+LAYOUT_FOLDERS = {"ade20k": ("images", "annotations"), "cityscapes": ("leftImg8bit", "gtFine")}
+_SPLIT_CODE = {"train": 0, "val": 1}
+
+
+def generate(layout: str, root: str | Path, num_train: int = 64, num_val: int = 16, seed: int = 0,
+             progress: bool = True) -> list[Path]:
+    """Write a synthetic dataset in ``layout``'s on-disk format under ``root``.
+
+    Does not write a manifest and does not remove files (see ``segcompress data`` for both).
+
+    Args:
+        layout: ``ade20k`` or ``cityscapes``.
+        root: dataset root (the ADEChallengeData2016 folder or the Cityscapes root).
+        num_train: training images.
+        num_val: validation images.
+        seed: scene seed; the same seed writes the same bytes.
+        progress: show a progress bar.
+
+    Returns:
+        The files written, in order.
+    """
+    from tqdm import tqdm
+
+    if layout not in _WRITERS:
+        raise ValueError(f"unknown dataset layout {layout!r}; choose one of {', '.join(_WRITERS)}")
+    if num_train < 0 or num_val < 0:
+        raise ValueError(f"image counts must be >= 0, got --num-train {num_train} --num-val {num_val}")
+    writer, classes = _WRITERS[layout]
+    table = appearance_table(classes, layout)
+    root = Path(root)
+    jobs = [("train", i) for i in range(num_train)] + [("val", i) for i in range(num_val)]
+    written: list[Path] = []
+    for split, i in tqdm(jobs, desc=f"synthetic {layout}", unit="img", disable=not progress):
+        rng = np.random.default_rng([int(seed), _SPLIT_CODE[split], i])
+        written.extend(writer(root, split, i, rng, table))
+    return written

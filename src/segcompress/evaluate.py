@@ -1,0 +1,182 @@
+"""Sliding-window inference and dataset-level mIoU (Segmenter's single-scale protocol).
+
+Each test image (already resized keep-ratio to ``img_scale`` by the reader) is padded with 0 (the
+normalised mean) when it is smaller than the crop, covered by windows of the crop size at the
+given stride (the last window in a row or column is aligned to the border), and the windows'
+logits are averaged where they overlap. The averaged logits are bilinearly resized to the
+original label size and the argmax is the prediction.
+
+Metrics are accumulated over the whole dataset with mmseg's ``IoUMetric`` machinery
+(per-class intersection / union / prediction / label areas, ignore label 255), without its
+2-decimal rounding: mIoU and mAcc are the nanmean over classes (classes absent from both the
+ground truth and the predictions do not count), aAcc is the pixel accuracy. All are fractions
+in [0, 1] (the report scales them to percent).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segcompress.data.layouts import IGNORE_INDEX
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(v, int):
+        return v, v
+    a, b = (int(x) for x in v)
+    return a, b
+
+
+def window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """Window offsets along one axis of length ``size >= crop``: 0, stride, ..., and size - crop last."""
+    if stride < 1 or stride > crop:
+        raise ValueError(f"stride must be in 1..crop ({crop}) so windows cover the image, got {stride}")
+    starts = list(range(0, size - crop + 1, stride))
+    if starts[-1] + crop < size:
+        starts.append(size - crop)
+    return starts
+
+
+@torch.inference_mode()
+def slide_inference(
+        model: nn.Module,
+        image: torch.Tensor,
+        crop: int | Sequence[int],
+        stride: int | Sequence[int],
+        batch_size: int = 8,
+) -> torch.Tensor:
+    """Averaged window logits (K, h, w) for one normalised image (3, h, w) or (1, 3, h, w).
+
+    Args:
+        model: maps crops (B, 3, cH, cW) to logits (B, K, cH, cW).
+        image: the normalised image on the model's device.
+        crop: window size ``S`` or ``(H, W)``; the model's crop.
+        stride: window stride ``T`` or ``(H, W)``, at most the crop.
+        batch_size: windows per forward pass.
+    """
+    (ch, cw), (sh, sw) = _pair(crop), _pair(stride)
+    if image.dim() == 3:
+        image = image[None]
+    if image.shape[0] != 1:
+        raise ValueError(f"slide_inference takes one image, got a batch of {image.shape[0]}")
+    h, w = image.shape[-2:]
+    ph, pw = max(h, ch), max(w, cw)
+    if (ph, pw) != (h, w):
+        image = F.pad(image, (0, pw - w, 0, ph - h), value=0.0)
+    boxes = [(y, x) for y in window_starts(ph, ch, sh) for x in window_starts(pw, cw, sw)]
+    logits: torch.Tensor | None = None
+    count = torch.zeros((1, ph, pw), device=image.device)
+    for i in range(0, len(boxes), batch_size):
+        chunk = boxes[i:i + batch_size]
+        out = model(torch.cat([image[:, :, y:y + ch, x:x + cw] for y, x in chunk]))
+        if logits is None:
+            logits = torch.zeros((out.shape[1], ph, pw), device=image.device)
+        for (y, x), o in zip(chunk, out):
+            logits[:, y:y + ch, x:x + cw] += o.float()
+            count[:, y:y + ch, x:x + cw] += 1
+    assert logits is not None
+    return (logits / count)[:, :h, :w]
+
+
+@torch.inference_mode()
+def predict(
+        model: nn.Module,
+        image: torch.Tensor,
+        out_size: Sequence[int],
+        crop: int | Sequence[int],
+        stride: int | Sequence[int],
+        batch_size: int = 8,
+) -> torch.Tensor:
+    """Label map (H0, W0) int64: slide inference, bilinear resize to ``out_size``, argmax."""
+    logits = slide_inference(model, image, crop, stride, batch_size)
+    logits = F.interpolate(logits[None], size=tuple(int(s) for s in out_size), mode="bilinear", align_corners=False)
+    return logits[0].argmax(0)
+
+
+class SegMetric:
+    """Dataset-level confusion areas per class (mmseg ``IoUMetric.intersect_and_union``), in float64."""
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.areas = torch.zeros((4, num_classes), dtype=torch.float64)  # intersect, union, pred, label
+
+    def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
+        """Add one image: ``pred`` and ``label`` (H, W) integer maps of the same size."""
+        from mmseg.evaluation import IoUMetric
+
+        if pred.shape != label.shape:
+            raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(label.shape)} differ in size")
+        areas = IoUMetric.intersect_and_union(pred, label, self.num_classes, self.ignore_index)
+        self.areas += torch.stack([a.to(torch.float64).cpu() for a in areas])
+
+    def compute(self) -> dict[str, Any]:
+        """``miou``, ``aacc``, ``macc`` and per-class ``iou`` / ``acc`` (fractions in [0, 1]; None = NaN)."""
+        from mmseg.evaluation import IoUMetric
+
+        m = IoUMetric.total_area_to_metrics(*self.areas, metrics=["mIoU"])
+        iou, acc = torch.as_tensor(m["IoU"]), torch.as_tensor(m["Acc"])
+        return {
+            "miou": _float(torch.nanmean(iou)),
+            "aacc": _float(torch.as_tensor(m["aAcc"])),
+            "macc": _float(torch.nanmean(acc)),
+            "iou": [_float(v) for v in iou],
+            "acc": [_float(v) for v in acc],
+        }
+
+
+def _float(v: torch.Tensor) -> float | None:
+    x = float(v)
+    return None if math.isnan(x) else x
+
+
+def evaluate(
+        model: nn.Module,
+        dataset: torch.utils.data.Dataset,
+        crop: int | Sequence[int],
+        stride: int | Sequence[int],
+        num_classes: int,
+        batch_size: int = 8,
+        device: str | torch.device = "cpu",
+        num_workers: int = 0,
+        progress: bool = True,
+) -> dict[str, Any]:
+    """mIoU of ``model`` over a test-mode dataset (items ``{"image", "label", "name"}``).
+
+    Returns:
+        :meth:`SegMetric.compute`'s dict plus ``num_images`` and ``seconds`` (wall time).
+    """
+    from tqdm import tqdm
+
+    model.eval()
+    metric = SegMetric(num_classes)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers)
+    start = time.perf_counter()
+    n = 0
+    for item in tqdm(loader, total=len(dataset), desc="evaluate", unit="img", disable=not progress):
+        label = item["label"].to(device)
+        pred = predict(model, item["image"].to(device), label.shape, crop, stride, batch_size)
+        metric.update(pred, label)
+        n += 1
+    result = metric.compute()
+    result.update(num_images=n, seconds=time.perf_counter() - start)
+    return result
+
+
+def environment(device: str | torch.device) -> dict[str, Any]:
+    """Hardware and software columns of a results row."""
+    import timm
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    return {"device": name, "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()}

@@ -1,0 +1,182 @@
+"""Sliding-window inference, the mIoU metric against an independent implementation, the verb."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from segcompress.cli import main as cli_main
+from segcompress.data.datasets import build_dataset
+from segcompress.data.synthetic import generate
+from segcompress.evaluate import SegMetric, evaluate, predict, slide_inference, window_starts
+from segcompress.models import SegmenterSpec, build_segmenter
+from segcompress.models.checkpoint import save_model
+
+torch.set_num_threads(1)
+
+
+def tiny(num_classes: int = 150, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    spec = SegmenterSpec(num_classes=num_classes, img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    return build_segmenter(spec).eval()
+
+
+class PixelModel(nn.Module):
+    """A per-pixel (1x1 conv) model: its sliding-window output must equal one pass on the image."""
+
+    def __init__(self, k: int = 5) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = nn.Conv2d(3, k, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def confusion_metrics(preds: list[np.ndarray], labels: list[np.ndarray], k: int, ignore: int = 255) -> dict:
+    """Independent reference: one confusion matrix over the dataset."""
+    cm = np.zeros((k, k), np.int64)
+    for p, l in zip(preds, labels):
+        m = l != ignore
+        cm += np.bincount(l[m] * k + p[m], minlength=k * k).reshape(k, k)
+    tp = np.diag(cm).astype(float)
+    gt, pr = cm.sum(1), cm.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = tp / (gt + pr - tp)
+        acc = tp / gt
+    return {"miou": np.nanmean(iou), "aacc": tp.sum() / cm.sum(), "macc": np.nanmean(acc), "iou": iou}
+
+
+def test_window_starts() -> None:
+    assert window_starts(10, 4, 3) == [0, 3, 6]
+    assert window_starts(10, 4, 4) == [0, 4, 6]
+    assert window_starts(64, 64, 32) == [0]
+    with pytest.raises(ValueError, match="stride"):
+        window_starts(10, 4, 5)
+
+
+def test_slide_equals_plain_forward_when_image_is_the_crop() -> None:
+    model = tiny()
+    img = torch.randn(3, 64, 64)
+    with torch.inference_mode():
+        ref = model(img[None])[0]
+    assert torch.allclose(slide_inference(model, img, 64, 48), ref, atol=1e-5)
+    assert torch.equal(predict(model, img, (64, 64), 64, 48), ref.argmax(0))
+
+
+@pytest.mark.parametrize("size", [(64, 150), (100, 70), (40, 50)])  # wide, overlapping both ways, smaller than crop
+def test_slide_of_a_per_pixel_model_is_one_pass(size: tuple[int, int]) -> None:
+    model = PixelModel()
+    img = torch.randn(3, *size)
+    with torch.inference_mode():
+        ref = model(img[None])[0]
+    out = slide_inference(model, img, 64, 24, batch_size=3)
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
+
+
+def test_slide_averages_overlaps_and_batching_does_not_matter() -> None:
+    model = tiny(seed=3)
+    img = torch.randn(3, 64, 112)
+    with torch.inference_mode():
+        left, right = model(img[None, :, :, :64])[0], model(img[None, :, :, 48:])[0]
+    out = slide_inference(model, img, 64, 48, batch_size=1)
+    assert torch.allclose(out[:, :, :48], left[:, :, :48], atol=1e-5)
+    assert torch.allclose(out[:, :, 48:64], (left[:, :, 48:] + right[:, :, :16]) / 2, atol=1e-5)
+    assert torch.allclose(out[:, :, 64:], right[:, :, 16:], atol=1e-5)
+    assert torch.allclose(slide_inference(model, img, 64, 16, batch_size=1),
+                          slide_inference(model, img, 64, 16, batch_size=8), atol=1e-5)
+
+
+def test_metric_equals_confusion_matrix() -> None:
+    rng = np.random.default_rng(0)
+    k = 7
+    preds, labels = [], []
+    metric = SegMetric(k)
+    for h, w in [(20, 30), (17, 9), (40, 40)]:
+        label = rng.integers(0, k - 1, size=(h, w))  # class k-1 never in the ground truth
+        label[rng.random((h, w)) < 0.2] = 255
+        pred = np.where(rng.random((h, w)) < 0.6, np.where(label == 255, 0, label), rng.integers(0, k - 2, (h, w)))
+        preds.append(pred)
+        labels.append(label)
+        metric.update(torch.from_numpy(pred), torch.from_numpy(label))
+    got, ref = metric.compute(), confusion_metrics(preds, labels, k)
+    assert got["miou"] == pytest.approx(ref["miou"], abs=1e-12)
+    assert got["aacc"] == pytest.approx(ref["aacc"], abs=1e-12)
+    assert got["macc"] == pytest.approx(ref["macc"], abs=1e-12)
+    assert got["iou"][k - 1] is None and np.isnan(ref["iou"][k - 1])  # absent everywhere: not counted
+    assert np.allclose([v for v in got["iou"] if v is not None], ref["iou"][~np.isnan(ref["iou"])])
+
+
+def test_metric_counts_a_predicted_but_absent_class_as_zero() -> None:
+    metric = SegMetric(3)
+    metric.update(torch.tensor([[0, 2], [1, 1]]), torch.tensor([[0, 1], [1, 255]]))
+    got = metric.compute()
+    assert got["iou"] == [1.0, 0.5, 0.0] and got["miou"] == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def city(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cityscapes")
+    generate("cityscapes", root, num_train=1, num_val=3, seed=0, progress=False)
+    return root
+
+
+def test_evaluate_on_dataset_matches_independent_metric(city: Path) -> None:
+    model = tiny(19)
+    ds = build_dataset("cityscapes", city, "val", "test", 64, (256, 96))
+    result = evaluate(model, ds, 64, 40, num_classes=19, batch_size=4, progress=False)
+    preds, labels = [], []
+    for i in range(len(ds)):
+        item = ds[i]
+        preds.append(predict(model, item["image"], item["label"].shape, 64, 40).numpy())
+        labels.append(item["label"].numpy())
+    ref = confusion_metrics(preds, labels, 19)
+    assert result["num_images"] == 3 and result["seconds"] > 0
+    assert result["miou"] == pytest.approx(ref["miou"], abs=1e-12)
+    assert result["aacc"] == pytest.approx(ref["aacc"], abs=1e-12)
+    assert result["macc"] == pytest.approx(ref["macc"], abs=1e-12)
+
+
+def test_evaluate_verb_writes_a_row(city: Path, tmp_path: Path) -> None:
+    ckpt = tmp_path / "dense.safetensors"
+    save_model(tiny(19), ckpt)
+    match = tmp_path / "match.json"
+    match.write_text(json.dumps({"knob": {}, "target_fraction": 0.5, "achieved_gflops": 0.01, "target_gflops": 0.011}))
+    out = tmp_path / "results/raw/cityscapes/vit/dense/clean/0.json"
+    args = ["evaluate", "--model", str(ckpt), "--layout", "cityscapes", "--root", str(city), "--img-scale", "256", "96",
+            "--stride", "40", "--out", str(out), "--no-progress", "--tag", "seed=0", "--tag", "backbone=vit_tiny_p8",
+            "--tag", "severity=0", "--tag", "category=clean", "--match", str(match)]
+    assert cli_main(args) == 0
+    row = json.loads(out.read_text())
+    assert row["dataset"] == "cityscapes" and row["method"] == "dense" and row["knob"] == "{}"
+    assert row["corruption"] == "clean" and row["severity"] == 0 and row["seed"] == 0
+    assert row["backbone"] == "vit_tiny_p8" and row["target_fraction"] == 0.5 and row["achieved_gflops"] == 0.01
+    assert 0 <= row["miou"] <= 1 and 0 <= row["aacc"] <= 1 and row["num_images"] == 3
+    assert len(row["per_class_iou"]) == 19 and row["torch"] == torch.__version__ and row["timm"]
+    assert row["params_m"] > 0 and row["crop"] == [64, 64] and row["stride"] == 40
+    # same model, same data: same numbers through the Python API
+    ref = evaluate(tiny(19), build_dataset("cityscapes", city, "val", "test", 64, (256, 96)), 64, 40, 19,
+                   progress=False)
+    assert row["miou"] == pytest.approx(ref["miou"], abs=1e-12)
+
+
+def test_evaluate_verb_errors(city: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = tmp_path / "ade.safetensors"
+    save_model(tiny(150), ckpt)
+    base = ["evaluate", "--model", str(ckpt), "--root", str(city), "--img-scale", "256", "96", "--out",
+            str(tmp_path / "r.json"), "--no-progress"]
+    assert cli_main(base + ["--layout", "cityscapes"]) == 2
+    assert "150 classes but cityscapes has 19" in capsys.readouterr().err
+    assert cli_main(base + ["--layout", "ade20k", "--crop", "128"]) == 2
+    assert "--crop 128" in capsys.readouterr().err
+    assert cli_main(base + ["--layout", "ade20k", "--tag", "miou=1"]) == 2
+    assert "--tag miou" in capsys.readouterr().err
+    assert cli_main(base + ["--layout", "ade20k"]) == 2  # a Cityscapes tree is not an ADE20K one
+    err = capsys.readouterr().err
+    assert str(city) in err and "ADEChallengeData2016" in err
+    assert not (tmp_path / "r.json").exists()
