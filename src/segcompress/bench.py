@@ -1,0 +1,139 @@
+"""Throughput (images/s) of a model at a fixed batch, as methods.md §7.3 recommends.
+
+Fixed batch and dtype (fp32), untimed warm-up batches, then ``repeats`` timed batches under
+``torch.inference_mode``; on CUDA each batch is timed with CUDA events after a synchronise. The
+median is the headline number, min and max show the spread (timings on a shared machine are
+noisy). The device name and software versions are recorded with the numbers.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def device_name(device: torch.device) -> str:
+    """A human-readable name of ``device`` (the GPU model, or the CPU model)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    return device
+
+
+def software_versions() -> dict[str, str]:
+    """torch and timm versions (and CUDA where present)."""
+    import timm
+
+    out = {"torch": torch.__version__, "timm": timm.__version__}
+    if torch.version.cuda:
+        out["cuda"] = str(torch.version.cuda)
+    return out
+
+
+def _hw(crop: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(crop, int):
+        return crop, crop
+    return int(crop[0]), int(crop[1])
+
+
+def measure_throughput(
+        model: nn.Module,
+        batch: int,
+        crop: int | tuple[int, int] | list[int],
+        warmup: int = 3,
+        repeats: int = 10,
+        device: str | torch.device = "cpu",
+        inputs: torch.Tensor | None = None,
+        seed: int = 0,
+) -> dict[str, Any]:
+    """Images per second of ``model`` on batches of ``batch`` crops.
+
+    Args:
+        model: any module taking (B, 3, H, W); moved to ``device`` (it stays there) and put in
+            eval mode (its mode is restored after).
+        batch: images per forward pass.
+        crop: ``S`` or ``(H, W)``.
+        warmup: untimed batches first.
+        repeats: timed batches.
+        device: where to run (``auto`` picks CUDA when available).
+        inputs: the batch to run, (batch, 3, H, W); default a seeded random batch. Input-dependent
+            methods should get real images (ALGM: one image repeated ``batch`` times).
+        seed: seed of the random batch.
+
+    Returns:
+        ``images_per_s`` (median over repeats), ``images_per_s_min``/``_max``, ``batch_time_s``
+        median/min/max, the settings, the device name, thread count and software versions.
+    """
+    if batch < 1 or repeats < 1 or warmup < 0:
+        raise ValueError("batch and repeats must be >= 1 and warmup >= 0")
+    dev = resolve_device(device) if isinstance(device, str) else device
+    h, w = _hw(crop)
+    if inputs is None:
+        gen = torch.Generator().manual_seed(seed)
+        inputs = torch.randn(batch, 3, h, w, generator=gen)
+    if inputs.shape[0] != batch or tuple(inputs.shape[-2:]) != (h, w):
+        raise ValueError(f"inputs of shape {tuple(inputs.shape)} do not match batch {batch} and crop {(h, w)}")
+    x = inputs.to(dev, torch.float32)
+    was_training = model.training
+    model.to(dev).eval()
+    cuda = dev.type == "cuda"
+    times: list[float] = []
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(x)
+            if cuda:
+                torch.cuda.synchronize(dev)
+            for _ in range(repeats):
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    model(x)
+                    end.record()
+                    torch.cuda.synchronize(dev)
+                    times.append(start.elapsed_time(end) / 1000.0)
+                else:
+                    t0 = time.perf_counter()
+                    model(x)
+                    times.append(time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+    med, fastest, slowest = statistics.median(times), min(times), max(times)
+    return {
+        "images_per_s": batch / med,
+        "images_per_s_min": batch / slowest,
+        "images_per_s_max": batch / fastest,
+        "batch_time_s": med,
+        "batch_time_s_min": fastest,
+        "batch_time_s_max": slowest,
+        "batch": batch,
+        "crop": [h, w],
+        "warmup": warmup,
+        "repeats": repeats,
+        "dtype": "float32",
+        "device": device_name(dev),
+        "device_type": dev.type,
+        "threads": torch.get_num_threads(),
+        **software_versions(),
+    }

@@ -1,0 +1,49 @@
+"""``segcompress bench``: throughput (images/s) of a model variant at a fixed batch.
+
+Selects the model as ``segcompress flops`` does; prints (and with ``--out`` writes) a JSON object
+with the median/min/max images per second, the settings, the device and software versions. With
+``--calib-root`` the first calibration image, repeated ``--batch`` times, is the input (as ALGM
+times input-dependent methods); otherwise a seeded random batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from segcompress.bench import measure_throughput
+from segcompress.commands._model_options import add_model_arguments, calibration_images, variant_from_args
+from segcompress.io import write_json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--batch", type=int, default=8, help="images per forward pass (default: 8)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batches first (default: 3)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed batches (default: 10)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:i]")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--out", metavar="JSON", help="also write the result to this file (atomically)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    variant = variant_from_args(args)
+    inputs = None
+    if args.calib_root is not None:
+        first = next(iter(calibration_images(args, variant.spec)), None)
+        if first is None:
+            raise ValueError(f"{args.calib_root}: no calibration images found")
+        inputs = first.expand(args.batch, -1, -1, -1).contiguous()
+    result = measure_throughput(variant.model, args.batch, variant.spec.crop, args.warmup, args.repeats,
+                                args.device, inputs=inputs, seed=args.seed)
+    result = {**result, **variant.describe(), "images": "calibration" if inputs is not None else "random"}
+    if args.out:
+        write_json(args.out, result)
+    print(json.dumps(result, indent=2))
+    return 0
