@@ -1,0 +1,573 @@
+"""Segmenter's training recipe as one reusable loop: :func:`fit`.
+
+The recipe (Strudel et al. 2021, ``segm/train.py``): SGD with momentum 0.9, weight decay 0, a
+per-iteration poly schedule ``lr = (lr0 - min_lr)(1 - t/T)^0.9 + min_lr`` without warm-up,
+pixel-wise cross-entropy that ignores label 255, drop-path as set in the model's spec, AMP off.
+Dense training, NViT fine-tuning (per-pixel KL to a dense ``teacher``) and token-method
+fine-tuning all call :func:`fit`.
+
+Determinism. Every random stream is derived from one seed (:mod:`segcompress.seeding`):
+
+* the data stream is a function of the world batch only: sample position ``p`` of the run
+  (iteration ``t`` holds positions ``t*B .. t*B+B-1``) reads item ``perm_e[p mod n]`` of the
+  permutation of epoch ``e = p // n``, and the item's augmentation is drawn after reseeding the
+  global ``random``/NumPy/torch generators from ``(seed, p)`` -- so it does not depend on the
+  number of loader workers, ranks or restarts. Datasets must draw their randomness from those
+  global generators;
+* model-side randomness (drop-path, dropout) is reseeded at every iteration from
+  ``(seed, t, rank)``.
+
+So a resume point needs no generator states: model, optimizer (momentum buffers), AMP scaler and
+the iteration count restore the run exactly, and a run interrupted and resumed ends with the same
+weights as one that was not. With ``W`` processes each rank takes the contiguous slice
+``[r*B/W, (r+1)*B/W)`` of every world batch and the loss is normalised by the world's count of
+labelled pixels, so the gradient is the one of a single process on the whole world batch
+(equal up to float summation order when the model has no stochastic layers; drop-path masks
+differ with ``W``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from segcompress import distributed
+from segcompress.resume import clear_resume, latest_resume, load_resume, resume_dir_for, save_resume
+from segcompress.seeding import derive_seed, preserved_global_rng, seed_everything
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = 255
+
+
+# --------------------------------------------------------------------------------------- recipe
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Optimisation settings of one training run (defaults: Segmenter on ADE20K).
+
+    Args:
+        iters: optimizer steps T (ADE20K 160k, Cityscapes 80k).
+        batch_size: world batch, split evenly over the processes.
+        lr: base learning rate lr0 (ADE20K 1e-3, Cityscapes 1e-2).
+        min_lr: the poly schedule's floor.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay (not applied to biases, norms, position/class embeddings).
+        poly_power: exponent of the poly schedule.
+        checkpoint_every: write a resume point every this many iterations (0: never).
+        log_every: log loss and lr every this many iterations (0: never).
+        num_workers: data-loader worker processes per rank (0: load in the training process).
+        amp: mixed precision (float16 + loss scaling on CUDA, bfloat16 on CPU).
+    """
+
+    iters: int = 160_000
+    batch_size: int = 8
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    poly_power: float = 0.9
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    num_workers: int = 4
+    amp: bool = False
+
+    #: settings that do not change the trained weights (may differ between a run and its resume)
+    BOOKKEEPING = ("checkpoint_every", "log_every", "num_workers")
+
+    def __post_init__(self) -> None:
+        kinds = {"int": "an integer", "float": "a number", "bool": "true or false"}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool":
+                ok = isinstance(value, bool)
+            elif f.type == "int":
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                if ok:
+                    object.__setattr__(self, f.name, float(value))
+            if not ok:
+                raise ValueError(f"recipe key {f.name!r} must be {kinds[str(f.type)]}, got {value!r}")
+        checks = [
+            (self.iters >= 1, "iters", ">= 1"),
+            (self.batch_size >= 1, "batch_size", ">= 1"),
+            (self.lr > 0, "lr", "> 0"),
+            (0 <= self.min_lr <= self.lr, "min_lr", "between 0 and lr"),
+            (0 <= self.momentum < 1, "momentum", "in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay", ">= 0"),
+            (self.poly_power > 0, "poly_power", "> 0"),
+            (self.checkpoint_every >= 0, "checkpoint_every", ">= 0"),
+            (self.log_every >= 0, "log_every", ">= 0"),
+            (self.num_workers >= 0, "num_workers", ">= 0"),
+        ]
+        for ok, key, want in checks:
+            if not ok:
+                raise ValueError(f"recipe key {key!r} must be {want}, got {getattr(self, key)!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> "Recipe":
+        """Build from a config mapping; unknown keys are rejected by name.
+
+        Args:
+            source: how the mapping is named in error messages (a file or option).
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: must be a mapping of recipe keys, got {type(data).__name__}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise ValueError(f"{source}: unknown recipe key(s) {', '.join(unknown)} (allowed: {', '.join(allowed)})")
+        try:
+            return cls(**data)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def poly_lr(step: int, recipe: Recipe) -> float:
+    """Learning rate of update ``step`` (0-based): ``(lr0 - min_lr)(1 - step/T)^power + min_lr``."""
+    frac = min(max(step, 0), recipe.iters) / recipe.iters
+    return (recipe.lr - recipe.min_lr) * (1.0 - frac) ** recipe.poly_power + recipe.min_lr
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters; with weight decay, biases, norms and embeddings get none (timm's rule)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if weight_decay == 0:
+        return [{"params": [p for _, p in params], "weight_decay": 0.0}]
+    no_decay = ("pos_embed", "cls_token", "cls_emb")
+    skip = [p for n, p in params if p.ndim <= 1 or n.split(".")[-1] in no_decay]
+    skip_ids = {id(p) for p in skip}
+    decay = [p for _, p in params if id(p) not in skip_ids]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": skip, "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------------------- loss
+
+
+def pixel_loss_sums(
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sums over labelled pixels of the cross-entropy and of the distillation term, and their count.
+
+    The distillation term of a pixel is ``T^2 * KL(softmax(teacher/T) || softmax(student/T))``
+    (Hinton's scaling, as DeiT's soft distillation); pixels labelled ``ignore_index`` (including
+    padding) count for neither term.
+
+    Args:
+        logits: student logits (B, K, H, W).
+        labels: (B, H, W) class indices, ``ignore_index`` = unlabelled.
+        teacher_logits: teacher logits like ``logits``, or ``None`` (then the KD sum is 0).
+
+    Returns:
+        (ce_sum, kd_sum, count) as 0-d tensors (count in float64).
+    """
+    if labels.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape)} (want (B, H, W))")
+    ce_sum = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    valid = labels != ignore_index
+    count = valid.sum().double()  # exact beyond 2**24 pixels
+    if teacher_logits is None:
+        return ce_sum, torch.zeros((), device=logits.device, dtype=logits.dtype), count
+    t = temperature
+    kl = F.kl_div(
+        F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1), reduction="none", log_target=True,
+    ).sum(dim=1)
+    return ce_sum, (kl * valid).sum() * (t * t), count
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+class WorldBatchSampler(Sampler[list[tuple[int, int]]]):
+    """This rank's share of each world batch, as ``(item index, sample seed)`` pairs.
+
+    Iteration ``t`` holds the run's sample positions ``t*B .. t*B+B-1``; rank ``r`` of ``W`` takes
+    the contiguous slice ``[r*B/W, (r+1)*B/W)``. Position ``p`` is item ``perm_e[p mod n]`` of the
+    seeded permutation of epoch ``e = p // n`` (epochs run into each other; nothing is dropped).
+
+    Args:
+        num_items: dataset length n.
+        world_batch: B (divisible by ``world_size``).
+        rank, world_size: this process and the number of processes.
+        seed: the run's seed.
+        start, end: iterations to yield batches for (``end`` exclusive).
+    """
+
+    def __init__(
+            self, num_items: int, world_batch: int, rank: int, world_size: int, seed: int, start: int, end: int,
+    ) -> None:
+        if world_batch % world_size:
+            raise ValueError(f"world batch {world_batch} is not divisible by {world_size} processes")
+        self.num_items, self.world_batch, self.rank, self.world_size = num_items, world_batch, rank, world_size
+        self.seed, self.start, self.end = seed, start, end
+        self.local_batch = world_batch // world_size
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start)
+
+    def positions(self, step: int) -> range:
+        base = step * self.world_batch + self.rank * self.local_batch
+        return range(base, base + self.local_batch)
+
+    def item(self, position: int) -> int:
+        epoch, offset = divmod(position, self.num_items)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
+            self._epoch, self._perm = epoch, torch.randperm(self.num_items, generator=gen)
+        return int(self._perm[offset])
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.end):
+            yield [(self.item(p), derive_seed(self.seed, "sample", p)) for p in self.positions(step)]
+
+
+class SeededItems(Dataset):
+    """Wraps a dataset so item ``(index, seed)`` is ``dataset[index]`` drawn with all global generators
+    (``random``, NumPy, torch CPU) seeded from ``seed``; in the training process they are restored after."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        if get_worker_info() is not None:
+            return self._draw(index, seed)
+        with preserved_global_rng():
+            return self._draw(index, seed)
+
+    def _draw(self, index: int, seed: int) -> Any:
+        import random
+
+        import numpy as np
+
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.random.default_generator.manual_seed(seed)
+        return self.dataset[index]
+
+
+# ----------------------------------------------------------------------------------------- loop
+
+
+@dataclass
+class StepInfo:
+    """What a callback sees after the loss of iteration ``step`` (1-based count of updates).
+
+    ``loss``, ``ce`` and ``kd`` are world means over labelled pixels (``loss = ce + kd_weight*kd``).
+    In ``on_grad`` the gradients are present (unscaled) and the optimizer has not stepped yet.
+    """
+
+    step: int
+    iters: int
+    lr: float
+    loss: float
+    ce: float
+    kd: float
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    rank: int
+    world_size: int
+
+
+@dataclass
+class FitResult:
+    """Outcome of :func:`fit`.
+
+    Args:
+        model: the trained model (unwrapped, on the training device).
+        step: iterations completed.
+        completed: whether the run finished (final model written when ``out`` was given); ``False``
+            when it stopped at ``stop_at``, leaving its resume point.
+        start_step: iteration this call started from (> 0 when it resumed).
+        losses: world loss of each iteration this call ran.
+        seconds: wall time of this call's iterations.
+    """
+
+    model: nn.Module
+    step: int
+    completed: bool
+    start_step: int
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def fit(
+        model: nn.Module,
+        dataset: Dataset,
+        recipe: Recipe,
+        *,
+        seed: int,
+        out: str | Path | None = None,
+        resume_dir: str | Path | None = None,
+        teacher: nn.Module | None = None,
+        kd_weight: float = 1.0,
+        kd_temperature: float = 1.0,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        on_grad: Callable[[StepInfo], None] | None = None,
+        on_step: Callable[[StepInfo], bool | None] | None = None,
+        train_mode: bool = True,
+        device: str | torch.device | None = None,
+        stop_at: int | None = None,
+        find_unused_parameters: bool = False,
+        metadata: dict[str, str] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``dataset`` with Segmenter's recipe; resumable and multi-process.
+
+    Args:
+        model: a Segmenter (or any module mapping (B,3,H,W) images to (B,K,H,W) logits); built
+            identically on every rank. Its weights are replaced by a resume point's when one exists.
+        dataset: items ``(image (3,H,W) float, label (H,W) int64)``, randomness from the global
+            generators (see the module docstring).
+        recipe: optimisation settings.
+        seed: the run's seed (data order, augmentation, drop-path).
+        out: final checkpoint (``.safetensors``, written by rank 0 with ``save_model``); ``None``
+            writes nothing at the end.
+        resume_dir: resume folder; default ``<out without suffix>.resume`` when ``out`` is given,
+            else no resume points.
+        teacher: dense teacher for per-pixel distillation (kept in eval mode, no gradients).
+        kd_weight: weight of the distillation term (``loss = ce + kd_weight * kd``).
+        kd_temperature: distillation temperature T.
+        collate_fn: batches items; default stacks them (``torch.utils.data.default_collate``).
+        on_grad: called after backward, before the optimizer step (e.g. gradient-based importance).
+        on_step: called after each optimizer step; returning ``True`` ends the run early (as
+            finished). Under several processes it must return the same on every rank.
+        train_mode: ``False`` keeps the model in eval mode (NViT fine-tunes so).
+        device: default: this rank's GPU, else the CPU.
+        stop_at: stop once this many iterations are done, writing a resume point there and
+            returning ``completed=False`` (time-limited jobs; tests).
+        find_unused_parameters: passed to DistributedDataParallel (models with unused parameters).
+        metadata: extra string metadata for the final safetensors file.
+    """
+    info = distributed.current()
+    rank, world = info.rank, info.world_size
+    device = torch.device(device) if device is not None else info.device
+    if recipe.batch_size % world:
+        raise ValueError(f"recipe batch_size {recipe.batch_size} (world batch) is not divisible by {world} processes")
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise ValueError("the training dataset is empty")
+    if out is not None and resume_dir is None:
+        resume_dir = resume_dir_for(out)
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval().requires_grad_(False)
+    optimizer = torch.optim.SGD(
+        param_groups(model, recipe.weight_decay), lr=recipe.lr, momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
+    )
+    use_scaler = recipe.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+
+    meta = _run_meta(model, dataset, recipe, seed, teacher, kd_weight, kd_temperature)
+    start = 0
+    point = latest_resume(resume_dir) if resume_dir is not None else None
+    if point is not None:
+        _check_resume_meta(point.meta, meta, Path(resume_dir))
+        load_resume(point, model, optimizer, scaler)
+        start = point.step
+        if info.is_main:
+            log.info("resuming from %s (iteration %d of %d)", point.path, start, recipe.iters)
+    end = recipe.iters if stop_at is None else min(recipe.iters, max(stop_at, start))
+
+    net: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=find_unused_parameters,
+        )
+    net.train(train_mode)
+
+    n_items = len(dataset)  # type: ignore[arg-type]
+    sampler = WorldBatchSampler(n_items, recipe.batch_size, rank, world, seed, start, end)
+    loader = DataLoader(
+        SeededItems(dataset), batch_sampler=sampler, num_workers=recipe.num_workers,
+        collate_fn=collate_fn, pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(derive_seed(seed, "loader", rank)),
+    )
+    if info.is_main:
+        log.info(
+            "training %d items, world batch %d over %d process(es) on %s, iterations %d..%d of %d",
+            len(dataset), recipe.batch_size, world, device, start, end, recipe.iters,  # type: ignore[arg-type]
+        )
+
+    losses: list[float] = []
+    step, stopped_early = start, False
+    window: list[float] = []
+    t0 = t_log = time.perf_counter()
+    bar = _progress(start, recipe.iters, enabled=info.is_main)
+    for images, labels in loader:
+        t = step
+        lr = poly_lr(t, recipe)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        seed_everything(derive_seed(seed, "step", t, rank))
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=recipe.amp):
+            logits = net(images)
+            teacher_logits = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(images).float()
+        ce_sum, kd_sum, count = pixel_loss_sums(logits.float(), labels, teacher_logits, kd_temperature)
+        stats = torch.stack([count, ce_sum.detach().double(), kd_sum.detach().double()])
+        if world > 1:
+            dist.all_reduce(stats)
+        denom = stats[0].clamp(min=1.0)
+        loss = (ce_sum + kd_weight * kd_sum) * (world / denom).float()
+        ce, kd = (stats[1:] / denom).tolist()
+        loss_value = ce + kd_weight * kd
+        if not math.isfinite(loss_value) and not use_scaler:
+            raise ValueError(
+                f"training loss is {loss_value} at iteration {t + 1}; lower the recipe's 'lr' or check the labels"
+            )
+
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        step = t + 1
+        if on_grad is not None:
+            scaler.unscale_(optimizer)
+            on_grad(StepInfo(step, recipe.iters, lr, loss_value, ce, kd, model, optimizer, rank, world))
+        scaler.step(optimizer)
+        scaler.update()
+
+        losses.append(loss_value)
+        window.append(loss_value)
+        bar.update(1)
+        if recipe.log_every and (step % recipe.log_every == 0 or step == end):
+            now = time.perf_counter()
+            if info.is_main:
+                sec = (now - t_log) / len(window)
+                bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", lr=f"{lr:.2e}")
+                log.info(
+                    "iter %d/%d  loss %.4f%s  lr %.3e  %.3f s/it  eta %s", step, recipe.iters,
+                    sum(window) / len(window), f" (ce {ce:.4f} kd {kd:.4f})" if teacher is not None else "",
+                    lr, sec, _hms(sec * (recipe.iters - step)),
+                )
+            window, t_log = [], now
+        info_step = StepInfo(step, recipe.iters, lr, loss_value, ce, kd, model, optimizer, rank, world)
+        if on_step is not None and on_step(info_step):
+            stopped_early = True
+            break
+        if (
+                resume_dir is not None and info.is_main and step < recipe.iters
+                and ((recipe.checkpoint_every and step % recipe.checkpoint_every == 0) or step == end)
+        ):
+            save_resume(resume_dir, step, model, optimizer, meta, scaler)
+    bar.close()
+    seconds = time.perf_counter() - t0
+
+    completed = stopped_early or step >= recipe.iters
+    if completed and info.is_main:
+        if out is not None:
+            from segcompress.models.checkpoint import save_model
+
+            tags = {"seed": str(seed), "iters": str(step), "recipe": _json(recipe.to_dict())}
+            save_model(model, out, metadata={**tags, **(metadata or {})})  # type: ignore[arg-type]
+            log.info("wrote %s after %d iterations (%.1f s)", out, step, seconds)
+        if resume_dir is not None:
+            clear_resume(resume_dir)
+    if world > 1:
+        dist.barrier()
+    return FitResult(model, step, completed, start, losses, seconds)
+
+
+# -------------------------------------------------------------------------------------- helpers
+
+
+def _run_meta(
+        model: nn.Module, dataset: Dataset, recipe: Recipe, seed: int, teacher: nn.Module | None,
+        kd_weight: float, kd_temperature: float,
+) -> dict[str, Any]:
+    """What a resume point must agree with for the resumed run to be the same run."""
+    spec = getattr(model, "spec", None)
+    return {
+        "seed": seed,
+        "recipe": {k: v for k, v in recipe.to_dict().items() if k not in Recipe.BOOKKEEPING},
+        "dataset_size": len(dataset),  # type: ignore[arg-type]
+        "distill": {"weight": kd_weight, "temperature": kd_temperature} if teacher is not None else None,
+        "spec": spec.to_dict() if hasattr(spec, "to_dict") else None,
+    }
+
+
+def _check_resume_meta(saved: dict[str, Any], now: dict[str, Any], resume_dir: Path) -> None:
+    now = _roundtrip(now)
+    diff = []
+    for key in sorted(set(saved) | set(now)):
+        if key == "recipe":
+            a, b = saved.get(key) or {}, now.get(key) or {}
+            diff += [f"recipe.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif saved.get(key) != now.get(key):
+            diff.append(key)
+    if diff:
+        raise ValueError(
+            f"{resume_dir}: resume point was written by a run with a different {', '.join(diff)}; "
+            "restore those settings or delete the folder to start over"
+        )
+
+
+def _roundtrip(obj: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(obj))
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, sort_keys=True)
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+
+    def set_postfix(self, **kwargs: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _progress(start: int, total: int, enabled: bool) -> Any:
+    """A tqdm bar on an interactive terminal (rank 0 only); log lines otherwise."""
+    if not (enabled and sys.stderr.isatty()):
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="it", dynamic_ncols=True, leave=False)
+
+
+__all__: Sequence[str] = (
+    "FitResult", "Recipe", "SeededItems", "StepInfo", "WorldBatchSampler", "fit", "param_groups",
+    "pixel_loss_sums", "poly_lr",
+)
