@@ -8,6 +8,8 @@ VENV ?= .venv
 CORES ?= all
 SNAKEMAKE_ARGS ?=
 BIN := $(VENV)/bin
+# Snakemake auto-loads profiles/default/ only beside the Snakefile; ours lives in workflow/.
+SNAKEMAKE := $(BIN)/snakemake --workflow-profile workflow/profiles/default
 STAMP := $(VENV)/.segcompress-installed
 
 .PHONY: venv run test dry-run lint clean-results
@@ -26,13 +28,13 @@ $(STAMP): envs/requirements.txt envs/constraints.txt pyproject.toml
 	touch $@
 
 run: venv
-	$(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
+	$(SNAKEMAKE) --cores $(CORES) $(SNAKEMAKE_ARGS)
 
 dry-run: venv
-	$(BIN)/snakemake -n --cores $(CORES) $(SNAKEMAKE_ARGS)
+	$(SNAKEMAKE) -n --cores $(CORES) $(SNAKEMAKE_ARGS)
 
 lint: venv
-	$(BIN)/snakemake --lint
+	$(SNAKEMAKE) --lint
 
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

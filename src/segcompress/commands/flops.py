@@ -29,32 +29,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="JSON", help="also write the result to this file (atomically)")
 
 
-def analytic_for(variant: Variant) -> float | None:
-    """Closed-form GMACs of ``variant`` where one is known (dense and pruned models), else ``None``.
+def analytic_for(variant: Variant, images: list[Any] | None = None) -> float | None:
+    """Closed-form GMACs of ``variant`` where one is known, else ``None``.
 
-    Token methods extend this with their token counts, e.g.
-    ``analytic_gmacs(spec, tokens_out=..., match_macs=...)``.
+    Dense and pruned models from their spec; token methods (tome, cts; algm on the counted
+    ``images``, whose token counts it needs) from their per-block token counts
+    (:func:`segcompress.tokens.cost.method_cost`).
     """
     if variant.method == "dense":
         return analytic_gmacs(variant.spec)
+    if variant.method in ("tome", "cts", "algm"):
+        from segcompress.tokens.cost import method_cost
+
+        if variant.method == "algm" and not images:
+            return None
+        return method_cost(variant.method, variant.knob, variant.spec, variant.model, images).mean
     return None
 
 
 def measure_flops(variant: Variant, args: argparse.Namespace) -> dict[str, Any]:
     """Count ``variant`` on a random crop, or on each calibration image when ``--calib-root`` is given."""
     if args.calib_root is not None:
-        counts = [count_gmacs(variant.model, img) for img in calibration_images(args, variant.spec)]
-        if not counts:
+        inputs = list(calibration_images(args, variant.spec))
+        if not inputs:
             raise ValueError(f"{args.calib_root}: no calibration images found")
         images = "calibration"
     else:
-        counts = [count_gmacs(variant.model, random_image(variant.spec, seed=args.seed))]
+        inputs = [random_image(variant.spec, seed=args.seed)]
         images = "random"
+    counts = [count_gmacs(variant.model, img) for img in inputs]
     mean = statistics.fmean(counts)
     std = statistics.pstdev(counts) if len(counts) > 1 else 0.0
-    analytic = analytic_for(variant)
+    analytic = analytic_for(variant, inputs)
     return {
         "gflops": mean,
+        "achieved_gflops": mean,  # the name match files and results rows use
         "gflops_std": std,
         "gmacs": mean,
         "analytic_gflops": analytic,

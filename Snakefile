@@ -1,0 +1,87 @@
+# segcompress: token compression vs structural pruning for ViT segmentation at matched FLOPs.
+#
+#   snakemake --cores all                 the whole study of config.yaml
+#   snakemake --cores all phase_evaluate  up to one phase (phase_data ... phase_report)
+#   snakemake --configfile .test/config.yaml --cores 2    another study
+#
+# Rules live in workflow/rules/<phase>.smk, helpers in workflow/rules/common.smk, the config
+# schema in workflow/schemas/config.schema.yaml, local defaults in workflow/profiles/default/.
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/corrupt.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/prune.smk"
+include: "workflow/rules/match.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+localrules:
+    all,
+    phase_data,
+    phase_corrupt,
+    phase_train,
+    phase_prune,
+    phase_match,
+    phase_finetune,
+    phase_evaluate,
+    phase_report,
+
+
+rule all:
+    default_target: True
+    input:
+        REPORT_OUTPUTS.values(),
+
+
+rule phase_data:
+    input:
+        data_targets(),
+
+
+rule phase_corrupt:
+    input:
+        corrupt_targets(),
+
+
+rule phase_train:
+    input:
+        train_targets(),
+
+
+rule phase_prune:
+    input:
+        prune_targets(),
+
+
+rule phase_match:
+    input:
+        match_targets(),
+
+
+rule phase_finetune:
+    input:
+        finetune_targets(),
+
+
+rule phase_evaluate:
+    input:
+        evaluate_targets(),
+
+
+rule phase_report:
+    input:
+        REPORT_OUTPUTS.values(),

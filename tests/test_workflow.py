@@ -1,0 +1,241 @@
+"""The Snakemake workflow: config schema, the planned DAG, lint, and incremental reruns.
+
+The last test runs a tiny study end to end (about a minute on 2 cores); it is named
+``test_slow_end_to_end_...`` and marked ``slow``, and `make test` runs it (CI must).
+"""
+
+from __future__ import annotations
+
+import copy
+from csv import DictReader
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.exceptions import WorkflowError
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "envs", ".test")
+
+
+def snakemake(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table Snakemake prints: rule -> number of jobs."""
+    counts: dict[str, int] = {}
+    lines = output.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("Job stats")), None)
+    assert start is not None, f"no job stats in:\n{output}"
+    for line in lines[start + 3 :]:
+        m = re.fullmatch(r"(\w+)\s+(\d+)", line.strip())
+        if not m:
+            break
+        if m.group(1) != "total":
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+def default_config() -> dict:
+    return yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+# ------------------------------------------------------------------------------------ schema
+
+
+def _validate(config: dict) -> dict:
+    from snakemake.utils import validate
+
+    config = copy.deepcopy(config)
+    validate(config, str(SCHEMA))
+    return config
+
+
+def test_default_and_test_configs_are_valid() -> None:
+    _validate(default_config())
+    merged = default_config()
+    for key, value in yaml.safe_load((ROOT / ".test" / "config.yaml").read_text()).items():
+        merged[key] = value
+    _validate(merged)
+
+
+@pytest.mark.parametrize(
+    "path, key",
+    [
+        ((), "methodz"),
+        (("study",), "target"),
+        (("datasets", "ade20k"), "stirde"),
+        (("datasets", "ade20k", "eval"), "strid"),
+        (("backbones", "vit_p8_d12"), "embed"),
+        (("train", "recipe"), "iter"),
+        (("methods", "tome"), "unmerge"),
+        (("methods", "nvit_tome"), "ratio"),
+        (("report",), "categories"),
+    ],
+)
+def test_schema_rejects_unknown_keys_by_name(path: tuple[str, ...], key: str) -> None:
+    config = default_config()
+    node = config
+    for p in path:
+        node = node[p]
+    node[key] = 1
+    with pytest.raises(WorkflowError, match=rf"'{key}' was unexpected"):
+        _validate(config)
+
+
+def test_schema_rejects_bad_values_and_fills_defaults() -> None:
+    config = default_config()
+    config["study"]["methods"] = ["dense", "tomee"]
+    with pytest.raises(WorkflowError, match="tomee"):
+        _validate(config)
+    config = default_config()
+    config["study"]["targets"] = [1.5]
+    with pytest.raises(WorkflowError, match="1.5"):
+        _validate(config)
+    config = default_config()
+    del config["report"], config["methods"]["nvit_tome"]
+    filled = _validate(config)
+    assert filled["report"] == {"corrupted_categories": None, "corrupted_severities": None}
+    assert filled["methods"]["nvit_tome"] == {"prune_share": 0.5}
+
+
+def test_snakemake_reports_unknown_key_and_undefined_names() -> None:
+    result = snakemake("-n", "--config", "bogus_key=1")
+    assert result.returncode != 0
+    assert "bogus_key" in result.stdout + result.stderr
+    result = snakemake("-n", "--config", "study={'datasets': ['pascal'], 'backbones': ['vit_p8_d12']}")
+    assert result.returncode != 0
+    assert "pascal" in result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------- DAG and lint
+
+
+def test_dry_run_lists_the_study_grid() -> None:
+    result = snakemake("-n", "--quiet", "rules")
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout)
+    study = default_config()["study"]
+    ds, bb, seeds = len(study["datasets"]), len(study["backbones"]), len(study["seeds"])
+    conditions = 1 + len(study["corruptions"]) * len(study["severities"])
+    variants = 1 + (len(study["methods"]) - 1) * len(study["targets"])
+    compressed_token = sum(m in study["methods"] for m in ("tome", "algm", "cts", "nvit_tome"))
+    assert counts["data"] == ds
+    assert counts["corrupt"] == ds * len(study["corruptions"]) * len(study["severities"])
+    assert counts["train"] == ds * bb * seeds
+    assert counts["train_policy"] == ds * bb * seeds
+    assert counts["match"] == ds * bb * seeds * compressed_token * len(study["targets"])
+    assert counts["measure"] == ds * bb * seeds  # the dense model's GFLOPs
+    assert counts["prune"] == counts["finetune"] > 0  # every pruned model is fine-tuned
+    assert counts["evaluate"] == ds * bb * seeds * variants * conditions
+    assert counts["report"] == counts["all"] == 1
+
+
+def test_every_phase_target_and_contract_path_resolves() -> None:
+    phases = ["phase_data", "phase_corrupt", "phase_train", "phase_prune", "phase_match",
+              "phase_finetune", "phase_evaluate", "phase_report"]
+    result = snakemake("-n", *phases, "--quiet", "rules")
+    assert result.returncode == 0, result.stderr
+    # paths of docs/contracts.md, one per kind of output, for any grid point (not only the config's)
+    paths = [
+        "data/cityscapes/manifest.json",
+        "data/ade20k-c/fog/3/manifest.json",
+        "models/ade20k/vit_p8_d12/seed0/dense.safetensors",
+        "models/ade20k/vit_p8_d12/seed1/nvit-0.6.safetensors",
+        "matches/ade20k/vit_p8_d12/seed0/algm-0.3.json",
+        "results/raw/ade20k/vit_p8_d12/dense-seed0/clean/0.json",
+        "results/raw/cityscapes/vit_p8_d12/nvit_tome-0.3-seed0/snow/5.json",
+    ]
+    result = snakemake("-n", *paths, "--quiet", "rules")
+    assert result.returncode == 0, result.stderr
+    # prune-then-merge at 0.5 (prune_share 0.5) builds on the model pruned to sqrt(0.5)
+    result = snakemake("-n", "matches/ade20k/vit_p8_d12/seed0/nvit_tome-0.5.json")
+    assert "nvit-0.7071-ft.safetensors" in result.stdout
+
+
+def test_workflow_profile_loads() -> None:
+    result = snakemake("-n", "--workflow-profile", "workflow/profiles/default", "--quiet", "rules")
+    assert result.returncode == 0, result.stderr
+    assert "Using workflow specific profile workflow/profiles/default" in result.stdout + result.stderr
+
+
+def test_lint_is_clean() -> None:
+    for args in ((), ("--configfile", ".test/config.yaml")):
+        result = snakemake("--lint", *args)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Lints for" not in result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------------ end to end (slow)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A copy of the workflow (not of data or results) to run in."""
+    for name in WORKFLOW_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, tmp_path / name)
+        else:
+            shutil.copy2(src, tmp_path / name)
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_slow_end_to_end_incremental_reruns(workdir: Path) -> None:
+    """Run the tiny study; a second run does nothing; an evaluation-only edit reruns evaluation only."""
+    run = ("--configfile", ".test/config.yaml", "--cores", "2")
+    first = snakemake(*run, cwd=workdir, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    csv = workdir / "results" / "benchmark.csv"
+    lines = csv.read_text().splitlines()
+    assert len(lines) == 1 + 2  # clean + one corruption at one severity
+    assert lines[0].startswith("dataset,backbone,method,knob,")
+    assert (workdir / "results" / "figures" / "miou_vs_gflops.pdf").is_file()
+    assert (workdir / "logs" / "train" / "ade20k" / "vit_micro" / "seed0" / "dense.log").is_file()
+    assert (workdir / "benchmarks" / "evaluate" / "ade20k" / "vit_micro" / "dense-seed0" / "clean-0.tsv").is_file()
+    model = workdir / "models" / "ade20k" / "vit_micro" / "seed0" / "dense.safetensors"
+    trained = model.stat().st_mtime_ns
+
+    second = snakemake(*run, cwd=workdir)
+    assert second.returncode == 0, second.stderr
+    assert "Nothing to be done" in second.stdout + second.stderr
+
+    # an evaluation-only key: the sliding-window stride
+    cfg = workdir / ".test" / "config.yaml"
+    config = yaml.safe_load(cfg.read_text())
+    config["datasets"]["ade20k"]["eval"]["stride"] = 32
+    cfg.write_text(yaml.safe_dump(config))
+    planned = snakemake(*run, "-n", "--quiet", "rules", cwd=workdir)
+    assert planned.returncode == 0, planned.stderr
+    assert job_counts(planned.stdout) == {"evaluate": 2, "report": 1, "all": 1}
+    third = snakemake(*run, cwd=workdir)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert model.stat().st_mtime_ns == trained
+    with csv.open() as f:
+        assert [row["stride"] for row in DictReader(f)] == ["32", "32"]
+    fourth = snakemake(*run, cwd=workdir)
+    assert "Nothing to be done" in fourth.stdout + fourth.stderr
+
+
+@pytest.mark.slow
+def test_slow_every_method_end_to_end(workdir: Path) -> None:
+    """Every rule once (all six methods at one target, clean images): the commands fit the rules."""
+    result = snakemake("--configfile", ".test/config-all-methods.yaml", "--cores", "2", cwd=workdir, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with (workdir / "results" / "benchmark.csv").open() as f:
+        rows = list(DictReader(f))
+    assert sorted(r["method"] for r in rows) == sorted(["dense", "tome", "algm", "cts", "nvit", "nvit_tome"])
+    for r in rows:
+        assert r["miou"] and r["corruption"] == "clean" and r["dataset"] == "ade20k"
+        if r["method"] != "dense":
+            assert float(r["target_fraction"]) == 0.9 and float(r["achieved_gflops"]) > 0, r

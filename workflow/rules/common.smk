@@ -1,0 +1,482 @@
+# Helpers shared by the rule modules. The grid of the study, output paths, wildcard constraints,
+# and the functions that turn config entries into command-line options.
+#
+# Only functions and constants live here (no rules), as Snakemake's linter asks.
+#
+# Rerun policy (documented in README.md): every config value a job uses is one of its params, so
+# editing a config key reruns exactly the jobs that read it (Snakemake's params trigger); the
+# shell command text is tracked by the code trigger. The library under src/ is NOT declared as
+# an input: editing segcompress's code does not rerun finished jobs (declaring it would rerun
+# every training job on any edit). After a library change, force the rules it affects, e.g.
+# `snakemake --cores all --forcerun evaluate`.
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+from segcompress.corrupt import CATEGORY_OF  # corruption -> category, the corruption stage's table
+
+# Rules call the `segcompress` command. Make the one installed beside this Snakemake (the
+# project's .venv) callable without activating the venv; under --sdm conda the rule's own
+# environment comes first on PATH.
+_bin = str(Path(sys.executable).parent)
+if _bin not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ.update(PATH=os.pathsep.join([_bin, os.environ.get("PATH", "")]))
+
+# The conda environment of every rule (--sdm conda), relative to the rule files.
+CONDA_ENV = "../../envs/segcompress.yaml"
+
+STUDY = config["study"]
+TOKEN_METHODS = ("tome", "algm", "cts")
+ALL_METHODS = ("dense", *TOKEN_METHODS, "nvit", "nvit_tome")
+
+
+def _check_names(kind, names, defined):
+    unknown = [n for n in names if n not in defined]
+    if unknown:
+        raise WorkflowError(
+            f"config: study.{kind} names {', '.join(unknown)}, not defined under `{kind}:` "
+            f"(defined: {', '.join(defined) or 'none'})"
+        )
+
+
+_check_names("datasets", STUDY["datasets"], config["datasets"])
+_check_names("backbones", STUDY["backbones"], config["backbones"])
+if config["flops"]["per"] != "crop":
+    raise WorkflowError("config: flops.per: image is not implemented yet; use crop (the anchors' convention)")
+
+
+def _alternation(names):
+    return "|".join(re.escape(str(n)) for n in names)
+
+
+FRACTION_RE = r"[0-9]*\.?[0-9]+"
+SEED_RE = r"[0-9]+"
+VARIANT_RE = rf"dense-seed{SEED_RE}|(?:{_alternation(ALL_METHODS[1:])})-{FRACTION_RE}-seed{SEED_RE}"
+
+STEM_RE = rf"nvit-{FRACTION_RE}|(?:{_alternation((*TOKEN_METHODS, 'nvit_tome'))})-{FRACTION_RE}"
+
+
+wildcard_constraints:
+    ds=_alternation(config["datasets"]),
+    arch=_alternation(config["backbones"]),
+    seed=SEED_RE,
+    fraction=FRACTION_RE,
+    target=FRACTION_RE,
+    method=_alternation((*TOKEN_METHODS, "nvit_tome")),
+    corruption=_alternation(["clean", *CATEGORY_OF]),
+    severity="[0-5]",
+    variant=VARIANT_RE,
+    stem=STEM_RE,
+
+
+# ----------------------------------------------------------------------------------- numbers
+
+
+def fraction_text(x):
+    """A FLOPs fraction as it appears in paths and on command lines: 0.5 -> "0.5"."""
+    return f"{round(float(x), 4):g}"
+
+
+def prune_fraction(target):
+    """Pruning target of prune-then-merge at FLOPs `target`: target**prune_share of dense."""
+    return fraction_text(float(target) ** config["methods"]["nvit_tome"]["prune_share"])
+
+
+def parse_variant(variant):
+    """`tome-0.5-seed0` -> ("tome", "0.5", "0"); `dense-seed0` -> ("dense", None, "0")."""
+    stem, seed = variant.rsplit("-seed", 1)
+    if stem == "dense":
+        return "dense", None, seed
+    method, target = stem.rsplit("-", 1)
+    return method, target, seed
+
+
+def variant_name(method, target, seed):
+    if method == "dense":
+        return f"dense-seed{seed}"
+    return f"{method}-{fraction_text(target)}-seed{seed}"
+
+
+# ------------------------------------------------------------------------------------- paths
+# docs/contracts.md; a model and everything derived from it sits under its training seed.
+
+MODEL_DIR = "models/{ds}/{arch}/seed{seed}"
+MATCH_DIR = "matches/{ds}/{arch}/seed{seed}"
+
+
+def dataset_manifest(ds):
+    return f"data/{ds}/manifest.json"
+
+
+def corrupt_manifest(ds, corruption, severity):
+    return f"data/{ds}-c/{corruption}/{severity}/manifest.json"
+
+
+def model_path(ds, arch, seed, name):
+    return f"{MODEL_DIR.format(ds=ds, arch=arch, seed=seed)}/{name}.safetensors"
+
+
+def match_path(ds, arch, seed, method, target):
+    return f"{MATCH_DIR.format(ds=ds, arch=arch, seed=seed)}/{method}-{fraction_text(target)}.json"
+
+
+def dense_flops_path(ds, arch, seed):
+    """GFLOPs and parameters of the dense model (`segcompress flops`)."""
+    return f"{MATCH_DIR.format(ds=ds, arch=arch, seed=seed)}/dense.json"
+
+
+def prune_report_path(ds, arch, seed, fraction):
+    """What `segcompress prune` reports beside a pruned model: target and achieved GFLOPs."""
+    return f"{MODEL_DIR.format(ds=ds, arch=arch, seed=seed)}/nvit-{fraction_text(fraction)}.report.json"
+
+
+def row_path(ds, arch, variant, corruption, severity):
+    return f"results/raw/{ds}/{arch}/{variant}/{corruption}/{severity}.json"
+
+
+def pruned_model(ds, arch, seed, fraction):
+    """The pruned model at `fraction` as later stages use it (fine-tuned unless finetune.pruned is false)."""
+    name = f"nvit-{fraction_text(fraction)}"
+    return model_path(ds, arch, seed, f"{name}-ft" if config["finetune"]["pruned"] else name)
+
+
+# -------------------------------------------------------------------------------- the grid
+
+
+def _grid():
+    for ds in STUDY["datasets"]:
+        for arch in STUDY["backbones"]:
+            for seed in STUDY["seeds"]:
+                yield ds, arch, seed
+
+
+def _compressed(methods):
+    """(method, target) pairs of the study for the given methods."""
+    return [(m, t) for m in STUDY["methods"] if m in methods for t in STUDY["targets"]]
+
+
+def conditions():
+    """(corruption, severity) pairs evaluated for every variant; clean first."""
+    return [("clean", 0)] + [(c, s) for c in STUDY["corruptions"] for s in STUDY["severities"]]
+
+
+def variants(seed):
+    out = [variant_name("dense", None, seed)] if "dense" in STUDY["methods"] else []
+    return out + [variant_name(m, t, seed) for m, t in _compressed(ALL_METHODS[1:])]
+
+
+def data_targets():
+    return [dataset_manifest(ds) for ds in STUDY["datasets"]]
+
+
+def corrupt_targets():
+    return [
+        corrupt_manifest(ds, c, s)
+        for ds in STUDY["datasets"]
+        for c, s in conditions()
+        if c != "clean"
+    ]
+
+
+def train_targets():
+    out = []
+    for ds, arch, seed in _grid():
+        out.append(model_path(ds, arch, seed, "dense"))
+        if "cts" in STUDY["methods"]:
+            out.append(model_path(ds, arch, seed, "cts-policy"))
+    return out
+
+
+def prune_fractions():
+    """Every pruning target the study needs: NViT's own, and prune-then-merge's first step."""
+    fractions = {fraction_text(t) for m, t in _compressed(("nvit",))}
+    fractions |= {prune_fraction(t) for m, t in _compressed(("nvit_tome",))}
+    return sorted(fractions, key=float, reverse=True)
+
+
+def prune_targets():
+    return [
+        model_path(ds, arch, seed, f"nvit-{f}")
+        for ds, arch, seed in _grid()
+        for f in prune_fractions()
+    ]
+
+
+def match_targets():
+    out = []
+    for ds, arch, seed in _grid():
+        if "dense" in STUDY["methods"]:
+            out.append(dense_flops_path(ds, arch, seed))
+        out += [match_path(ds, arch, seed, m, t) for m, t in _compressed((*TOKEN_METHODS, "nvit_tome"))]
+    return out
+
+
+def finetune_targets():
+    out = []
+    for ds, arch, seed in _grid():
+        if config["finetune"]["pruned"]:
+            out += [pruned_model(ds, arch, seed, f) for f in prune_fractions()]
+        if config["finetune"]["token_methods"]:
+            out += [
+                model_path(ds, arch, seed, f"{m}-{fraction_text(t)}-ft")
+                for m, t in _compressed((*TOKEN_METHODS, "nvit_tome"))
+            ]
+    return out
+
+
+def evaluate_targets():
+    return [
+        row_path(ds, arch, v, c, s)
+        for ds, arch, seed in _grid()
+        for v in variants(seed)
+        for c, s in conditions()
+    ]
+
+
+REPORT_OUTPUTS = {
+    "csv": "results/benchmark.csv",
+    "png": "results/figures/miou_vs_gflops.png",
+    "pdf": "results/figures/miou_vs_gflops.pdf",
+    "summary": "results/tables/summary.md",
+}
+
+
+# ------------------------------------------------------------------- inputs of the rules
+
+
+def policy_of(wildcards):
+    return model_path(wildcards.ds, wildcards.arch, wildcards.seed, "cts-policy")
+
+
+def match_inputs(wildcards):
+    """What solving `method` at `target` reads: the model it acts on, the dense reference, data."""
+    ds, arch, seed = wildcards.ds, wildcards.arch, wildcards.seed
+    dense = model_path(ds, arch, seed, "dense")
+    inputs = {"dense": dense, "manifest": dataset_manifest(ds), "model": dense}
+    if wildcards.method == "nvit_tome":
+        inputs["model"] = pruned_model(ds, arch, seed, prune_fraction(wildcards.target))
+    if wildcards.method == "cts":
+        inputs["policy"] = policy_of(wildcards)
+    return inputs
+
+
+def finetune_inputs(wildcards):
+    """What fine-tuning `stem` (nvit-F, or <token method>-T) reads."""
+    ds, arch, seed = wildcards.ds, wildcards.arch, wildcards.seed
+    dense = model_path(ds, arch, seed, "dense")
+    inputs = {"teacher": dense, "manifest": dataset_manifest(ds)}
+    method, target = wildcards.stem.rsplit("-", 1)
+    if method == "nvit":
+        inputs["model"] = model_path(ds, arch, seed, wildcards.stem)
+        return inputs
+    inputs["match"] = match_path(ds, arch, seed, method, target)
+    if method == "nvit_tome":
+        inputs["model"] = pruned_model(ds, arch, seed, prune_fraction(target))
+    else:
+        inputs["model"] = dense
+    if method == "cts":
+        inputs["policy"] = policy_of(wildcards)
+    return inputs
+
+
+def variant_model(ds, arch, variant):
+    """The checkpoint a variant is evaluated with."""
+    method, target, seed = parse_variant(variant)
+    if method == "dense":
+        return model_path(ds, arch, seed, "dense")
+    if method == "nvit":
+        return pruned_model(ds, arch, seed, target)
+    if config["finetune"]["token_methods"]:
+        return model_path(ds, arch, seed, f"{method}-{fraction_text(target)}-ft")
+    if method == "nvit_tome":
+        return pruned_model(ds, arch, seed, prune_fraction(target))
+    return model_path(ds, arch, seed, "dense")
+
+
+def evaluate_inputs(wildcards):
+    ds, arch = wildcards.ds, wildcards.arch
+    method, target, seed = parse_variant(wildcards.variant)
+    inputs = {"model": variant_model(ds, arch, wildcards.variant), "manifest": dataset_manifest(ds)}
+    if wildcards.corruption == "clean":
+        if wildcards.severity != "0":
+            raise WorkflowError(f"clean images have severity 0, not {wildcards.severity}")
+    else:
+        inputs["images"] = corrupt_manifest(ds, wildcards.corruption, wildcards.severity)
+    if method == "dense":
+        inputs["match"] = dense_flops_path(ds, arch, seed)
+    elif method == "nvit":
+        inputs["match"] = prune_report_path(ds, arch, seed, target)
+    else:
+        inputs["match"] = match_path(ds, arch, seed, method, target)
+    if method == "cts":
+        inputs["policy"] = model_path(ds, arch, seed, "cts-policy")
+    return inputs
+
+
+# ------------------------------------------------------ params: config -> command-line text
+
+
+def input_dir(name):
+    """Params function: the folder holding input file `name` (e.g. a dataset root)."""
+
+    def folder(wildcards, input):
+        return str(Path(input[name]).parent)
+
+    return folder
+
+
+def output_dir(name):
+    """Params function: the folder holding output file `name`."""
+
+    def folder(wildcards, output):
+        return str(Path(output[name]).parent)
+
+    return folder
+
+
+def corrupted_sets_dir(wildcards, output):
+    """Params function: data/<ds>-c, the root of a dataset's corrupted sets."""
+    return str(Path(output.manifest).parents[2])
+
+
+def config_json(dpath):
+    """Params function: the config entry at `dpath` (may hold wildcards) as compact JSON."""
+
+    def as_json(wildcards):
+        value = lookup(dpath=dpath.format(**wildcards), within=config)
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+    return as_json
+
+
+def data_options(wildcards):
+    """Generate the synthetic dataset; or, for a real one, prepare it (Cityscapes trainIds) and verify."""
+    syn = config["datasets"][wildcards.ds].get("synthetic")
+    if syn is None:
+        return "--prepare"
+    return f"--synthetic --num-train {syn['num_train']} --num-val {syn['num_val']} --seed {syn['seed']}"
+
+
+def _dataset(wildcards):
+    return config["datasets"][wildcards.ds]
+
+
+def img_scale(wildcards):
+    return " ".join(map(str, _dataset(wildcards)["img_scale"]))
+
+
+def eval_img_scale(wildcards):
+    scale = _dataset(wildcards)["eval"]["img_scale"] or _dataset(wildcards)["img_scale"]
+    return " ".join(map(str, scale))
+
+
+def eval_stride(wildcards):
+    stride = _dataset(wildcards)["eval"]["stride"]
+    return "" if stride is None else f"--stride {stride}"
+
+
+def eval_max_images(wildcards):
+    n = _dataset(wildcards)["eval"]["max_images"]
+    return "" if n is None else f"--max-images {n}"
+
+
+def eval_tags(wildcards):
+    """--tag options: the identity of the row (docs/contracts.md) written into it."""
+    method, target, seed = parse_variant(wildcards.variant)
+    tags = {
+        "dataset": wildcards.ds,
+        "backbone": wildcards.arch,
+        "variant": wildcards.variant,
+        "method": method,
+        "seed": seed,
+        "corruption": wildcards.corruption,
+        "category": CATEGORY_OF.get(wildcards.corruption, "clean"),
+        "severity": wildcards.severity,
+    }
+    if target is not None:
+        tags["target_fraction"] = target
+    return " ".join(f"--tag {k}={v}" for k, v in tags.items())
+
+
+def eval_img_root(wildcards, input):
+    if wildcards.corruption == "clean":
+        return ""
+    return f"--img-root {Path(input.images).parent}"
+
+
+def report_options(wildcards):
+    opts = config["report"]
+    out = []
+    if opts["corrupted_categories"]:
+        out.append("--corrupted-categories " + " ".join(opts["corrupted_categories"]))
+    if opts["corrupted_severities"]:
+        out.append("--corrupted-severities " + " ".join(map(str, opts["corrupted_severities"])))
+    return " ".join(out)
+
+
+def eval_method_options(wildcards, input):
+    """--method/--match of a variant for `segcompress evaluate`.
+
+    The match file holds the knob (with the method's settings, and CTS's policy network) and the
+    GFLOPs columns of the row: a `match` result, the `prune` report of a pruned model, or the
+    `flops` result of the dense model.
+    A pruned model is evaluated as it is (`--method dense`); its row is tagged method=nvit.
+    """
+    method = parse_variant(wildcards.variant)[0]
+    applied = {"nvit": "dense", "nvit_tome": "tome"}.get(method, method)
+    return f"--method {applied} --match {input.match}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Method settings as command-line options: the one place to adjust when a verb's flags change.
+
+
+def finetune_method_options(wildcards, input):
+    """--method/--knob of the model being fine-tuned (finetune.token_methods).
+
+    TO CONFIRM: `segcompress finetune --knob FILE` must take the `knob` entry of a match result,
+    as `segcompress evaluate --knob` does.
+    """
+    method = wildcards.stem.rsplit("-", 1)[0]
+    if method == "nvit":
+        return "--method dense"
+    applied = "tome" if method == "nvit_tome" else method
+    return f"--method {applied} --knob {input.match}"
+
+
+def _method_settings(method):
+    """Per-method config options as `segcompress match` flags; match writes them into the knob."""
+    m = config["methods"]
+    if method == "tome":
+        return [
+            "--unmerge-before-decoder" if m["tome"]["unmerge_before_decoder"] else "--no-unmerge-before-decoder",
+            "--prop-attn" if m["tome"]["proportional_attention"] else "--no-prop-attn",
+        ]
+    if method == "algm":
+        return [f"--window-size {m['algm']['window_size']}"]
+    return []
+
+
+def match_options(wildcards, input):
+    """`segcompress match` options beyond --target-fraction/--model/--out."""
+    method = "tome" if wildcards.method == "nvit_tome" else wildcards.method
+    opts = [
+        f"--method {method}",
+        f"--reference-model {input.dense}",
+        f"--calib-root {Path(input.manifest).parent}",
+        f"--calib-layout {_dataset(wildcards)['layout']}",
+        f"--calib-images {config['matching']['calibration_images']}",
+        f"--tolerance {config['matching']['tolerance']}",
+        f"--flops-per {config['flops']['per']}",
+    ]
+    if method == "cts":
+        opts.append(f"--policy {input.policy}")
+        if not config["flops"]["include_policy_net"]:
+            opts.append("--exclude-policy-net")
+    opts += _method_settings(method)
+    return " ".join(opts)

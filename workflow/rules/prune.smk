@@ -1,0 +1,32 @@
+# Phase prune: NViT-style global structural pruning of the dense model to a FLOPs fraction, for
+# NViT's own targets and for prune-then-merge's first step (target**methods.nvit_tome.prune_share).
+# Writes the smaller model, its spec, and a report with its target and achieved GFLOPs.
+
+
+rule prune:
+    input:
+        manifest="data/{ds}/manifest.json",
+        model="models/{ds}/{arch}/seed{seed}/dense.safetensors",
+    output:
+        model="models/{ds}/{arch}/seed{seed}/nvit-{fraction}.safetensors",
+        spec="models/{ds}/{arch}/seed{seed}/nvit-{fraction}.json",
+        report="models/{ds}/{arch}/seed{seed}/nvit-{fraction}.report.json",
+    params:
+        layout=lookup(dpath="datasets/{ds}/layout", within=config),
+        root=input_dir("manifest"),
+        img_scale=img_scale,
+        settings=config_json("methods/nvit"),
+    log:
+        "logs/prune/{ds}/{arch}/seed{seed}/nvit-{fraction}.log",
+    benchmark:
+        "results/jobs/prune/{ds}/{arch}/seed{seed}/nvit-{fraction}.tsv"
+    conda:
+        CONDA_ENV
+    threads: 4
+    resources:
+        gpu=1,
+    shell:
+        "segcompress prune --model {input.model} --target-fraction {wildcards.fraction}"
+        " --layout {params.layout} --root {params.root} --img-scale {params.img_scale}"
+        " --config-json {params.settings:q} --seed {wildcards.seed} --threads {threads}"
+        " --out {output.model} --report {output.report} > {log} 2>&1"

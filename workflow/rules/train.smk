@@ -1,0 +1,56 @@
+# Phase train: the dense Segmenter of each (dataset, backbone, seed), and the CTS policy network
+# trained on it. Training resumes from models/.../dense.safetensors.resume/ when rerun.
+
+
+rule train:
+    input:
+        manifest="data/{ds}/manifest.json",
+    output:
+        model="models/{ds}/{arch}/seed{seed}/dense.safetensors",
+        spec="models/{ds}/{arch}/seed{seed}/dense.json",
+    params:
+        layout=lookup(dpath="datasets/{ds}/layout", within=config),
+        root=input_dir("manifest"),
+        crop=lookup(dpath="datasets/{ds}/crop", within=config),
+        img_scale=img_scale,
+        arch=config_json("backbones/{arch}"),
+        recipe=config_json("train/recipe"),
+    log:
+        "logs/train/{ds}/{arch}/seed{seed}/dense.log",
+    benchmark:
+        "results/jobs/train/{ds}/{arch}/seed{seed}/dense.tsv"
+    conda:
+        CONDA_ENV
+    threads: 4
+    resources:
+        gpu=1,
+    shell:
+        "segcompress train --layout {params.layout} --root {params.root} --crop {params.crop}"
+        " --img-scale {params.img_scale} --arch {params.arch:q} --recipe {params.recipe:q}"
+        " --seed {wildcards.seed} --threads {threads} --out {output.model} > {log} 2>&1"
+
+
+rule train_policy:
+    input:
+        manifest="data/{ds}/manifest.json",
+        model="models/{ds}/{arch}/seed{seed}/dense.safetensors",
+    output:
+        policy="models/{ds}/{arch}/seed{seed}/cts-policy.safetensors",
+    params:
+        layout=lookup(dpath="datasets/{ds}/layout", within=config),
+        root=input_dir("manifest"),
+        img_scale=img_scale,
+        recipe=config_json("methods/cts/policy"),
+    log:
+        "logs/train/{ds}/{arch}/seed{seed}/cts-policy.log",
+    benchmark:
+        "results/jobs/train/{ds}/{arch}/seed{seed}/cts-policy.tsv"
+    conda:
+        CONDA_ENV
+    threads: 4
+    resources:
+        gpu=1,
+    shell:
+        "segcompress policy --model {input.model} --layout {params.layout} --root {params.root}"
+        " --img-scale {params.img_scale} --recipe {params.recipe:q} --seed {wildcards.seed}"
+        " --threads {threads} --out {output.policy} > {log} 2>&1"
