@@ -1,7 +1,7 @@
 # segcompress: token compression vs structural pruning for ViT segmentation at matched FLOPs.
 #
 #   snakemake --cores all                 the whole study of config.yaml
-#   snakemake --cores all phase_evaluate  up to one phase (phase_data ... phase_report)
+#   snakemake --cores all phase_evaluate  up to one phase (phase_data ... phase_analyse, phase_report)
 #   snakemake --configfile .test/config.yaml --cores 2    another study
 #
 # Rules live in workflow/rules/<phase>.smk, helpers in workflow/rules/common.smk, the config
@@ -26,6 +26,7 @@ include: "workflow/rules/prune.smk"
 include: "workflow/rules/match.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/analyse.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -38,6 +39,7 @@ localrules:
     phase_match,
     phase_finetune,
     phase_evaluate,
+    phase_analyse,
     phase_report,
 
 
@@ -45,6 +47,7 @@ rule all:
     default_target: True
     input:
         REPORT_OUTPUTS.values(),
+        analyse_targets(),
 
 
 rule phase_data:
@@ -80,6 +83,11 @@ rule phase_finetune:
 rule phase_evaluate:
     input:
         evaluate_targets(),
+
+
+rule phase_analyse:
+    input:
+        analyse_targets(),
 
 
 rule phase_report:

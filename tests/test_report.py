@@ -1,16 +1,25 @@
-"""The report stage: raw rows -> benchmark.csv (long format), summary table and figure."""
+"""The report stage: raw rows -> benchmark.csv (long format) -> tables, figures and the HTML page.
+
+The numbers of the tables are recomputed here by hand from benchmark.csv (read with the csv
+module, not with the report's own code) and must match.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import re
+import statistics
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
 from segcompress.cli import VERBS, main
-from segcompress.report import COLUMNS, aggregate, corrupted_miou, load_rows, write_report
+from segcompress.report import COLUMNS, FIGURES, load_rows, write_report
+from segcompress.report.aggregate import per_corruption, per_seed, points, read_benchmark
+from segcompress.report.tables import format_value
 
 
 def _row(ds="ade20k", method="dense", target=None, knob=None, corruption="clean", severity=0, seed=0, miou=0.5, gflops=1.0, **extra):
@@ -39,9 +48,12 @@ def _row(ds="ade20k", method="dense", target=None, knob=None, corruption="clean"
     return row
 
 
+def _variant(row: dict) -> str:
+    return row["method"] if row["target_fraction"] is None else f"{row['method']}-{row['target_fraction']:g}"
+
+
 def _write(root: Path, row: dict) -> Path:
-    variant = row["method"] if row["target_fraction"] is None else f"{row['method']}-{row['target_fraction']:g}"
-    path = root / row["dataset"] / "tiny" / f"{variant}-seed{row['seed']}" / row["corruption"] / f"{row['severity']}.json"
+    path = root / row["dataset"] / "tiny" / f"{_variant(row)}-seed{row['seed']}" / row["corruption"] / f"{row['severity']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(row))
     return path
@@ -60,15 +72,24 @@ def raw(tmp_path: Path) -> Path:
                 for method in ("tome", "nvit"):
                     knob = {"r": 3} if method == "tome" else {}
                     g = 2.0 * target
-                    _write(root, _row(ds, method, target, knob, seed=seed, miou=m, gflops=g))
-                    _write(root, _row(ds, method, target, knob, "fog", 3, seed, m - 0.1, g))
+                    _write(root, _row(ds, method, target, knob, seed=seed, miou=m + 0.02 * seed, gflops=g))
+                    _write(root, _row(ds, method, target, knob, "fog", 3, seed, m - 0.1 + 0.01 * seed, g))
+                    _write(root, _row(ds, method, target, knob, "gaussian_noise", 1, seed, m - 0.15, g))
+                    _write(root, _row(ds, method, target, knob, "gaussian_noise", 5, seed, m - 0.2, g))
     return root
+
+
+def _report(raw: Path, out: Path, **kwargs) -> dict:
+    return write_report([raw], out / "benchmark.csv", out / "figures", out / "tables", **kwargs)
+
+
+# ------------------------------------------------------------------------------ benchmark.csv
 
 
 def test_csv_has_contract_columns_sorted_rows_and_is_stable(raw: Path, tmp_path: Path) -> None:
     out = tmp_path / "results"
-    summary = write_report([raw], out / "benchmark.csv", out / "figures", out / "tables")
-    assert summary["rows"] == 2 * 2 * (4 + 2 * 2 * 2)
+    summary = _report(raw, out)
+    assert summary["rows"] == 2 * 2 * (4 + 2 * 2 * 4)
     text = (out / "benchmark.csv").read_text()
     with (out / "benchmark.csv").open() as f:
         reader = csv.DictReader(f)
@@ -78,18 +99,23 @@ def test_csv_has_contract_columns_sorted_rows_and_is_stable(raw: Path, tmp_path:
     first = rows[0]
     assert (first["method"], first["corruption"], first["severity"], first["seed"]) == ("dense", "clean", "0", "0")
     assert first["knob"] == "" and first["category"] == "clean"
+    assert first["images_per_s"] == "" and first["erank_mean"] == ""  # not measured: empty, not invented
     tome = [r for r in rows if r["method"] == "tome"]
     assert tome[0]["knob"] == '{"r":3}' and tome[0]["target_fraction"] == "0.5"  # least compressed first
     fog = [r for r in rows if r["corruption"] == "fog"]
     assert {r["category"] for r in fog} == {"weather"}  # filled from the corruption name
     # a second build from the same rows is byte-identical (stable order, no timestamps)
-    write_report([raw], out / "benchmark.csv", out / "figures", out / "tables")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.suffix != ".pdf"}
+    _report(raw, out)
     assert (out / "benchmark.csv").read_text() == text
-    assert (out / "figures" / "miou_vs_gflops.png").stat().st_size > 1000
-    assert (out / "figures" / "miou_vs_gflops.pdf").read_bytes().startswith(b"%PDF")
+    assert {p: p.read_bytes() for p in before} == before
+    for stem in FIGURES.values():
+        assert (out / "figures" / f"{stem}.png").stat().st_size > 1000
+        assert (out / "figures" / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
     md = (out / "tables" / "summary.md").read_text()
     assert "## ade20k / tiny" in md and "## cityscapes / tiny" in md
     assert "| Dense | – |" in md and "| ToMe | 0.5 |" in md
+    assert (out / "tables" / "summary.tex").read_text().count(r"\begin{tabular}") == 2
     assert not list(out.rglob("*.tmp"))  # atomic writes leave no temp files
 
 
@@ -103,20 +129,12 @@ def test_extra_columns_follow_contract_columns_alphabetically(tmp_path: Path) ->
     assert rows[0]["per_class_iou"] == "[0.1,0.2]"
 
 
-def test_corrupted_miou_is_mean_over_corruptions_of_mean_over_severities(raw: Path) -> None:
-    rows = [r for r in load_rows([raw]) if r["dataset"] == "ade20k" and r["method"] == "dense" and r["seed"] == 0]
-    # gaussian_noise: (0.3 + 0.1) / 2 = 0.2; fog: 0.4 -> 0.3
-    assert corrupted_miou(rows) == pytest.approx(0.3)
-    assert corrupted_miou(rows, categories=["noise"]) == pytest.approx(0.2)
-    assert corrupted_miou(rows, severities=[5]) == pytest.approx(0.1)
-    assert math.isnan(corrupted_miou(rows, categories=["digital"]))
-
-
-def test_aggregate_collects_seeds(raw: Path) -> None:
-    points = aggregate(load_rows([raw]))
-    dense = next(p for p in points if p.dataset == "ade20k" and p.method == "dense")
-    assert sorted(dense.clean) == pytest.approx([0.50, 0.51])
-    assert [p.method for p in points if p.dataset == "ade20k"] == ["dense", "nvit", "nvit", "tome", "tome"]
+def test_knob_has_one_spelling(tmp_path: Path) -> None:
+    root = tmp_path / "raw"
+    _write(root, _row(knob='{}'))
+    _write(root, _row(method="tome", target=0.5, knob='{"r": 3, "a": [1, 2]}'))
+    rows = load_rows([root])
+    assert [r["knob"] for r in rows] == ["", '{"a":[1,2],"r":3}']
 
 
 def test_bad_rows_are_named(tmp_path: Path) -> None:
@@ -137,23 +155,199 @@ def test_bad_rows_are_named(tmp_path: Path) -> None:
         load_rows([root])
 
 
+# ------------------------------------------------------------------------------ aggregation
+
+
+def test_corrupted_miou_is_mean_over_corruptions_of_mean_over_severities(raw: Path, tmp_path: Path) -> None:
+    _report(raw, tmp_path)
+    df = read_benchmark(tmp_path / "benchmark.csv")
+
+    def dense0(**sel) -> dict:
+        s = per_seed(df, **sel)
+        return s[(s["dataset"] == "ade20k") & (s["method"] == "dense") & (s["seed"] == 0)].iloc[0].to_dict()
+
+    # gaussian_noise: (0.3 + 0.1) / 2 = 0.2; fog: 0.4 -> 0.3
+    assert dense0()["corrupted_miou"] == pytest.approx(0.3)
+    assert dense0()["relative_robustness"] == pytest.approx(0.3 / 0.5)
+    assert dense0(categories=["noise"])["corrupted_miou"] == pytest.approx(0.2)
+    assert dense0(severities=[5])["corrupted_miou"] == pytest.approx(0.1)
+    assert math.isnan(dense0(categories=["digital"])["corrupted_miou"])
+    assert dense0()["miou_noise"] == pytest.approx(0.2) and dense0()["miou_weather"] == pytest.approx(0.4)
+
+
+def test_several_seeds_give_mean_and_std(raw: Path, tmp_path: Path) -> None:
+    _report(raw, tmp_path)
+    pts = points(per_seed(read_benchmark(tmp_path / "benchmark.csv")))
+    dense = pts[(pts["dataset"] == "ade20k") & (pts["method"] == "dense")].iloc[0]
+    assert dense["n_seeds"] == 2
+    assert dense["clean_miou_mean"] == pytest.approx(0.505)
+    assert dense["clean_miou_std"] == pytest.approx(statistics.stdev([0.50, 0.51]))
+    assert [m for m in pts[pts["dataset"] == "ade20k"]["method"]] == ["dense", "nvit", "nvit", "tome", "tome"]
+    md = (tmp_path / "tables" / "summary.md").read_text()
+    assert "| Dense | – | 2.000 ± 0.000 | 5.000 ± 0.000 | – | 50.5 ± 0.7 |" in md
+    tex = (tmp_path / "tables" / "summary.tex").read_text()
+    assert r"Dense & -- & 2.000 $\pm$ 0.000 & 5.000 $\pm$ 0.000 & -- & 50.5 $\pm$ 0.7" in tex
+    # one seed: no spread shown
+    one = tmp_path / "one"
+    for f in raw.rglob("*.json"):
+        if "-seed1" not in str(f):
+            target = one / f.relative_to(raw)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(f.read_text())
+    write_report([one], tmp_path / "o.csv", tmp_path / "of", tmp_path / "ot")
+    assert "| Dense | – | 2.000 | 5.000 | – | 50.0 |" in (tmp_path / "ot" / "summary.md").read_text()
+
+
+def _by_hand(csv_path: Path) -> dict[tuple, dict[str, list[float]]]:
+    """Clean, corrupted and relative robustness per point, per seed, from the CSV with plain Python."""
+    models: dict[tuple, list[dict]] = defaultdict(list)
+    with csv_path.open() as f:
+        for r in csv.DictReader(f):
+            target = float(r["target_fraction"]) if r["target_fraction"] else 1.0
+            models[(r["dataset"], r["backbone"], r["method"], target, r["seed"])].append(r)
+    out: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for (ds, bb, method, target, _seed), rows in models.items():
+        clean = statistics.fmean(float(r["miou"]) for r in rows if r["corruption"] == "clean")
+        per_c: dict[str, list[float]] = defaultdict(list)
+        for r in rows:
+            if r["corruption"] != "clean":
+                per_c[r["corruption"]].append(float(r["miou"]))
+        corrupted = statistics.fmean(statistics.fmean(v) for v in per_c.values())
+        point = out[(ds, bb, method, target)]
+        point["clean"].append(clean)
+        point["corrupted"].append(corrupted)
+        point["relative"].append(corrupted / clean)
+        point["gflops"].append(statistics.fmean(float(r["achieved_gflops"]) for r in rows))
+    return out
+
+
+def test_every_table_number_equals_the_csv(raw: Path, tmp_path: Path) -> None:
+    _report(raw, tmp_path)
+    expected = _by_hand(tmp_path / "benchmark.csv")
+    with (tmp_path / "tables" / "summary.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(expected) == 2 * (1 + 2 * 2)
+    md = (tmp_path / "tables" / "summary.md").read_text()
+    for t in table:
+        hand = expected[(t["dataset"], t["backbone"], t["method"], float(t["target"]))]
+        for col, key in (("clean_miou", "clean"), ("corrupted_miou", "corrupted"),
+                         ("relative_robustness", "relative"), ("gflops", "gflops")):
+            assert float(t[f"{col}_mean"]) == pytest.approx(statistics.fmean(hand[key]), abs=1e-12), (t, col)
+            assert float(t[f"{col}_std"]) == pytest.approx(statistics.stdev(hand[key]), abs=1e-12), (t, col)
+        assert int(t["n_seeds"]) == 2
+        # the markdown shows the same numbers, rounded
+        cells = [format_value(statistics.fmean(hand["clean"]), statistics.stdev(hand["clean"]), 100),
+                 format_value(statistics.fmean(hand["corrupted"]), statistics.stdev(hand["corrupted"]), 100),
+                 format_value(statistics.fmean(hand["relative"]), statistics.stdev(hand["relative"]), digits=3)]
+        assert " | ".join(cells) in md, cells
+
+
+def test_per_corruption_table_and_heatmap_values(raw: Path, tmp_path: Path) -> None:
+    _report(raw, tmp_path, heatmap="relative")
+    with (tmp_path / "tables" / "per_corruption.csv").open() as f:
+        table = [r for r in csv.DictReader(f) if r["dataset"] == "ade20k" and r["method"] == "tome"
+                 and float(r["target"]) == 0.5]
+    by = {r["corruption"]: r for r in table}
+    # fog: seeds 0.35 and 0.36; gaussian_noise: mean over severities (0.30, 0.25) per seed
+    assert float(by["fog"]["miou"]) == pytest.approx(0.355)
+    assert float(by["gaussian_noise"]["miou"]) == pytest.approx(0.275)
+    assert float(by["fog"]["relative"]) == pytest.approx((0.35 / 0.45 + 0.36 / 0.47) / 2)
+    df = read_benchmark(tmp_path / "benchmark.csv")
+    pc = per_corruption(df, severities=[5])
+    row = pc[(pc["dataset"] == "ade20k") & (pc["method"] == "tome") & (pc["target"] == 0.5)]
+    assert row.set_index("corruption")["miou"].to_dict() == pytest.approx({"gaussian_noise": 0.25})
+
+
+# ------------------------------------------------------------------------------ joins
+
+
+def _side(root: Path, name: str, **row) -> None:
+    path = root / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(row))
+
+
+def test_throughput_and_rank_are_joined_as_columns(raw: Path, tmp_path: Path, caplog) -> None:
+    bench, rank = tmp_path / "raw_bench", tmp_path / "raw_rank"
+    for seed, ips in ((0, 100.0), (1, 110.0)):
+        _side(bench, f"tome{seed}", dataset="ade20k", backbone="tiny", method="tome", target_fraction=0.5, seed=seed,
+              images_per_s=ips, batch=8, device="cpu x", threads=1)
+        _side(rank, f"tome-clean{seed}", dataset="ade20k", backbone="tiny", method="tome", target_fraction=0.5,
+              seed=seed, corruption="clean", severity=0, erank_mean=0.4 + 0.1 * seed, erank_std=0.1, num_images=3)
+        _side(rank, f"dense-clean{seed}", dataset="ade20k", backbone="tiny", method="dense", target_fraction=None,
+              seed=seed, corruption="clean", severity=0, erank_mean=0.6, erank_std=0.05, num_images=3)
+    _side(rank, "tome-fog", dataset="ade20k", backbone="tiny", method="tome", target_fraction=0.5, seed=0,
+          corruption="fog", severity=3, erank_mean=0.3, erank_std=0.02, num_images=3)
+    _side(rank, "orphan", dataset="ade20k", backbone="tiny", method="tome", target_fraction=0.5, seed=0,
+          corruption="snow", severity=3, erank_mean=0.3, erank_std=0.02, num_images=3)
+    summary = _report(raw, tmp_path, rank=[rank], bench=[bench])
+    assert summary["rows"] == 2 * 2 * (4 + 2 * 2 * 4)  # no rows added: joined as columns
+    assert "1 effective-rank row(s) match no result row" in caplog.text
+    with (tmp_path / "benchmark.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["dataset"] == "ade20k"]
+    tome05 = [r for r in rows if r["method"] == "tome" and r["target_fraction"] == "0.5"]
+    assert {(r["seed"], r["images_per_s"]) for r in tome05} == {("0", "100.0"), ("1", "110.0")}
+    assert {r["bench_batch"] for r in tome05} == {"8"}
+    ranked = {(r["seed"], r["corruption"], r["severity"]): r["erank_mean"] for r in tome05 if r["erank_mean"]}
+    assert ranked == {("0", "clean", "0"): "0.4", ("1", "clean", "0"): "0.5", ("0", "fog", "3"): "0.3"}
+    assert all(r["images_per_s"] == "" for r in rows if r["method"] == "nvit")
+    pts = points(per_seed(read_benchmark(tmp_path / "benchmark.csv")))
+    p = pts[(pts["dataset"] == "ade20k") & (pts["method"] == "tome") & (pts["target"] == 0.5)].iloc[0]
+    assert p["images_per_s_mean"] == pytest.approx(105.0)
+    assert p["erank_clean_mean"] == pytest.approx(0.45)
+    # the spread over images pooled over seeds: all per-image values of both seeds
+    assert p["erank_clean_img_std"] == pytest.approx(math.sqrt(0.1 ** 2 + 0.05 ** 2))
+    md = (tmp_path / "tables" / "summary.md").read_text()
+    assert "| erank clean |" in md and "0.450 ± 0.112" in md
+
+
+# ------------------------------------------------------------------------------ the page and the verb
+
+
+def test_html_page_references_figures_tables_and_choices(raw: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    panel = out / "figures" / "qualitative" / "ade20k_tiny.png"
+    panel.parent.mkdir(parents=True)
+    panel.write_bytes(b"\x89PNG fake")
+    config = {"finetune": {"pruned": True, "token_methods": False}, "report": {"corrupted_categories": None},
+              "analysis": {"effective_rank": {"normalise": "min_tokens_width"}},
+              "datasets": {"ade20k": {"eval": {"stride": 96, "max_images": None}}}}
+    _report(raw, out, html=out / "report.html", qualitative=[panel], config=config, severities=[1, 3])
+    page = (out / "report.html").read_text()
+    srcs = re.findall(r"<img src='([^']+)'", page)
+    assert sorted(srcs) == sorted([f"figures/{s}.png" for s in FIGURES.values()] + ["figures/qualitative/ade20k_tiny.png"])
+    for src in srcs + re.findall(r"<a href='([^']+)'", page):
+        assert (out / src).is_file(), src
+    assert "summary.tex" in page and "benchmark.csv" in page
+    assert "<td>Dense</td>" in page and "<td>50.5 ± 0.7</td>" in page  # the table, inline
+    assert "gaussian_noise (noise)" in page and "fog (weather)" in page
+    assert "severities: 1, 3" in page
+    assert "finetune.pruned" in page and "analysis.effective_rank.normalise" in page
+    assert "Throughput:</b> not measured" in page
+
+
 def test_report_verb(raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "report" in VERBS
     out = tmp_path / "out"
     rc = main(["report", str(raw), "--csv", str(out / "b.csv"), "--figures", str(out / "f"),
-               "--tables", str(out / "t"), "--corrupted-categories", "weather"])
+               "--tables", str(out / "t"), "--corrupted-categories", "weather", "--html", str(out / "r.html"),
+               "--config-json", '{"flops": {"per": "crop"}}'])
     assert rc == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == 48
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == 80
     assert (out / "b.csv").exists() and (out / "f" / "miou_vs_gflops.png").exists()
+    assert "flops.per" in (out / "r.html").read_text()
     # no rows: one clear error line, exit status 2
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty"), "--csv", str(out / "c.csv")]) == 2
     assert "no raw result rows" in capsys.readouterr().err
 
 
-def test_knob_has_one_spelling(tmp_path: Path) -> None:
+def test_clean_only_study_still_writes_every_output(tmp_path: Path) -> None:
     root = tmp_path / "raw"
-    _write(root, _row(knob='{}'))
-    _write(root, _row(method="tome", target=0.5, knob='{"r": 3, "a": [1, 2]}'))
-    rows = load_rows([root])
-    assert [r["knob"] for r in rows] == ["", '{"a":[1,2],"r":3}']
+    _write(root, _row())
+    _write(root, _row(method="tome", target=0.5, knob={"r": 2}, miou=0.4, gflops=0.5))
+    _report(root, tmp_path, html=tmp_path / "report.html")
+    for stem in FIGURES.values():
+        assert (tmp_path / "figures" / f"{stem}.png").is_file()
+    md = (tmp_path / "tables" / "summary.md").read_text()
+    assert "| ToMe | 0.5 | 0.500 | 5.000 | – | 40.0 | – | – | 1 |" in md

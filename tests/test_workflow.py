@@ -80,6 +80,9 @@ def test_default_and_test_configs_are_valid() -> None:
         (("methods", "tome"), "unmerge"),
         (("methods", "nvit_tome"), "ratio"),
         (("report",), "categories"),
+        (("report", "qualitative"), "image"),
+        (("analysis", "effective_rank"), "window"),
+        (("analysis", "throughput"), "batches"),
     ],
 )
 def test_schema_rejects_unknown_keys_by_name(path: tuple[str, ...], key: str) -> None:
@@ -104,7 +107,8 @@ def test_schema_rejects_bad_values_and_fills_defaults() -> None:
     config = default_config()
     del config["report"], config["methods"]["nvit_tome"]
     filled = _validate(config)
-    assert filled["report"] == {"corrupted_categories": None, "corrupted_severities": None}
+    assert filled["report"] == {"corrupted_categories": None, "corrupted_severities": None, "heatmap": "miou",
+                                "qualitative": {"images": 2, "corruption": None, "severity": 3, "zoom": 0.35}}
     assert filled["methods"]["nvit_tome"] == {"prune_share": 0.5}
 
 
@@ -137,12 +141,20 @@ def test_dry_run_lists_the_study_grid() -> None:
     assert counts["measure"] == ds * bb * seeds  # the dense model's GFLOPs
     assert counts["prune"] == counts["finetune"] > 0  # every pruned model is fine-tuned
     assert counts["evaluate"] == ds * bb * seeds * variants * conditions
+    # analyse phase: rank on its datasets and conditions, one throughput row per variant, one panel per grid cell
+    analysis = default_config()["analysis"]
+    rank_ds = sum(d in (analysis["effective_rank"]["datasets"] or study["datasets"]) for d in study["datasets"])
+    ranked = 1 + sum(c in study["corruptions"] for c in analysis["effective_rank"]["corruptions"]) * len(
+        set(analysis["effective_rank"]["severities"]) & set(study["severities"]))
+    assert counts["rank"] == rank_ds * bb * seeds * variants * ranked
+    assert counts["bench"] == ds * bb * seeds * variants
+    assert counts["qualitative"] == ds * bb
     assert counts["report"] == counts["all"] == 1
 
 
 def test_every_phase_target_and_contract_path_resolves() -> None:
     phases = ["phase_data", "phase_corrupt", "phase_train", "phase_prune", "phase_match",
-              "phase_finetune", "phase_evaluate", "phase_report"]
+              "phase_finetune", "phase_evaluate", "phase_analyse", "phase_report"]
     result = snakemake("-n", *phases, "--quiet", "rules")
     assert result.returncode == 0, result.stderr
     # paths of docs/contracts.md, one per kind of output, for any grid point (not only the config's)
@@ -154,6 +166,9 @@ def test_every_phase_target_and_contract_path_resolves() -> None:
         "matches/ade20k/vit_p8_d12/seed0/algm-0.3.json",
         "results/raw/ade20k/vit_p8_d12/dense-seed0/clean/0.json",
         "results/raw/cityscapes/vit_p8_d12/nvit_tome-0.3-seed0/snow/5.json",
+        "results/raw_rank/cityscapes/vit_p8_d12/nvit-0.3-seed1/fog/5.json",
+        "results/raw_bench/ade20k/vit_p8_d12/cts-0.5-seed0.json",
+        "results/figures/qualitative/cityscapes/vit_p8_d12.png",
     ]
     result = snakemake("-n", *paths, "--quiet", "rules")
     assert result.returncode == 0, result.stderr
@@ -192,7 +207,8 @@ def workdir(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_slow_end_to_end_incremental_reruns(workdir: Path) -> None:
-    """Run the tiny study; a second run does nothing; an evaluation-only edit reruns evaluation only."""
+    """Run the tiny study; a second run does nothing; an evaluation-only edit reruns evaluation only;
+    a new corruption severity reruns its corruption, evaluation and the report, never training."""
     run = ("--configfile", ".test/config.yaml", "--cores", "2")
     first = snakemake(*run, cwd=workdir, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -202,7 +218,7 @@ def test_slow_end_to_end_incremental_reruns(workdir: Path) -> None:
     assert lines[0].startswith("dataset,backbone,method,knob,")
     assert (workdir / "results" / "figures" / "miou_vs_gflops.pdf").is_file()
     assert (workdir / "logs" / "train" / "ade20k" / "vit_micro" / "seed0" / "dense.log").is_file()
-    assert (workdir / "benchmarks" / "evaluate" / "ade20k" / "vit_micro" / "dense-seed0" / "clean-0.tsv").is_file()
+    assert (workdir / "results" / "jobs" / "evaluate" / "ade20k" / "vit_micro" / "dense-seed0" / "clean-0.tsv").is_file()
     model = workdir / "models" / "ade20k" / "vit_micro" / "seed0" / "dense.safetensors"
     trained = model.stat().st_mtime_ns
 
@@ -217,7 +233,9 @@ def test_slow_end_to_end_incremental_reruns(workdir: Path) -> None:
     cfg.write_text(yaml.safe_dump(config))
     planned = snakemake(*run, "-n", "--quiet", "rules", cwd=workdir)
     assert planned.returncode == 0, planned.stderr
-    assert job_counts(planned.stdout) == {"evaluate": 2, "report": 1, "all": 1}
+    counts = job_counts(planned.stdout)
+    # evaluation (and the analyses that slide the same windows: rank, qualitative), then the report
+    assert counts["evaluate"] == 2 and set(counts) <= {"evaluate", "rank", "qualitative", "report", "all"}, counts
     third = snakemake(*run, cwd=workdir)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert model.stat().st_mtime_ns == trained
@@ -225,6 +243,23 @@ def test_slow_end_to_end_incremental_reruns(workdir: Path) -> None:
         assert [row["stride"] for row in DictReader(f)] == ["32", "32"]
     fourth = snakemake(*run, cwd=workdir)
     assert "Nothing to be done" in fourth.stdout + fourth.stderr
+
+    # a corruption severity: its corrupted set, its evaluation and the report; no training job
+    config = yaml.safe_load(cfg.read_text())
+    config["study"]["severities"] = [2]
+    cfg.write_text(yaml.safe_dump(config))
+    planned = snakemake(*run, "-n", "--quiet", "rules", cwd=workdir)
+    assert planned.returncode == 0, planned.stderr
+    counts = job_counts(planned.stdout)
+    assert counts["corrupt"] == counts["evaluate"] == counts["report"] == 1, counts
+    assert not set(counts) & {"data", "train", "train_policy", "prune", "finetune", "match", "measure"}, counts
+    fifth = snakemake(*run, cwd=workdir)
+    assert fifth.returncode == 0, fifth.stdout[-3000:] + fifth.stderr[-3000:]
+    assert model.stat().st_mtime_ns == trained
+    with csv.open() as f:
+        assert [(row["corruption"], row["severity"]) for row in DictReader(f)] == [("clean", "0"), ("gaussian_noise", "2")]
+    sixth = snakemake(*run, cwd=workdir)
+    assert "Nothing to be done" in sixth.stdout + sixth.stderr
 
 
 @pytest.mark.slow

@@ -14,11 +14,18 @@ import sys
 
 VERBS: dict[str, str] = {
     "data": "generate (synthetic) or verify a dataset and write its manifest",
+    "corrupt": "generate seeded corrupted val sets (ADE20K-C / Cityscapes-C), resumable",
     "train": "train a dense Segmenter (resumable; torchrun for several GPUs)",
+    "prune": "NViT-style structural pruning of a dense model to a GFLOPs target",
+    "finetune": "fine-tune a pruned (or merged) model, optionally distilling from the dense one",
     "evaluate": "sliding-window mIoU of a model variant on a dataset split",
     "flops": "GFLOPs of a model or method (fvcore convention, one crop)",
+    "match": "solve a token method's knob (ToMe r, ALGM threshold, CTS K) for a GFLOPs target",
+    "policy": "train the CTS policy net (which 2x2 superpatches hold one class)",
     "bench": "throughput (images/s) of a model or method",
     "convert": "import a released Segmenter checkpoint (mmseg or original format)",
+    "rank": "normalised effective rank of a variant's encoder features restored on the patch grid",
+    "qualitative": "prediction panels (image, ground truth, each variant) with zoomed crops",
     "report": "aggregate raw results into results/benchmark.csv, tables and figures",
 }
 

@@ -44,6 +44,30 @@ def window_starts(size: int, crop: int, stride: int) -> list[int]:
     return starts
 
 
+def sliding_windows(
+        image: torch.Tensor,
+        crop: int | Sequence[int],
+        stride: int | Sequence[int],
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """The padded image (1, 3, ph, pw) and the top-left corners of its windows, row by row.
+
+    The one windowing of the project (evaluation, effective rank, qualitative panels): an image
+    smaller than the crop is padded with 0 (the normalised mean) at the bottom and right; windows
+    of the crop size start every ``stride`` pixels, the last one in a row or column aligned to the
+    border (:func:`window_starts`).
+    """
+    (ch, cw), (sh, sw) = _pair(crop), _pair(stride)
+    if image.dim() == 3:
+        image = image[None]
+    if image.shape[0] != 1:
+        raise ValueError(f"sliding windows are taken on one image, got a batch of {image.shape[0]}")
+    h, w = image.shape[-2:]
+    ph, pw = max(h, ch), max(w, cw)
+    if (ph, pw) != (h, w):
+        image = F.pad(image, (0, pw - w, 0, ph - h), value=0.0)
+    return image, [(y, x) for y in window_starts(ph, ch, sh) for x in window_starts(pw, cw, sw)]
+
+
 @torch.inference_mode()
 def slide_inference(
         model: nn.Module,
@@ -61,16 +85,10 @@ def slide_inference(
         stride: window stride ``T`` or ``(H, W)``, at most the crop.
         batch_size: windows per forward pass.
     """
-    (ch, cw), (sh, sw) = _pair(crop), _pair(stride)
-    if image.dim() == 3:
-        image = image[None]
-    if image.shape[0] != 1:
-        raise ValueError(f"slide_inference takes one image, got a batch of {image.shape[0]}")
+    (ch, cw) = _pair(crop)
     h, w = image.shape[-2:]
-    ph, pw = max(h, ch), max(w, cw)
-    if (ph, pw) != (h, w):
-        image = F.pad(image, (0, pw - w, 0, ph - h), value=0.0)
-    boxes = [(y, x) for y in window_starts(ph, ch, sh) for x in window_starts(pw, cw, sw)]
+    image, boxes = sliding_windows(image, crop, stride)
+    ph, pw = image.shape[-2:]
     logits: torch.Tensor | None = None
     count = torch.zeros((1, ph, pw), device=image.device)
     for i in range(0, len(boxes), batch_size):

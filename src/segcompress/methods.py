@@ -27,6 +27,8 @@ def register(name: str) -> Callable[[Applier], Applier]:
 def _dense(model: nn.Module, knob: dict[str, Any]) -> nn.Module:
     if knob:
         raise ValueError(f"method 'dense' takes no knob, got {knob}")
+    if getattr(model, "token_method", None) is not None:
+        model.token_method = None
     return model
 
 
@@ -41,3 +43,17 @@ def apply_method(model: nn.Module, name: str, knob: dict[str, Any] | None = None
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(method_names())}") from None
     return fn(model, dict(knob or {}))
+
+
+def _token_method(name: str) -> Applier:
+    def apply(model: nn.Module, knob: dict[str, Any]) -> nn.Module:
+        from segcompress.tokens.patch import attach, method_from_knob
+
+        return attach(model, method_from_knob(name, knob, model))
+
+    apply.__doc__ = f"Attach the {name} token method (knob: see segcompress.tokens.patch.method_from_knob)."
+    return apply
+
+
+for _name in ("tome", "algm", "cts"):
+    register(_name)(_token_method(_name))

@@ -13,8 +13,10 @@
 import json
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from snakemake.exceptions import WorkflowError
 
@@ -160,9 +162,15 @@ def _compressed(methods):
     return [(m, t) for m in STUDY["methods"] if m in methods for t in STUDY["targets"]]
 
 
+def severities_of(corruption):
+    """Severities of `corruption`: its category's study.category_severities entry, else study.severities."""
+    by_category = STUDY.get("category_severities") or {}
+    return by_category.get(CATEGORY_OF[corruption], STUDY["severities"])
+
+
 def conditions():
     """(corruption, severity) pairs evaluated for every variant; clean first."""
-    return [("clean", 0)] + [(c, s) for c in STUDY["corruptions"] for s in STUDY["severities"]]
+    return [("clean", 0)] + [(c, s) for c in STUDY["corruptions"] for s in severities_of(c)]
 
 
 def variants(seed):
@@ -238,11 +246,88 @@ def evaluate_targets():
     ]
 
 
+# ---------------------------------------------------------------------------- analyse phase
+# Effective rank (one row per variant, seed and ranked condition), throughput (one row per
+# variant) and the qualitative panels (one per dataset and backbone). Rank and throughput rows are
+# joined onto benchmark.csv as columns by the report; they never add rows to it.
+
+RANK = config["analysis"]["effective_rank"]
+THROUGHPUT = config["analysis"]["throughput"]
+QUALITATIVE = config["report"]["qualitative"]
+
+
+def rank_datasets():
+    """Study datasets the effective rank is taken on: analysis.effective_rank.datasets (null: all)
+    that the study has; others are skipped, so one setting fits every study."""
+    names = RANK["datasets"]
+    return list(STUDY["datasets"]) if names is None else [d for d in STUDY["datasets"] if d in names]
+
+
+def rank_conditions():
+    """(corruption, severity) pairs ranked: clean, then the configured corruptions and severities
+    among the evaluated ones (a rank row is joined onto the evaluated row of its condition)."""
+    wanted = RANK["corruptions"]
+    out = [("clean", 0)]
+    for c in STUDY["corruptions"]:
+        if wanted is None or c in wanted:
+            out += [(c, s) for s in severities_of(c) if RANK["severities"] is None or s in RANK["severities"]]
+    return out
+
+
+def rank_row_path(ds, arch, variant, corruption, severity):
+    return f"results/raw_rank/{ds}/{arch}/{variant}/{corruption}/{severity}.json"
+
+
+def rank_targets():
+    return [
+        rank_row_path(ds, arch, v, c, s)
+        for ds, arch, seed in _grid()
+        if ds in rank_datasets()
+        for v in variants(seed)
+        for c, s in rank_conditions()
+    ]
+
+
+def bench_row_path(ds, arch, variant):
+    return f"results/raw_bench/{ds}/{arch}/{variant}.json"
+
+
+def bench_targets():
+    if not THROUGHPUT["enabled"]:
+        return []
+    return [bench_row_path(ds, arch, v) for ds, arch, seed in _grid() for v in variants(seed)]
+
+
+def qualitative_path(ds, arch):
+    return f"results/figures/qualitative/{ds}/{arch}.png"
+
+
+def qualitative_targets():
+    if QUALITATIVE["images"] == 0:
+        return []
+    return [qualitative_path(ds, arch) for ds in STUDY["datasets"] for arch in STUDY["backbones"]]
+
+
+def analyse_targets():
+    return rank_targets() + bench_targets() + qualitative_targets()
+
+
 REPORT_OUTPUTS = {
     "csv": "results/benchmark.csv",
     "png": "results/figures/miou_vs_gflops.png",
     "pdf": "results/figures/miou_vs_gflops.pdf",
+    "erank_png": "results/figures/erank_vs_gflops.png",
+    "erank_pdf": "results/figures/erank_vs_gflops.pdf",
+    "heatmap_png": "results/figures/corruption_heatmap.png",
+    "heatmap_pdf": "results/figures/corruption_heatmap.pdf",
     "summary": "results/tables/summary.md",
+    "tex": "results/tables/summary.tex",
+    "table_csv": "results/tables/summary.csv",
+    "per_corruption": "results/tables/per_corruption.csv",
+    "html": "results/report.html",
+    # written beside the CSV by the report verb (segcompress.summary): DVC's metrics and plots
+    "metrics": "results/metrics.json",
+    "curves": "results/curves.csv",
 }
 
 
@@ -315,6 +400,41 @@ def evaluate_inputs(wildcards):
         inputs["match"] = match_path(ds, arch, seed, method, target)
     if method == "cts":
         inputs["policy"] = model_path(ds, arch, seed, "cts-policy")
+    return inputs
+
+
+def _clean_wildcards(ds, arch, variant):
+    """Wildcards of a variant's clean evaluation (for the rules that need a variant's inputs)."""
+    return SimpleNamespace(ds=ds, arch=arch, variant=variant, corruption="clean", severity="0")
+
+
+def bench_inputs(wildcards):
+    """What timing a variant reads: its checkpoint and match file (as evaluate), a val image."""
+    return evaluate_inputs(_clean_wildcards(wildcards.ds, wildcards.arch, wildcards.variant))
+
+
+def qualitative_variants():
+    """(column title, variant) of a panel: dense and every method at its most aggressive target,
+    first seed."""
+    seed, low = STUDY["seeds"][0], min(STUDY["targets"])
+    return [
+        (m if m == "dense" else f"{m} {fraction_text(low)}", variant_name(m, low, seed))
+        for m in STUDY["methods"]
+    ]
+
+
+def qualitative_inputs(wildcards):
+    """Every panel column's checkpoint, match file (and CTS policy), the dataset, the image set."""
+    ds, arch = wildcards.ds, wildcards.arch
+    inputs = {"manifest": dataset_manifest(ds)}
+    if QUALITATIVE["corruption"] is not None:
+        inputs["images"] = corrupt_manifest(ds, QUALITATIVE["corruption"], QUALITATIVE["severity"])
+    for i, (_title, variant) in enumerate(qualitative_variants()):
+        for key, path in evaluate_inputs(_clean_wildcards(ds, arch, variant)).items():
+            if key in ("model", "match"):
+                inputs[f"{key}{i}"] = path
+            elif key == "policy":
+                inputs["policy"] = path
     return inputs
 
 
@@ -416,7 +536,72 @@ def report_options(wildcards):
         out.append("--corrupted-categories " + " ".join(opts["corrupted_categories"]))
     if opts["corrupted_severities"]:
         out.append("--corrupted-severities " + " ".join(map(str, opts["corrupted_severities"])))
+    out.append(f"--heatmap {opts['heatmap']}")
     return " ".join(out)
+
+
+def report_config(wildcards):
+    """The config the report page describes (its header and open-question choices), as JSON."""
+    sub = {k: config[k] for k in ("study", "finetune", "flops", "matching", "methods", "report", "analysis")}
+    sub["datasets"] = {ds: {"eval": config["datasets"][ds]["eval"]} for ds in STUDY["datasets"]}
+    return json.dumps(sub, sort_keys=True, separators=(",", ":"))
+
+
+def applied_method(variant):
+    """The token method a variant's checkpoint runs with: a pruned model runs as it is (dense),
+    prune-then-merge is ToMe on the pruned model."""
+    method = parse_variant(variant)[0]
+    return {"nvit": "dense", "nvit_tome": "tome"}.get(method, method)
+
+
+def variant_tags(wildcards):
+    """--tag options naming a variant (no condition): what bench rows are joined on."""
+    method, target, seed = parse_variant(wildcards.variant)
+    tags = {"dataset": wildcards.ds, "backbone": wildcards.arch, "variant": wildcards.variant, "method": method,
+            "seed": seed}
+    if target is not None:
+        tags["target_fraction"] = target
+    return " ".join(f"--tag {k}={v}" for k, v in tags.items())
+
+
+def rank_options(wildcards):
+    """`segcompress rank` settings from analysis.effective_rank; the images: its max_images, else
+    the dataset's eval.max_images."""
+    opts = [
+        f"--feature {RANK['feature']}",
+        "--centre" if RANK["centre"] else "--no-centre",
+        f"--normalise {RANK['normalise']}",
+        f"--windows {RANK['windows']}",
+    ]
+    n = RANK["max_images"] if RANK["max_images"] is not None else _dataset(wildcards)["eval"]["max_images"]
+    if n is not None:
+        opts.append(f"--max-images {n}")
+    return " ".join(opts)
+
+
+def bench_options(wildcards, input):
+    """`segcompress bench` settings: analysis.throughput, and the first val image as the input
+    (input-dependent methods, ALGM and CTS, need a real image; every variant gets the same one)."""
+    t = THROUGHPUT
+    return (
+        f"--method {applied_method(wildcards.variant)} --match {input.match}"
+        f" --batch {t['batch']} --warmup {t['warmup']} --repeats {t['repeats']}"
+        f" --calib-root {Path(input.manifest).parent} --calib-layout {_dataset(wildcards)['layout']}"
+        " --calib-images 1"
+    )
+
+
+def qualitative_options(wildcards, input):
+    """The --variant columns (title, checkpoint, applied method, match file) and the image set."""
+    opts = [
+        f"--variant {shlex.quote(title)} {input[f'model{i}']} {applied_method(variant)} {input[f'match{i}']}"
+        for i, (title, variant) in enumerate(qualitative_variants())
+    ]
+    if QUALITATIVE["corruption"] is not None:
+        opts.append(f"--img-root {Path(input.images).parent}")
+    q = QUALITATIVE
+    opts += [f"--images {q['images']}", f"--zoom {q['zoom']}"]
+    return " ".join(opts)
 
 
 def eval_method_options(wildcards, input):
@@ -427,9 +612,7 @@ def eval_method_options(wildcards, input):
     `flops` result of the dense model.
     A pruned model is evaluated as it is (`--method dense`); its row is tagged method=nvit.
     """
-    method = parse_variant(wildcards.variant)[0]
-    applied = {"nvit": "dense", "nvit_tome": "tome"}.get(method, method)
-    return f"--method {applied} --match {input.match}"
+    return f"--method {applied_method(wildcards.variant)} --match {input.match}"
 
 
 # ---------------------------------------------------------------------------------------------

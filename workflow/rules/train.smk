@@ -1,5 +1,12 @@
 # Phase train: the dense Segmenter of each (dataset, backbone, seed), and the CTS policy network
 # trained on it. Training resumes from models/.../dense.safetensors.resume/ when rerun.
+#
+# Several GPUs: a train job given gpu=N > 1 (`set-resources: train: gpu: N` in a profile, as in
+# workflow/profiles/slurm/) runs N processes, one per GPU, under
+# `torchrun --standalone --nproc_per_node N -m segcompress train ...`; with gpu=1 (the default)
+# it is the plain `segcompress train ...`. The recipe's batch_size is the world batch, split over
+# the processes, so the GPU count changes the speed, not the recipe; and since resources are not
+# params, moving to more GPUs does not rerun a finished training.
 
 
 rule train:
@@ -25,7 +32,8 @@ rule train:
     resources:
         gpu=1,
     shell:
-        "segcompress train --layout {params.layout} --root {params.root} --crop {params.crop}"
+        "$([ {resources.gpu} -gt 1 ] && echo torchrun --standalone --nproc_per_node {resources.gpu} -m)"
+        " segcompress train --layout {params.layout} --root {params.root} --crop {params.crop}"
         " --img-scale {params.img_scale} --arch {params.arch:q} --recipe {params.recipe:q}"
         " --seed {wildcards.seed} --threads {threads} --out {output.model} > {log} 2>&1"
 

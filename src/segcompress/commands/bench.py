@@ -3,19 +3,29 @@
 Selects the model as ``segcompress flops`` does; prints (and with ``--out`` writes) a JSON object
 with the median/min/max images per second, the settings, the device and software versions. With
 ``--calib-root`` the first calibration image, repeated ``--batch`` times, is the input (as ALGM
-times input-dependent methods); otherwise a seeded random batch.
+times input-dependent methods); otherwise a seeded random batch. ``--match FILE`` takes the knob
+from a ``segcompress match`` result (its ``knob`` entry), as ``segcompress evaluate`` does;
+``--tag KEY=VALUE`` adds identity columns (dataset, variant, seed, ...) to the written row, which
+the report joins onto the results rows of the same variant.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
 from segcompress.bench import measure_throughput
+from segcompress.commands._evaluation import knob_of, parse_tags, read_match
 from segcompress.commands._model_options import add_model_arguments, calibration_images, variant_from_args
 from segcompress.io import write_json
+
+# Columns bench measures itself: a tag may not set them.
+MEASURED = frozenset({"images_per_s", "images_per_s_min", "images_per_s_max", "batch_time_s", "batch_time_s_min",
+                      "batch_time_s_max", "batch", "crop", "warmup", "repeats", "dtype", "device", "device_type",
+                      "threads", "torch", "timm", "cuda", "images"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed batches (default: 10)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:i]")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--match", type=Path, metavar="JSON", help="a match result whose knob to use (unless --knob is given)")
+    parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                        help="identity column of the written row (repeatable), e.g. method=nvit")
     parser.add_argument("--out", metavar="JSON", help="also write the result to this file (atomically)")
+
 
 
 def main(args: argparse.Namespace) -> int:
@@ -33,6 +47,9 @@ def main(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
+    tags = parse_tags(args.tag, MEASURED)
+    if args.match is not None and args.knob is None:
+        args.knob = json.dumps(knob_of(None, args.match, read_match(args.match)))
     variant = variant_from_args(args)
     inputs = None
     if args.calib_root is not None:
@@ -42,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
         inputs = first.expand(args.batch, -1, -1, -1).contiguous()
     result = measure_throughput(variant.model, args.batch, variant.spec.crop, args.warmup, args.repeats,
                                 args.device, inputs=inputs, seed=args.seed)
-    result = {**result, **variant.describe(), "images": "calibration" if inputs is not None else "random"}
+    result = {**result, **variant.describe(), "images": "calibration" if inputs is not None else "random", **tags}
     if args.out:
         write_json(args.out, result)
     print(json.dumps(result, indent=2))

@@ -149,7 +149,9 @@ class Segmenter(nn.Module):
 
     ``forward`` takes normalised crops of the spec's crop size and returns per-pixel logits.
     The stages are separate methods (``embed``, ``encode``, ``decode``) so a token method can act
-    between or inside the encoder blocks.
+    between or inside the encoder blocks: when ``token_method`` is set (a
+    :class:`segcompress.tokens.patch.TokenMethod`, see ``segcompress.methods.apply_method``),
+    ``forward`` and ``forward_features`` hand the encoder and decoder over to it.
     """
 
     def __init__(self, spec: SegmenterSpec, encoder: nn.Module | None = None) -> None:
@@ -161,6 +163,7 @@ class Segmenter(nn.Module):
             dropout=spec.decoder_dropout,
         )
         self.num_prefix_tokens = self.encoder.num_prefix_tokens
+        self.token_method: nn.Module | None = None
 
     def embed(self, img: torch.Tensor) -> torch.Tensor:
         """Patch-embed ``img`` (B, 3, H, W) and add the class token and position embeddings."""
@@ -185,11 +188,16 @@ class Segmenter(nn.Module):
 
     def forward_features(self, img: torch.Tensor) -> torch.Tensor:
         """Final encoder patch features on the original grid (B, gh*gw, E), class token dropped."""
+        if self.token_method is not None:
+            return self.token_method.features(self, img)
         return self.encode(self.embed(img))[:, self.num_prefix_tokens:]
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         """Per-pixel logits (B, K, H, W) for normalised crops (B, 3, H, W)."""
-        masks = self.decode(self.forward_features(img), self.grid_of(img))
+        if self.token_method is not None:
+            masks = self.token_method(self, img)
+        else:
+            masks = self.decode(self.forward_features(img), self.grid_of(img))
         return F.interpolate(masks, size=img.shape[-2:], mode="bilinear", align_corners=False)
 
 

@@ -1,0 +1,240 @@
+"""Options and set-up shared by the verbs that run a model variant over a dataset split.
+
+``segcompress evaluate`` (mIoU), ``segcompress rank`` (effective rank of the encoder features) and
+``segcompress qualitative`` (prediction panels) select the variant, the images and the sliding
+windows the same way: a checkpoint (``--model``), a token method with its knob (``--method``,
+``--knob`` or the ``knob`` of a ``--match`` result), a dataset root with an optional folder of
+corrupted images (``--img-root``) and the evaluation's window size and stride. This module holds
+that one definition so the verbs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Columns of docs/contracts.md ("Results rows"), in order; unknown ones stay None.
+ROW_COLUMNS = (
+    "dataset", "backbone", "method", "knob", "target_fraction", "target_gflops", "achieved_gflops", "gflops_std",
+    "params_m", "corruption", "category", "severity", "seed", "miou", "aacc", "macc", "num_images",
+    "device", "torch", "timm",
+)
+# The identity of a row: the columns a tag or a match file may set, without the measured ones.
+IDENTITY_COLUMNS = (
+    "dataset", "backbone", "method", "knob", "target_fraction", "target_gflops", "achieved_gflops", "gflops_std",
+    "params_m", "corruption", "category", "severity", "seed",
+)
+# Columns the running verb measures or takes from its own arguments; tags may set every other one
+# (a pruned model's row, for instance, sets method=nvit while --method is dense).
+RESERVED = frozenset({
+    "params_m", "miou", "aacc", "macc", "num_images", "per_class_iou", "per_class_acc", "seconds",
+    "device", "torch", "timm", "python", "split", "crop", "stride", "img_scale", "model", "img_root",
+})
+MATCH_COLUMNS = ("target_fraction", "target_gflops", "achieved_gflops", "gflops_std")
+
+
+def add_variant_arguments(parser: argparse.ArgumentParser, out_help: str = "results row (JSON)") -> None:
+    """The options of a model variant run over a dataset split with sliding windows."""
+    parser.add_argument("--model", required=True, type=Path, help="checkpoint .safetensors (spec .json beside it)")
+    parser.add_argument("--method", default="dense", help="token method to attach (default: dense)")
+    parser.add_argument("--knob", default=None,
+                        help='method knob as JSON (e.g. \'{"r": 8}\'), or @FILE: a JSON file (its "knob" key if any)')
+    parser.add_argument("--match", type=Path,
+                        help="a match result (JSON): its knob (unless --knob is given) and its target_fraction, "
+                             "target_gflops, achieved_gflops and gflops_std go into the row")
+    parser.add_argument("--layout", required=True, choices=["ade20k", "cityscapes"])
+    parser.add_argument("--root", required=True, type=Path, help="dataset root (labels, and images unless --img-root)")
+    parser.add_argument("--img-root", type=Path, help="read images from here (corrupted set; same paths, .png)")
+    parser.add_argument("--split", default="val", help="split (default: val)")
+    parser.add_argument("--crop", type=int, help="window size (default and required: the model's crop)")
+    parser.add_argument("--stride", type=int, help="window stride (default: max(crop - 32, crop // 2))")
+    parser.add_argument("--img-scale", required=True, type=int, nargs=2, metavar=("LONG", "SHORT"),
+                        help="keep-ratio resize scale of test images (ADE20K: 2048 512; Cityscapes: 2048 1024)")
+    parser.add_argument("--out", required=True, type=Path, help=out_help)
+    parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="row column (repeatable)")
+    parser.add_argument("--max-images", type=int, help="use the first N images only")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default: 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_tags(tags: list[str], reserved: frozenset[str] | set[str] = RESERVED) -> dict[str, Any]:
+    """``["severity=3", "corruption=fog"]`` -> ``{"severity": 3, "corruption": "fog"}``.
+
+    Values are parsed as JSON when they can be; a key in ``reserved`` (set by the verb itself) is
+    an error.
+    """
+    out: dict[str, Any] = {}
+    for tag in tags:
+        key, sep, value = tag.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--tag {tag!r}: expected KEY=VALUE")
+        if key in reserved:
+            raise ValueError(f"--tag {key}: this verb sets this column itself; remove the tag")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def parse_knob(text: str) -> dict[str, Any]:
+    """A knob from JSON text, or from a JSON file (``@FILE`` or a path ending in ``.json``; the
+    file's ``knob`` entry when it has one)."""
+    if text.startswith("@") or (not text.lstrip().startswith("{") and text.endswith(".json")):
+        from segcompress.io import read_json
+
+        path = text[1:] if text.startswith("@") else text
+        data = read_json(path)
+        knob = data.get("knob", data) if isinstance(data, dict) else data
+        where = path
+    else:
+        try:
+            knob = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--knob {text!r}: not valid JSON ({e})") from None
+        where = "--knob"
+    if isinstance(knob, str):  # a knob stored as a JSON string (results rows do this)
+        knob = json.loads(knob)
+    if not isinstance(knob, dict):
+        raise ValueError(f"{where}: the knob must be a JSON object, got {type(knob).__name__}")
+    return knob
+
+
+def read_match(path: Path | None) -> dict[str, Any]:
+    """A ``--match`` file as a dict (empty without one)."""
+    if path is None:
+        return {}
+    from segcompress.io import read_json
+
+    match = read_json(path)
+    if not isinstance(match, dict):
+        raise ValueError(f"{path}: a match result must be a JSON object")
+    return match
+
+
+def knob_of(knob: str | None, match_path: Path | None, match: dict[str, Any]) -> dict[str, Any]:
+    """The knob: ``--knob`` if given, else the match file's ``knob`` entry, else none."""
+    if knob is not None:
+        return parse_knob(knob)
+    if "knob" in match:
+        return parse_knob(f"@{match_path}")
+    return {}
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; any other name as given."""
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def default_stride(crop: tuple[int, int]) -> int:
+    """The sliding-window stride when none is given: max(crop - 32, crop // 2) (Segmenter's)."""
+    return max(min(crop) - 32, min(crop) // 2)
+
+
+def load_variant(model_path: Path, method: str, knob: dict[str, Any], layout_name: str,
+                 device: str) -> tuple[Any, int]:
+    """Load a checkpoint, check its classes against ``layout_name``, attach ``method`` with ``knob``.
+
+    Returns:
+        The model (eval mode, on ``device``) and the layout's number of classes.
+    """
+    from segcompress.data.layouts import get_layout
+    from segcompress.methods import apply_method
+    from segcompress.models.checkpoint import load_model
+
+    layout = get_layout(layout_name)
+    model = load_model(model_path, map_location=device)
+    if model.spec.num_classes != layout.num_classes:
+        raise ValueError(
+            f"{model_path}: model predicts {model.spec.num_classes} classes but {layout_name} has {layout.num_classes}"
+        )
+    return apply_method(model, method, knob).to(device).eval(), layout.num_classes
+
+
+@dataclass
+class VariantRun:
+    """A loaded variant and the images and windows it runs on (see :func:`load_variant_run`).
+
+    Attributes:
+        model: the Segmenter with the method attached, in eval mode, on ``device``.
+        spec: its architecture.
+        knob: the method's knob.
+        match: the ``--match`` file's content (empty without one).
+        tags: the ``--tag`` columns.
+        num_classes: classes of the dataset layout.
+        device: where the model runs.
+        crop: window size (the model's crop).
+        stride: window stride.
+        params_m: parameters of the model (millions).
+        dataset: the test-mode dataset (``segcompress.data.datasets.build_dataset``).
+    """
+
+    model: Any
+    spec: Any
+    knob: dict[str, Any]
+    match: dict[str, Any]
+    tags: dict[str, Any]
+    num_classes: int
+    device: str
+    crop: tuple[int, int]
+    stride: int
+    params_m: float
+    dataset: Any = field(repr=False)
+
+    def identity(self, args: argparse.Namespace) -> dict[str, Any]:
+        """The identity columns of a row (docs/contracts.md): defaults from the arguments, the
+        match file's GFLOPs columns, then the tags, which win."""
+        row: dict[str, Any] = dict.fromkeys(IDENTITY_COLUMNS)
+        row.update(
+            dataset=args.layout, backbone=self.spec.backbone, method=args.method,
+            knob=json.dumps(self.knob, sort_keys=True),
+            corruption="clean" if args.img_root is None else None, severity=0 if args.img_root is None else None,
+        )
+        row.update({k: self.match[k] for k in MATCH_COLUMNS if k in self.match})
+        row.update(self.tags)
+        row["params_m"] = self.params_m
+        return row
+
+    def settings(self, args: argparse.Namespace) -> dict[str, Any]:
+        """Where the numbers come from: split, windows, resize scale, checkpoint, image folder."""
+        return {
+            "split": args.split, "crop": list(self.crop), "stride": self.stride, "img_scale": list(args.img_scale),
+            "model": str(args.model), "img_root": None if args.img_root is None else str(args.img_root),
+        }
+
+
+def load_variant_run(args: argparse.Namespace, reserved: frozenset[str] | set[str] = RESERVED) -> VariantRun:
+    """Parse tags and knob, load the checkpoint, attach the method, build the test dataset.
+
+    Raises:
+        ValueError: bad tags or knob, a model whose classes or crop do not fit the dataset or
+            ``--crop``, a batch size below 1.
+    """
+    from segcompress.data.datasets import build_dataset
+
+    tags = parse_tags(args.tag, reserved)
+    match = read_match(args.match)
+    knob = knob_of(args.knob, args.match, match)
+    device = resolve_device(args.device)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    model, num_classes = load_variant(args.model, args.method, knob, args.layout, device)
+    spec = model.spec
+    crop = tuple(spec.crop)
+    if args.crop is not None and (args.crop, args.crop) != crop:
+        raise ValueError(f"--crop {args.crop}: the model {args.model} runs on {crop[0]}x{crop[1]} crops")
+    stride = default_stride(crop) if args.stride is None else args.stride
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    dataset = build_dataset(
+        args.layout, args.root, args.split, "test", crop, args.img_scale, img_root=args.img_root,
+        max_images=args.max_images,
+    )
+    return VariantRun(model=model, spec=spec, knob=knob, match=match, tags=tags, num_classes=num_classes,
+                      device=device, crop=crop, stride=stride, params_m=params_m, dataset=dataset)

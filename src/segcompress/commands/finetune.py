@@ -1,0 +1,120 @@
+"""``segcompress finetune``: recover the accuracy of a pruned (or merged) model, NViT style.
+
+    segcompress finetune --model models/ade20k/vit-s/nvit-50.safetensors --teacher dense \\
+        --recipe '{"iters": 8000, "lr": 1e-4, "kd_weight": 1.0, "kd_temperature": 1.0}' \\
+        --layout ade20k --root data/ade20k --crop 512 --img-scale 2048 512 --seed 0 \\
+        --out models/ade20k/vit-s/nvit-50-ft.safetensors
+
+Segmenter's recipe through :func:`segcompress.train.fit` (SGD, poly schedule) plus, with a
+teacher, the per-pixel KL to the dense model (``loss = ce + kd_weight · T²·KL``). ``--recipe``
+takes the :class:`segcompress.train.Recipe` keys plus ``kd_weight`` (default 1.0),
+``kd_temperature`` (default 1.0; NViT used 20 for ImageNet logits) and ``train_mode`` (default
+false: NViT fine-tunes in eval mode, i.e. without dropout / drop-path). ``--teacher dense`` is the
+``dense.safetensors`` beside ``--model``; ``none`` trains on the labels only. ``--method``/``--knob``
+attach a token method while fine-tuning (prune-then-merge); the saved checkpoint is the bare model,
+the method is attached again at evaluation. A killed run continues from ``<out>.resume/``;
+several GPUs: ``torchrun --nproc_per_node N -m segcompress finetune ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from segcompress.commands.prune import add_data_arguments, training_dataset
+
+log = logging.getLogger("segcompress.finetune")
+
+EXIT_STOPPED = 75  # as ``segcompress train``: stopped at --stop-at, rerun to continue
+KD_KEYS = {"kd_weight": 1.0, "kd_temperature": 1.0, "train_mode": False}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="model to fine-tune (.safetensors with its .json spec)")
+    parser.add_argument("--teacher", default="dense",
+                        help="'dense' (dense.safetensors beside --model), 'none', or a checkpoint path")
+    parser.add_argument("--recipe", default="{}",
+                        help="Recipe keys plus kd_weight, kd_temperature, train_mode; inline JSON or a .json file")
+    add_data_arguments(parser)
+    parser.add_argument("--method", default="dense", help="token method attached while fine-tuning (default: dense)")
+    parser.add_argument("--knob", default=None, metavar="JSON",
+                        help="the method's knob as JSON, or a JSON file (@FILE or *.json; a match result's 'knob')")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data order, augmentation, drop-path")
+    parser.add_argument("--out", required=True, type=Path, help="fine-tuned checkpoint (.safetensors)")
+    parser.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                        help="default: a GPU per process when there is one, else the CPU (torchrun for several)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help=f"stop after this many iterations, keeping the resume point (exit status {EXIT_STOPPED})")
+
+
+def teacher_path(model: Path, teacher: str) -> Path | None:
+    """Resolve ``--teacher``: ``dense`` -> ``<model dir>/dense.safetensors``, ``none`` -> None."""
+    if teacher == "none":
+        return None
+    path = model.with_name("dense.safetensors") if teacher == "dense" else Path(teacher)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: teacher checkpoint not found (--teacher {teacher}; use 'none' for no distillation)")
+    return path
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from segcompress import distributed
+    from segcompress.commands._evaluation import parse_knob
+    from segcompress.commands.train import parse_json_arg
+    from segcompress.data.datasets import collate_train
+    from segcompress.methods import apply_method
+    from segcompress.models.checkpoint import load_model, save_model
+    from segcompress.resume import clear_resume, resume_dir_for
+    from segcompress.train import Recipe, fit
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.out.suffix != ".safetensors":
+        raise ValueError(f"--out {args.out}: must end in .safetensors")
+    data = parse_json_arg(args.recipe, "--recipe")
+    if not isinstance(data, dict):
+        raise ValueError("--recipe: must be a JSON object")
+    extra = {k: data.pop(k, v) for k, v in KD_KEYS.items()}
+    if not isinstance(extra["train_mode"], bool):
+        raise ValueError("--recipe: 'train_mode' must be true or false")
+    recipe = Recipe.from_dict(data, source="--recipe")
+    knob = parse_knob(args.knob) if args.knob else {}
+
+    model = load_model(args.model)
+    tpath = teacher_path(args.model, args.teacher)
+    teacher = load_model(tpath) if tpath is not None and float(extra["kd_weight"]) > 0 else None
+    if teacher is not None and tuple(teacher.spec.crop) != tuple(model.spec.crop):
+        raise ValueError(f"teacher {tpath} has crop {teacher.spec.crop}, the model {model.spec.crop}")
+    dataset = training_dataset(args, model.spec)
+    attached = args.method != "dense"
+    net = apply_method(model, args.method, knob) if attached else model
+    log.info("fine-tuning %s (%s) for %d iterations, teacher %s", args.model, args.method, recipe.iters,
+             tpath if teacher is not None else "none")
+    meta = {"finetuned_from": str(args.model), "teacher": str(tpath) if teacher is not None else "none",
+            "method": args.method, "knob": json.dumps(knob, sort_keys=True), "kd": json.dumps(extra, sort_keys=True)}
+    resume_dir = resume_dir_for(args.out)
+    info = distributed.init_distributed(args.device)  # joins torchrun's process group, if any
+    try:
+        # with a method attached, fit must not write the checkpoint: the method's own modules
+        # would be in it; the bare model is written below instead
+        result = fit(
+            net, dataset, recipe, seed=args.seed, out=None if attached else args.out, resume_dir=resume_dir,
+            teacher=teacher, kd_weight=float(extra["kd_weight"]), kd_temperature=float(extra["kd_temperature"]),
+            collate_fn=collate_train, train_mode=extra["train_mode"], device=info.device, stop_at=args.stop_at,
+            metadata=meta,
+        )
+        if attached and result.completed and info.is_main:
+            bare = apply_method(result.model, "dense", {})
+            save_model(bare.cpu(), args.out, metadata={**meta, "seed": str(args.seed), "iters": str(result.step)})
+            clear_resume(resume_dir)
+    finally:
+        distributed.cleanup_distributed()
+    if not result.completed:
+        log.info("stopped at iteration %d of %d; run the same command again to continue", result.step, recipe.iters)
+        return EXIT_STOPPED
+    return 0

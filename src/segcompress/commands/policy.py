@@ -1,0 +1,120 @@
+"""``segcompress policy``: train the CTS policy net (which 2×2 superpatches hold one class).
+
+    segcompress policy --layout ade20k --root data/ade20k --crop 512 --iters 50000 \\
+        --out models/ade20k/vit-s/cts-policy.safetensors
+    segcompress policy --model models/ade20k/vit-s/dense.safetensors --layout ade20k --root data/ade20k \\
+        --img-scale 2048 512 --recipe '{"iters": 100, "batch_size": 8}' --out cts-policy.safetensors
+
+The policy is trained separately, before (or beside) the segmenter, as in CTS: AdamW (lr 5e-5,
+weight decay 1e-3), batch 8, cross-entropy with ignore 255 on targets derived from the labels
+(1 if a 2p×2p region holds one class; ADE20K ignores border regions with one class plus ignore).
+Inputs are Segmenter's training crops (``build_dataset(mode="train")``), a superset of the
+reference's flip-only augmentation. ``--model`` only supplies the crop and patch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("segcompress.policy")
+
+RECIPE_DEFAULTS: dict[str, Any] = {
+    "iters": 50000, "batch_size": 8, "lr": 5e-5, "weight_decay": 1e-3, "num_workers": 0, "log_every": 50,
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layout", required=True, help="dataset layout: ade20k or cityscapes")
+    parser.add_argument("--root", required=True, type=Path, help="dataset root folder")
+    parser.add_argument("--split", default="train", help="split to train on (default: train)")
+    parser.add_argument("--model", type=Path, metavar="CKPT", help="segmenter whose crop and patch size to use")
+    parser.add_argument("--crop", type=int, nargs="+", metavar="S", help="training crop: S or H W (without --model)")
+    parser.add_argument("--patch-size", type=int, default=16, help="ViT patch size (without --model; default 16)")
+    parser.add_argument("--img-scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
+                        help="resize scale (default: Segmenter's for the layout, scaled to the crop)")
+    parser.add_argument("--recipe", default="{}", help="JSON overrides of " + ", ".join(sorted(RECIPE_DEFAULTS)))
+    parser.add_argument("--iters", type=int, default=None, help="optimisation steps (overrides the recipe)")
+    parser.add_argument("--border-ignore", action=argparse.BooleanOptionalAction, default=None,
+                        help="ignore border regions with one class plus ignore (default: ADE20K yes, Cityscapes no)")
+    parser.add_argument("--pretrained-backbone", action="store_true",
+                        help="start from timm's ImageNet efficientnet_lite0 (needs the network or a cache)")
+    parser.add_argument("--max-images", type=int, default=None, help="train on the first N images only")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:i]")
+    parser.add_argument("--out", required=True, type=Path, help="policy weights (.safetensors)")
+
+
+def default_img_scale(layout: str, crop: tuple[int, int]) -> tuple[int, int]:
+    """Segmenter's resize scale for the layout, scaled with the crop (ADE20K 2048x512 @512, Cityscapes 2048x1024 @768)."""
+    s = min(crop)
+    if layout == "cityscapes":
+        return round(2048 * s / 768), round(1024 * s / 768)
+    return 4 * s, s
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from segcompress.commands.train import parse_json_arg
+    from segcompress.data.datasets import build_dataset, collate_train, seed_worker
+    from segcompress.seeding import seed_everything
+    from segcompress.tokens.cts import PolicyNet, policy_metadata, save_policy, train_policy
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.out.suffix != ".safetensors":
+        raise ValueError(f"--out {args.out}: must end in .safetensors")
+    recipe = dict(RECIPE_DEFAULTS)
+    overrides = parse_json_arg(args.recipe, "--recipe")
+    unknown = sorted(set(overrides) - set(RECIPE_DEFAULTS))
+    if unknown:
+        raise ValueError(f"--recipe: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(RECIPE_DEFAULTS))})")
+    recipe.update(overrides)
+    if args.iters is not None:
+        recipe["iters"] = args.iters
+    if args.model is not None:
+        from segcompress.models.checkpoint import spec_path
+        from segcompress.models.spec import SegmenterSpec
+
+        spec = SegmenterSpec.load(spec_path(args.model))
+        crop, patch = spec.crop, spec.patch_size
+    elif args.crop:
+        if len(args.crop) not in (1, 2):
+            raise ValueError("--crop takes S or H W")
+        crop = (args.crop[0], args.crop[-1])
+        patch = args.patch_size
+    else:
+        raise ValueError("give --model or --crop")
+    img_scale = tuple(args.img_scale) if args.img_scale else default_img_scale(args.layout, crop)
+    border_ignore = args.border_ignore if args.border_ignore is not None else args.layout == "ade20k"
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+
+    seed_everything(args.seed)
+    ds = build_dataset(args.layout, args.root, args.split, mode="train", crop=list(crop), img_scale=img_scale,
+                       max_images=args.max_images)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=int(recipe["batch_size"]), shuffle=True, drop_last=len(ds) >= int(recipe["batch_size"]),
+        collate_fn=collate_train, num_workers=int(recipe["num_workers"]), worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    policy = PolicyNet(pretrained=args.pretrained_backbone)
+    every = max(1, int(recipe["log_every"]))
+
+    def on_step(step: int, loss: float) -> None:
+        if step % every == 0 or step + 1 == recipe["iters"]:
+            log.info("step %d/%d loss %.4f", step + 1, recipe["iters"], loss)
+
+    log.info("training the CTS policy net: %d steps, crop %s, patch %d, %d images on %s",
+             recipe["iters"], list(crop), patch, len(ds), device)
+    losses = train_policy(policy, loader, int(recipe["iters"]), patch_size=patch, border_ignore=border_ignore,
+                          lr=float(recipe["lr"]), weight_decay=float(recipe["weight_decay"]), device=device,
+                          on_step=on_step)
+    meta = policy_metadata(layout=args.layout, crop=list(crop), patch_size=patch, iters=recipe["iters"],
+                           seed=args.seed, border_ignore=border_ignore, final_loss=losses[-1] if losses else None)
+    save_policy(policy.cpu(), args.out, meta)
+    log.info("wrote %s", args.out)
+    return 0

@@ -1,0 +1,172 @@
+"""``results/report.html``: one self-contained page gathering the figures and tables.
+
+The page links the figures by paths relative to itself (open it from anywhere inside a copy of
+``results/``), shows the summary tables inline (the same cells as ``summary.md``), and starts with
+what the numbers were computed on: datasets, methods, targets, seeds, the corruptions and
+severities evaluated and the ones the corrupted mIoU aggregates, how many images every number
+rests on (read from ``benchmark.csv``), and the config's choices for the paper's open questions
+(passed in as the config's JSON; the page says so when it was not).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+
+from segcompress.report.aggregate import method_label, method_rank
+from segcompress.report.tables import NOTE, html_tables
+
+#: (config path, question) shown in the "choices" table: methods.md §12's open questions.
+OPEN_QUESTIONS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("finetune", "pruned"), "1. pruned models are fine-tuned"),
+    (("finetune", "token_methods"), "1. token-method points are fine-tuned"),
+    (("finetune", "recipe", "iters"), "7. fine-tuning length (iterations)"),
+    (("methods", "tome", "unmerge_before_decoder"), "2. ToMe unmerges before the decoder"),
+    (("methods", "tome", "proportional_attention"), "2. ToMe proportional attention"),
+    (("flops", "per"), "3. FLOPs counted per"),
+    (("flops", "include_policy_net"), "3. CTS policy net counted"),
+    (("report", "corrupted_categories"), "4. corrupted mIoU: categories (null = all)"),
+    (("report", "corrupted_severities"), "4. corrupted mIoU: severities (null = all)"),
+    (("analysis", "effective_rank", "feature"), "5. effective rank: feature point"),
+    (("analysis", "effective_rank", "centre"), "5. effective rank: mean-centred"),
+    (("analysis", "effective_rank", "normalise"), "5. effective rank: normalisation"),
+    (("analysis", "effective_rank", "windows"), "5. effective rank: windows of an image"),
+    (("methods", "nvit_tome", "prune_share"), "6. prune-then-merge: pruning share of the budget"),
+    (("matching", "tolerance"), "FLOPs matching tolerance (relative)"),
+)
+
+STYLE = """
+body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.9em}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th:first-child,td:first-child,td:nth-child(2){text-align:left}
+img{max-width:100%;border:1px solid #eee}
+.note{color:#555;font-size:.9em}
+code{background:#f4f4f4;padding:0 .2em}
+"""
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text))
+
+
+def _rel(path: str | Path, page: str | Path) -> str:
+    return Path(os.path.relpath(Path(path).resolve(), Path(page).resolve().parent)).as_posix()
+
+
+def _lookup(config: Mapping[str, Any], path: Sequence[str]) -> tuple[bool, Any]:
+    node: Any = config
+    for key in path:
+        if not isinstance(node, Mapping) or key not in node:
+            return False, None
+        node = node[key]
+    return True, node
+
+
+def _join(values: Sequence[Any]) -> str:
+    return ", ".join(str(v) for v in values) if len(values) else "none"
+
+
+def setup_items(df: pd.DataFrame, categories: Sequence[str] | None, severities: Sequence[int] | None,
+                config: Mapping[str, Any] | None) -> list[str]:
+    """The header's bullet points (HTML), from the benchmark table and the config."""
+    methods = sorted(df["method"].unique(), key=method_rank)
+    targets = sorted({t for m, t in zip(df["method"], df["target"]) if m != "dense"}, reverse=True)
+    corrupted = df[df["corruption"] != "clean"]
+    corr = sorted({(c, k) for c, k in zip(corrupted["corruption"], corrupted["category"])}, key=lambda x: (x[1], x[0]))
+    items = [
+        f"<b>Datasets / backbones:</b> {_e(_join(sorted({f'{d} / {b}' for d, b in zip(df['dataset'], df['backbone'])})))}",
+        f"<b>Methods:</b> {_e(_join([method_label(m) for m in methods]))}; <b>FLOPs targets</b> (fraction of dense): "
+        f"{_e(_join([f'{t:g}' for t in targets]))}; <b>seeds:</b> {_e(_join(sorted(df['seed'].unique())))}",
+        f"<b>Corruptions evaluated:</b> {_e(_join([f'{c} ({k})' for c, k in corr]))}; <b>severities:</b> "
+        f"{_e(_join(sorted(corrupted['severity'].unique())))}",
+        f"<b>Corrupted mIoU aggregates</b> categories: {_e(_join(categories) if categories else 'all evaluated')}; "
+        f"severities: {_e(_join(severities) if severities else 'all evaluated')} (mean over corruptions of the "
+        "mean over severities)",
+    ]
+    clean = df[df["corruption"] == "clean"]
+    for ds, g in clean.groupby("dataset"):
+        n = sorted(pd.to_numeric(g["num_images"], errors="coerce").dropna().astype(int).unique())
+        items.append(f"<b>{_e(ds)}:</b> mIoU over {_e(_join(n))} val image(s) per condition")
+    ranked = df[df["erank_mean"].notna()]
+    if not ranked.empty:
+        conds = sorted({"clean" if c == "clean" else f"{c}/{s}" for c, s in zip(ranked["corruption"], ranked["severity"])})
+        n = sorted(pd.to_numeric(ranked.get("erank_images"), errors="coerce").dropna().astype(int).unique())
+        items.append(f"<b>Effective rank</b> on {_e(_join(sorted(ranked['dataset'].unique())))}, conditions "
+                     f"{_e(_join(conds))}, {_e(_join(n))} image(s) each")
+    else:
+        items.append("<b>Effective rank:</b> not computed (no rank rows)")
+    if df["images_per_s"].notna().any():
+        dev = sorted({str(d) for d in df.get("bench_device", pd.Series(dtype=str)).dropna().unique()})
+        batch = sorted({int(b) for b in pd.to_numeric(df.get("bench_batch"), errors="coerce").dropna().unique()})
+        items.append(f"<b>Throughput</b> (images/s, median over repeats) at batch {_e(_join(batch))} on "
+                     f"{_e(_join(dev))}; a shared machine makes these numbers noisy")
+    else:
+        items.append("<b>Throughput:</b> not measured (images/s column empty)")
+    if config:
+        for ds, settings in sorted((config.get("datasets") or {}).items()):
+            ev = (settings or {}).get("eval") or {}
+            if ev:
+                items.append(f"<b>{_e(ds)} evaluation:</b> stride {_e(json.dumps(ev.get('stride')))} (null = "
+                             f"crop − 32), max_images {_e(json.dumps(ev.get('max_images')))} (null = all)")
+    return items
+
+
+def choices_table(config: Mapping[str, Any] | None) -> str:
+    """The open-question choices as an HTML table (or a note when no config was given)."""
+    if not config:
+        return "<p class='note'>No config given to the report (<code>--config-json</code>): choices not shown.</p>"
+    rows = []
+    for path, question in OPEN_QUESTIONS:
+        found, value = _lookup(config, path)
+        if found:
+            rows.append(f"<tr><td>{_e(question)}</td><td><code>{_e('.'.join(path))}</code></td>"
+                        f"<td>{_e(json.dumps(value))}</td></tr>")
+    return ("<table><thead><tr><th>open question</th><th>config key</th><th>value</th></tr></thead><tbody>"
+            + "".join(rows) + "</tbody></table>")
+
+
+def _figure(title: str, png: str | Path, pdf: str | Path | None, page: Path, caption: str) -> str:
+    links = f" (<a href='{_e(_rel(pdf, page))}'>PDF</a>)" if pdf else ""
+    return (f"<h2>{_e(title)}</h2>\n<p class='note'>{_e(caption)}{links}</p>\n"
+            f"<img src='{_e(_rel(png, page))}' alt='{_e(title)}'>")
+
+
+def render(page: str | Path, df: pd.DataFrame, pts: pd.DataFrame, figures: Mapping[str, tuple[Path, Path]],
+           tables: Mapping[str, Path], csv_path: str | Path, qualitative: Sequence[str | Path] = (),
+           categories: Sequence[str] | None = None, severities: Sequence[int] | None = None,
+           config: Mapping[str, Any] | None = None, heatmap_value: str = "miou") -> str:
+    """The page's HTML text (the caller writes it to ``page``)."""
+    page = Path(page)
+    items = "".join(f"<li>{i}</li>" for i in setup_items(df, categories, severities, config))
+    table_links = " · ".join(f"<a href='{_e(_rel(p, page))}'>{_e(Path(p).name)}</a>" for p in tables.values())
+    parts = [
+        "<!doctype html>", "<html lang='en'><head><meta charset='utf-8'>",
+        "<title>segcompress report</title>", f"<style>{STYLE}</style></head><body>",
+        "<h1>segcompress: token compression vs structural pruning at matched FLOPs</h1>",
+        f"<p class='note'>Every number below is computed from <a href='{_e(_rel(csv_path, page))}'>"
+        f"{_e(Path(csv_path).name)}</a> ({len(df)} rows, one per variant and condition).</p>",
+        f"<h2>What was run</h2><ul>{items}</ul>",
+        "<h2>Choices for the open questions (config)</h2>", choices_table(config),
+        _figure("Accuracy vs compute (Fig. 2)", *figures["accuracy"], page,
+                "mIoU against achieved GFLOPs; top clean, bottom corrupted; dense as a star; bands: ± std over seeds."),
+        f"<h2>Summary tables</h2><p class='note'>{_e(NOTE)} Also as {table_links}.</p>",
+        html_tables(pts),
+        _figure("Per-corruption robustness", *figures["heatmap"], page,
+                ("mIoU (%)" if heatmap_value == "miou" else "corrupted / clean mIoU")
+                + " per corruption (mean over the selected severities and seeds)."),
+        _figure("Effective rank (Fig. 4)", *figures["erank"], page,
+                "Normalised effective rank of the final encoder features restored on the patch grid; "
+                "bands: ± std over images."),
+    ]
+    if qualitative:
+        parts.append("<h2>Qualitative comparison (Fig. 3)</h2><p class='note'>Each method at its most aggressive "
+                     "target; the lower rows zoom on the region with the densest label boundaries.</p>")
+        parts += [f"<p><img src='{_e(_rel(q, page))}' alt='{_e(Path(q).stem)}'></p>" for q in qualitative]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,301 @@
+"""Raw rows -> the long-format table ``results/benchmark.csv``.
+
+One CSV row per raw evaluation row (``results/raw/**/*.json``, written by ``segcompress
+evaluate``): a row is one variant on one condition (clean, or one corruption at one severity) and
+nothing else, whatever other stages ran. Two per-variant measurements are joined onto those rows
+as columns, never as rows of their own:
+
+* throughput (``segcompress bench`` rows, ``results/raw_bench/**``): ``images_per_s`` and
+  ``bench_batch`` / ``bench_device`` / ``bench_threads``, the same value on every condition of a
+  variant (throughput does not depend on the image content for input-independent methods; ALGM
+  and CTS are timed on a real val image);
+* effective rank (``segcompress rank`` rows, ``results/raw_rank/**``): ``erank_mean``,
+  ``erank_std`` and ``erank_images`` on the row of the same variant *and* condition; conditions
+  the rank stage did not run on stay empty.
+
+A side row is matched to a variant by (dataset, backbone, method, target_fraction, seed). Columns:
+the contract's (:data:`COLUMNS`) first in a fixed order, then any further columns alphabetically;
+rows sorted by dataset, backbone, method, target (least compressed first), seed, corruption
+(clean first), severity.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from segcompress.corrupt import CATEGORY_OF
+
+log = logging.getLogger(__name__)
+
+# Columns of a results row (docs/contracts.md), in the order they appear in benchmark.csv.
+COLUMNS: tuple[str, ...] = (
+    "dataset",
+    "backbone",
+    "method",
+    "knob",
+    "target_fraction",
+    "target_gflops",
+    "achieved_gflops",
+    "gflops_std",
+    "params_m",
+    "corruption",
+    "category",
+    "severity",
+    "seed",
+    "miou",
+    "aacc",
+    "macc",
+    "num_images",
+    "images_per_s",
+    "erank_mean",
+    "erank_std",
+    "device",
+    "torch",
+    "timm",
+)
+# A raw row without one of these cannot be placed in the table.
+REQUIRED: tuple[str, ...] = ("dataset", "backbone", "method", "corruption", "severity", "seed", "miou")
+# A side row (rank, bench) without these cannot be matched to a variant.
+SIDE_REQUIRED: tuple[str, ...] = ("dataset", "backbone", "method", "seed")
+
+# Corruption -> category (noise, blur, weather, digital): the corruption stage's own table.
+CORRUPTION_CATEGORIES: dict[str, str] = dict(CATEGORY_OF)
+CATEGORIES: tuple[str, ...] = ("noise", "blur", "weather", "digital")
+
+
+def category_of(corruption: str) -> str:
+    """Category of a corruption name (``clean`` for clean images, ``other`` if unknown)."""
+    if corruption == "clean":
+        return "clean"
+    return CORRUPTION_CATEGORIES.get(corruption, "other")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and normalising raw rows
+
+
+def find_row_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The JSON files named in ``paths``; a folder stands for every ``*.json`` below it."""
+    files: set[Path] = set()
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.update(q for q in p.rglob("*.json") if not q.name.startswith("."))
+        elif p.is_file():
+            files.add(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder (expected raw result rows)")
+    return sorted(files)
+
+
+def _knob_text(knob: Any) -> str:
+    """One spelling per knob: compact JSON with sorted keys; empty for no knob."""
+    if isinstance(knob, str):
+        try:
+            knob = json.loads(knob) if knob.strip() else None
+        except json.JSONDecodeError:
+            return knob
+    if knob is None or knob == {}:
+        return ""
+    return json.dumps(knob, sort_keys=True, separators=(",", ":"))
+
+
+def num(v: Any) -> float:
+    """A number for sorting, matching and averaging (NaN for missing or non-numeric)."""
+    if v is None or v == "":
+        return math.nan
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def normalise_row(row: Mapping[str, Any], source: str | Path = "<row>") -> dict[str, Any]:
+    """Check one raw row and bring it to the table's conventions.
+
+    ``knob`` becomes a compact JSON string (empty for none), ``category`` is filled from the
+    corruption name when missing, clean rows get severity 0, nested values become JSON strings.
+    """
+    if not isinstance(row, Mapping):
+        raise ValueError(f"{source}: a raw result row must be a JSON object, got {type(row).__name__}")
+    missing = [k for k in REQUIRED if k not in row or row[k] is None]
+    if missing:
+        raise ValueError(
+            f"{source}: raw result row lacks {', '.join(missing)}; rerun `segcompress evaluate` "
+            "with the workflow's --tag options (or delete the file)"
+        )
+    out = dict(row)
+    out["knob"] = _knob_text(row.get("knob"))
+    out["corruption"] = str(row["corruption"])
+    out["severity"] = 0 if out["corruption"] == "clean" else int(row["severity"])
+    out["seed"] = int(row["seed"])
+    if not out.get("category"):
+        out["category"] = category_of(out["corruption"])
+    for k, v in out.items():
+        if isinstance(v, (dict, list, tuple)):
+            out[k] = json.dumps(v, sort_keys=True, separators=(",", ":"))
+    return out
+
+
+def _identity(row: Mapping[str, Any]) -> tuple:
+    return (
+        row["dataset"],
+        row["backbone"],
+        row["method"],
+        row["knob"],
+        num(row.get("target_fraction")),
+        row["seed"],
+        row["corruption"],
+        row["severity"],
+    )
+
+
+def _sort_key(row: Mapping[str, Any]) -> tuple:
+    target = num(row.get("target_fraction"))
+    return (
+        str(row["dataset"]),
+        str(row["backbone"]),
+        str(row["method"]),
+        # highest fraction (least compressed) first; dense (no target) before all
+        -(1.0 if math.isnan(target) else target),
+        row["knob"],
+        row["seed"],
+        row["corruption"] != "clean",
+        row["corruption"],
+        row["severity"],
+    )
+
+
+def _read(f: Path) -> Any:
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: invalid JSON ({e}); delete it and rerun the job that wrote it") from None
+
+
+def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Read, check and sort every raw row under ``paths``; duplicates are an error."""
+    rows: list[dict[str, Any]] = []
+    seen: dict[tuple, Path] = {}
+    for f in find_row_files(paths):
+        row = normalise_row(_read(f), f)
+        key = _identity(row)
+        if key in seen:
+            raise ValueError(f"{f}: duplicates the result row of {seen[key]} (same variant and condition)")
+        seen[key] = f
+        rows.append(row)
+    rows.sort(key=_sort_key)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Joining per-variant measurements (throughput, effective rank)
+
+
+def variant_key(row: Mapping[str, Any]) -> tuple:
+    """(dataset, backbone, method, target_fraction rounded, seed): a model variant."""
+    target = num(row.get("target_fraction"))
+    return (
+        str(row["dataset"]),
+        str(row["backbone"]),
+        str(row["method"]),
+        None if math.isnan(target) else round(target, 6),
+        int(row["seed"]),
+    )
+
+
+def _condition(row: Mapping[str, Any]) -> tuple[str, int]:
+    corruption = str(row.get("corruption") or "clean")
+    return corruption, 0 if corruption == "clean" else int(row["severity"])
+
+
+def load_side_rows(paths: Iterable[str | Path], what: str, with_condition: bool) -> dict[tuple, dict[str, Any]]:
+    """Rank or bench rows under ``paths``, keyed by variant (and condition); duplicates are an error."""
+    out: dict[tuple, dict[str, Any]] = {}
+    where: dict[tuple, Path] = {}
+    for f in find_row_files(paths):
+        row = _read(f)
+        if not isinstance(row, Mapping):
+            raise ValueError(f"{f}: a {what} row must be a JSON object")
+        missing = [k for k in SIDE_REQUIRED if row.get(k) is None]
+        if missing:
+            raise ValueError(f"{f}: {what} row lacks {', '.join(missing)}; rerun it with the workflow's --tag options")
+        key = variant_key(row) + (_condition(row) if with_condition else ())
+        if key in out:
+            raise ValueError(f"{f}: duplicates the {what} row of {where[key]} (same variant{' and condition' * with_condition})")
+        out[key], where[key] = dict(row), f
+    return out
+
+
+def join_throughput(rows: list[dict[str, Any]], bench: Mapping[tuple, Mapping[str, Any]]) -> int:
+    """Set ``images_per_s`` (and batch, device, threads) on every row of a benched variant.
+
+    Returns the number of bench rows that matched no result row (they are left out, with a warning).
+    """
+    used: set[tuple] = set()
+    for r in rows:
+        b = bench.get(variant_key(r))
+        if b is None:
+            continue
+        used.add(variant_key(r))
+        r.update(images_per_s=b.get("images_per_s"), bench_batch=b.get("batch"), bench_device=b.get("device"),
+                 bench_threads=b.get("threads"))
+    unused = len(set(bench) - used)
+    if unused:
+        log.warning("%d throughput row(s) match no result row (variant not evaluated); left out", unused)
+    return unused
+
+
+def join_rank(rows: list[dict[str, Any]], ranks: Mapping[tuple, Mapping[str, Any]]) -> int:
+    """Set ``erank_mean``, ``erank_std``, ``erank_images`` on the row of the same variant and condition.
+
+    Returns the number of rank rows that matched no result row (left out, with a warning).
+    """
+    used: set[tuple] = set()
+    for r in rows:
+        key = variant_key(r) + _condition(r)
+        k = ranks.get(key)
+        if k is None:
+            continue
+        used.add(key)
+        r.update(erank_mean=k.get("erank_mean"), erank_std=k.get("erank_std"), erank_images=k.get("num_images"))
+    unused = len(set(ranks) - used)
+    if unused:
+        log.warning("%d effective-rank row(s) match no result row (condition not evaluated); left out", unused)
+    return unused
+
+
+# --------------------------------------------------------------------------------------------
+# The long-format table
+
+
+def columns_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The contract's columns in their order, then every other column alphabetically."""
+    extra = sorted({k for r in rows for k in r} - set(COLUMNS))
+    return [*COLUMNS, *extra]
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return "" if math.isnan(v) else repr(v)
+    return str(v)
+
+
+def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The rows as CSV text (floats written with ``repr``, so they read back exactly)."""
+    buf = io.StringIO()
+    cols = columns_of(rows)
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(cols)
+    for r in rows:
+        writer.writerow([_cell(r.get(c)) for c in cols])
+    return buf.getvalue()

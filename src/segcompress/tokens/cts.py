@@ -1,0 +1,296 @@
+"""CTS: content-aware token sharing (Lu, de Geus, Dubbelman, CVPR 2023).
+
+A small policy net (timm ``efficientnet_lite0`` features, then a 1×1 conv to 2 logits at stride
+32) predicts, for each superpatch of 2×2 patches, whether it holds a single class. Before the
+encoder, the K superpatches with the highest P(uniform) in each image *share* one token: their
+32×32 pixels are 2×2-averaged to one 16×16 patch and embedded with the same patch embedding; its
+position embedding is the average of the four. The other patches are embedded as usual. Sequence:
+[class token, unshared patches (row-major), shared superpatches (row-major)], N − 3K tokens.
+
+The policy net is trained separately, before the segmenter, on targets derived from the labels
+(:func:`policy_targets`, :func:`train_policy`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segcompress.tokens.state import TokenState, cumulative_index
+
+log = logging.getLogger(__name__)
+
+POLICY_BACKBONE = "efficientnet_lite0"
+_warned_untrained = False
+IGNORE_INDEX = 255
+
+
+class PolicyNet(nn.Module):
+    """CTS policy: ``efficientnet_lite0`` (features only) + 1×1 conv to 2 logits per 32×32 region.
+
+    Args:
+        pretrained: load timm's ImageNet weights (needs the network or a warm cache); the default
+            ``False`` builds a randomly initialised net, the only option on offline machines.
+    """
+
+    def __init__(self, pretrained: bool = False) -> None:
+        super().__init__()
+        import timm
+
+        self.backbone = timm.create_model(POLICY_BACKBONE, pretrained=pretrained, features_only=True, out_indices=(4,))
+        channels = self.backbone.feature_info.channels()[-1]
+        self.head = nn.Conv2d(channels, 2, 1)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 2, ⌈H/32⌉, ⌈W/32⌉) for normalised images (B, 3, H, W); class 1 = uniform."""
+        return self.head(self.backbone(img)[-1])
+
+    def fast(self) -> "PolicyNet":
+        """Channels-last weights: about 2x faster depthwise convolutions on CPU (same results)."""
+        return self.to(memory_format=torch.channels_last)
+
+
+def save_policy(policy: PolicyNet, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write the policy weights as safetensors (atomically)."""
+    from safetensors.torch import save_file
+
+    from segcompress.io import atomic_path
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: policy path must end in .safetensors")
+    state = {k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}
+    meta = {"backbone": POLICY_BACKBONE, **(metadata or {})}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+
+
+def load_policy(path: str | Path | None, map_location: str | torch.device = "cpu") -> PolicyNet:
+    """A frozen policy net in eval mode from ``path`` (safetensors); ``None``: untrained (warns)."""
+    policy = PolicyNet(pretrained=False)
+    if path is None:
+        global _warned_untrained
+        if not _warned_untrained:
+            log.warning("CTS without a policy file: the policy net is untrained (fine for FLOPs and speed only)")
+            _warned_untrained = True
+    else:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: CTS policy weights not found (train them with `segcompress policy`)")
+        state = load_file(str(path), device=str(map_location))
+        missing, unexpected = policy.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: not a CTS policy net (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    policy.requires_grad_(False)
+    return policy.eval().to(map_location).fast()
+
+
+def superpatch_grid(grid: tuple[int, int]) -> tuple[int, int]:
+    """Superpatches (rows, cols) of 2×2 patches on a patch grid (odd last row/column left out)."""
+    return grid[0] // 2, grid[1] // 2
+
+
+def policy_targets(labels: torch.Tensor, patch_size: int = 16, border_ignore: bool = True,
+                   ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Policy targets (B, H/2p, W/2p) from label maps (B, H, W): 1 if the 2p×2p region holds one class.
+
+    As the reference (``policy_gt_gen``): ``ignore_index`` counts as a label and an all-ignore
+    region is uniform; a region with exactly one class plus ignore is 0, except on the border of
+    the superpatch grid with ``border_ignore`` (ADE20K's setting), where it is ``ignore_index``
+    and left out of the loss (Cityscapes: ``border_ignore=False``).
+    """
+    s = 2 * patch_size
+    lab = labels.float().unsqueeze(1)
+    hi = F.max_pool2d(lab, s, s)
+    lo = -F.max_pool2d(-lab, s, s)
+    uniform = hi == lo
+    hi_valid = F.max_pool2d(lab.masked_fill(labels.unsqueeze(1) == ignore_index, -1.0), s, s)
+    one_plus_ignore = ~uniform & (hi_valid == lo)
+    target = uniform.long()
+    if border_ignore:
+        border = torch.zeros_like(uniform)
+        border[..., 0, :] = True
+        border[..., -1, :] = True
+        border[..., :, 0] = True
+        border[..., :, -1] = True
+        target = target.masked_fill(one_plus_ignore & border, ignore_index)
+    return target.squeeze(1)
+
+
+def train_policy(
+        policy: PolicyNet,
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        iters: int,
+        patch_size: int = 16,
+        border_ignore: bool = True,
+        lr: float = 5e-5,
+        weight_decay: float = 1e-3,
+        device: str | torch.device = "cpu",
+        on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train the policy net as the reference: AdamW (lr 5e-5, wd 1e-3), cross-entropy, ignore 255.
+
+    Args:
+        policy: the net (trained in place).
+        batches: (image (B,3,H,W) normalised, label (B,H,W) with 255 = ignore) batches; cycled
+            until ``iters`` steps are done.
+        iters: optimisation steps.
+        patch_size: the ViT patch size (regions are 2×2 patches).
+        border_ignore: see :func:`policy_targets`.
+        on_step: called with (step, loss) after every step (progress, logging).
+
+    Returns:
+        The loss of every step.
+    """
+    policy.to(device).train()
+    policy.requires_grad_(True)
+    opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=weight_decay)
+    losses: list[float] = []
+    it = _cycle(batches)
+    for step in range(iters):
+        img, label = next(it)
+        img, label = img.to(device), label.to(device)
+        target = policy_targets(label, patch_size, border_ignore)
+        logits = policy_logits(policy, img, (target.shape[-2], target.shape[-1]))
+        loss = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+        opt.zero_grad(set_to_none=True)
+        if torch.isfinite(loss):  # a batch with only ignored regions has no gradient
+            loss.backward()
+            opt.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step, losses[-1])
+    policy.eval()
+    policy.requires_grad_(False)
+    return losses
+
+
+def _cycle(batches: Iterable) -> Iterator:
+    while True:
+        empty = True
+        for b in batches:
+            empty = False
+            yield b
+        if empty:
+            raise ValueError("policy training got no batches")
+
+
+def policy_logits(policy: nn.Module, img: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Policy logits (B, 2, *shape) on the superpatch grid ``shape``.
+
+    With 16-pixel patches the net's stride-32 output is that grid (an odd last row/column is
+    cropped); for other patch sizes it is bilinearly resized onto it.
+    """
+    logits = policy(img)
+    h, w = logits.shape[-2:]
+    if h >= shape[0] and w >= shape[1] and h - shape[0] <= 1 and w - shape[1] <= 1:
+        return logits[..., :shape[0], :shape[1]]
+    return F.interpolate(logits, size=shape, mode="bilinear", align_corners=False)
+
+
+def uniform_scores(policy: nn.Module, img: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """P(uniform) of each superpatch, (B, Sh·Sw) row-major, from the policy net."""
+    logits = policy_logits(policy, img, superpatch_grid(grid))
+    return logits.softmax(dim=1)[:, 1].reshape(img.shape[0], -1)
+
+
+def share_tokens(encoder: nn.Module, img: torch.Tensor, scores: torch.Tensor, k: int) -> TokenState:
+    """Embed ``img`` with the top-``k`` superpatches of each image shared (one token per 2×2 patches).
+
+    Only the N − 3k tokens that exist are embedded (a linear map with the patch embedding's
+    weights), so the counted embedding cost is that of N − 3k patches.
+
+    Args:
+        encoder: the timm ViT (class token, position embedding with a class entry, no registers).
+        img: normalised crops (B, 3, H, W) at the encoder's size.
+        scores: (B, Sh·Sw) P(uniform) per superpatch.
+        k: superpatches to share per image, 0 ≤ k ≤ Sh·Sw.
+    """
+    pe = encoder.patch_embed
+    p = pe.patch_size[0]
+    B, C, H, W = img.shape
+    gh, gw = H // p, W // p
+    sh, sw = superpatch_grid((gh, gw))
+    n, ns = gh * gw, sh * sw
+    if not 0 <= k <= ns:
+        raise ValueError(f"CTS k={k} is out of range 0..{ns} superpatches")
+    if encoder.cls_token is None or getattr(encoder, "reg_token", None) is not None or encoder.no_embed_class:
+        raise ValueError("CTS supports ViTs with one class token whose position embedding covers it")
+    prefix = encoder.num_prefix_tokens
+    pos = encoder.pos_embed
+    if pos.shape[1] != prefix + n:
+        raise ValueError(f"position embedding has {pos.shape[1] - prefix} entries for a {gh}x{gw} grid")
+    E = pos.shape[-1]
+    # Pixels of every patch, in the conv weight's (c, kh, kw) order, and of every pooled superpatch.
+    patches = img.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, n, C * p * p)
+    pooled = img[:, :, :2 * sh * p, :2 * sw * p].reshape(B, C, sh * p, 2, sw * p, 2).mean(dim=(3, 5))
+    super_px = pooled.reshape(B, C, sh, p, sw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, ns, C * p * p)
+    pos_grid = pos[:, prefix:].reshape(1, gh, gw, E)
+    pos_super = pos_grid[:, :2 * sh, :2 * sw].reshape(1, sh, 2, sw, 2, E).mean(dim=(2, 4)).reshape(1, ns, E)
+    pos_grid = pos_grid.reshape(1, n, E)
+    # Which superpatches are shared, and which patches that covers.
+    top = scores.topk(k, dim=1).indices
+    shared_super = torch.zeros(B, ns, dtype=torch.bool, device=img.device).scatter_(1, top, torch.ones_like(top, dtype=torch.bool))
+    rows = torch.arange(gh, device=img.device)[:, None]
+    cols = torch.arange(gw, device=img.device)[None, :]
+    inside = ((rows < 2 * sh) & (cols < 2 * sw)).reshape(-1)
+    super_of = ((rows // 2).clamp_max(max(sh - 1, 0)) * sw + (cols // 2).clamp_max(max(sw - 1, 0))).reshape(-1)
+    shared_patch = inside & shared_super[:, super_of] if ns else torch.zeros(B, n, dtype=torch.bool, device=img.device)
+    n_keep = n - 4 * k
+    keep_idx = (~shared_patch).nonzero()[:, 1].view(B, n_keep)  # row-major unshared patches
+    super_idx = shared_super.nonzero()[:, 1].view(B, k)  # row-major shared superpatches
+    rows_px = torch.cat([
+        patches.gather(1, keep_idx[..., None].expand(-1, -1, C * p * p)),
+        super_px.gather(1, super_idx[..., None].expand(-1, -1, C * p * p)),
+    ], dim=1)
+    weight = pe.proj.weight.reshape(E, C * p * p)
+    tokens = pe.norm(F.linear(rows_px, weight, pe.proj.bias))
+    tok_pos = torch.cat([
+        pos_grid.expand(B, -1, -1).gather(1, keep_idx[..., None].expand(-1, -1, E)),
+        pos_super.expand(B, -1, -1).gather(1, super_idx[..., None].expand(-1, -1, E)),
+    ], dim=1)
+    cls = encoder.cls_token.expand(B, -1, -1) + pos[:, :prefix]
+    x = torch.cat([cls, tokens + tok_pos], dim=1)
+    x = encoder.norm_pre(encoder.patch_drop(encoder.pos_drop(x)))
+    # Map: unshared patch → its place among the unshared; shared patch → its superpatch's token.
+    slot_super = prefix + n_keep + cumulative_index(shared_super)
+    token_of = torch.where(shared_patch, slot_super[:, super_of] if ns else shared_patch.long(),
+                           prefix + cumulative_index(~shared_patch))
+    size = torch.ones(B, prefix + n_keep + k, dtype=x.dtype, device=x.device)
+    size[:, prefix + n_keep:] = 4.0
+    return TokenState(x, size, token_of, (gh, gw), prefix, counts=None, merged=k > 0)
+
+
+class _Scores(nn.Module):
+    def __init__(self, policy: nn.Module, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.policy, self.grid = policy, grid
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return uniform_scores(self.policy, img, self.grid)
+
+
+@functools.lru_cache(maxsize=16)
+def policy_gmacs(height: int, width: int, patch_size: int = 16) -> float:
+    """Counted GMACs of the policy scoring on one (height, width) crop (fvcore convention).
+
+    Input-independent; measured once per crop by tracing the policy net with fvcore.
+    """
+    from segcompress.flops import count_gmacs
+
+    grid = (height // patch_size, width // patch_size)
+    return count_gmacs(_Scores(PolicyNet(pretrained=False), grid), torch.zeros(1, 3, height, width))
+
+
+def policy_metadata(**fields: object) -> dict[str, str]:
+    """String metadata for :func:`save_policy`."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}

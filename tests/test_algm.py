@@ -1,0 +1,158 @@
+"""ALGM (local CLAP + global GBM) on the Segmenter encoder through the token state."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segcompress.flops import count_gmacs
+from segcompress.methods import apply_method
+from segcompress.models import SegmenterSpec, build_segmenter
+from segcompress.tokens.algm import (
+    ALGMConfig, config_from_knob, global_merge, global_threshold, local_merge, reference_layers, window_similarity,
+)
+from segcompress.tokens.cost import algm_cost
+from segcompress.tokens.patch import ALGM
+from segcompress.tokens.state import TokenState
+
+torch.set_num_threads(1)
+
+
+def tiny(**kw) -> SegmenterSpec:
+    base = dict(num_classes=5, img_size=[48, 64], patch_size=8, embed_dim=32, depth=4, num_heads=2,
+                drop_path_rate=0.0, decoder_dropout=0.0)
+    base.update(kw)
+    return SegmenterSpec(**base)
+
+
+def smooth_images(n: int, h: int, w: int, seed: int) -> torch.Tensor:
+    """Blocky images (so some windows are uniform) with different amounts of texture per image."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(n, 3, h // 16, w // 16, generator=g)
+    img = F.interpolate(low, size=(h, w), mode="nearest")
+    noise = torch.randn(n, 3, h, w, generator=g) * torch.linspace(0.0, 1.0, n).view(n, 1, 1, 1)
+    return img + noise
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_segmenter(tiny()).eval()
+
+
+KNOB = {"threshold": 0.5, "layers": [1, 3]}
+
+
+@pytest.mark.parametrize("extra", [{}, {"prop_attn": True}, {"decoder_on_merged": False}])
+def test_per_image_results_do_not_depend_on_the_batch(model, extra):
+    imgs = smooth_images(4, 48, 64, seed=1)
+    apply_method(model, "algm", {**KNOB, **extra})
+    try:
+        with torch.no_grad():
+            batch = model(imgs)
+            state = model.token_method.encode(model, imgs)
+            assert state.counts is not None and len(set(state.counts.tolist())) > 1  # really ragged
+            for i in range(4):
+                alone = model(imgs[i:i + 1])
+                assert torch.allclose(alone, batch[i:i + 1], atol=1e-5, rtol=1e-5)
+    finally:
+        apply_method(model, "dense")
+
+
+def test_batch_coupled_is_the_reference_behaviour(model):
+    imgs = smooth_images(4, 48, 64, seed=1)
+    method = ALGM(config_from_knob({**KNOB, "batch_coupled": True}, 4, 32))
+    per_image = ALGM(config_from_knob(KNOB, 4, 32))
+    with torch.no_grad():
+        coupled = method.encode(model, imgs)
+        assert coupled.counts is None  # every image merges the batch minimum
+        same = method.encode(model, imgs[:1].expand(3, -1, -1, -1))
+        alone = per_image.encode(model, imgs[:1])
+    assert same.num_tokens == alone.num_tokens  # identical images: coupling changes nothing
+
+
+def test_padding_carries_nothing(model):
+    imgs = smooth_images(3, 48, 64, seed=2)
+    with torch.no_grad():
+        state = ALGM(config_from_knob(KNOB, 4, 32)).encode(model, imgs)
+    valid = state.valid()
+    assert valid is not None
+    assert state.size[~valid].eq(0).all() and torch.isfinite(state.x).all()
+    assert torch.equal(state.size.sum(1), torch.full((3,), 1.0 + 48))
+    assert valid.gather(1, state.token_of).all()  # no patch maps to padding
+
+
+def test_window_similarity_matches_brute_force():
+    torch.manual_seed(5)
+    x = torch.randn(2, 4, 6, 8)
+    sim = window_similarity(x, (2, 2))
+    for b, i, j in itertools.product(range(2), range(2), range(3)):
+        w = x[b, 2 * i:2 * i + 2, 2 * j:2 * j + 2].reshape(4, 8)
+        pairs = [F.cosine_similarity(w[a], w[c], dim=0) for a in range(4) for c in range(4) if a != c]
+        assert sim[b, i, j] == pytest.approx(float(torch.stack(pairs).mean()), abs=1e-5)
+
+
+@pytest.mark.parametrize("grid", [(4, 6), (5, 7)])
+def test_local_merge_extremes_and_non_square_grids(grid):
+    torch.manual_seed(6)
+    n = grid[0] * grid[1]
+    x = torch.randn(2, 1 + n, 8)
+    state = TokenState.from_tokens(x, grid, 1)
+    assert local_merge(state, x, 1.01, (2, 2)) is state  # nothing similar enough
+    merged = local_merge(state, x, -1.01, (2, 2))
+    windows = (grid[0] // 2) * (grid[1] // 2)
+    assert merged.num_tokens == 1 + n - 3 * windows
+    assert torch.equal(merged.size.sum(1), torch.full((2,), 1.0 + n))
+    # the first merged token is the plain mean of its window's patches
+    first = merged.token_of[0] == 1
+    assert int(first.sum()) == 4
+    assert torch.allclose(merged.x[0, 1], x[0, 1:][first].mean(0), atol=1e-6)
+    # patches outside whole windows are never merged
+    rows = torch.arange(n) // grid[1]
+    cols = torch.arange(n) % grid[1]
+    outside = (rows >= 2 * (grid[0] // 2)) | (cols >= 2 * (grid[1] // 2))
+    assert merged.size.gather(1, merged.token_of)[:, outside].eq(1).all()
+
+
+def test_global_threshold_matches_the_reference_formula():
+    torch.manual_seed(7)
+    m = torch.rand(3, 9)
+    valid = torch.ones(3, 9, dtype=torch.bool)
+    valid[:, 0] = False  # the class token
+    tau = global_threshold(m, valid, 5, batch_coupled=False)
+    ref = m[:, 1:].mean(1) + m[:, 1:].std(1) / 5
+    assert torch.allclose(tau, ref, atol=1e-6)
+    coupled = global_threshold(m, valid, 5, batch_coupled=True)
+    assert torch.allclose(coupled, (m[:, 1:].mean(1).mean() + m[:, 1:].std(1).mean() / 5).expand(3), atol=1e-6)
+
+
+def test_global_merge_merges_above_threshold_only():
+    torch.manual_seed(8)
+    x = torch.randn(2, 1 + 16, 8)
+    state = TokenState.from_tokens(x, (4, 4), 1)
+    out = global_merge(state, x, 5)
+    assert out.num_tokens < state.num_tokens
+    assert torch.equal(out.size.sum(1), torch.full((2,), 17.0))
+
+
+def test_reference_defaults():
+    assert reference_layers(12) == [1, 5] and reference_layers(24) == [1, 7]
+    c = config_from_knob({}, 12, 384)
+    assert c.threshold == 0.88 and c.layers == [1, 5] and c.window == (2, 2) and not c.batch_coupled
+    assert config_from_knob({"dataset": "cityscapes"}, 12, 384).threshold == 0.955
+    with pytest.raises(ValueError):
+        ALGMConfig(layers=[3, 2])
+
+
+def test_analytic_flops_equal_fvcore_per_image(model):
+    imgs = smooth_images(2, 48, 64, seed=3)
+    knob = dict(KNOB)
+    cost = algm_cost(model, [imgs], knob)  # one batch: per-image counts
+    apply_method(model, "algm", knob)
+    try:
+        counted = [count_gmacs(model, imgs[i:i + 1]) for i in range(2)]
+    finally:
+        apply_method(model, "dense")
+    assert counted == pytest.approx(cost.per_image, rel=1e-9)
+    assert counted[0] != counted[1]  # input-dependent

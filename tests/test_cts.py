@@ -1,0 +1,169 @@
+"""CTS: policy targets and training, token sharing, FLOPs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segcompress.flops import count_gmacs
+from segcompress.methods import apply_method
+from segcompress.models import SegmenterSpec, build_segmenter
+from segcompress.tokens.cost import cts_gmacs
+from segcompress.tokens.cts import (
+    PolicyNet, load_policy, policy_targets, save_policy, share_tokens, train_policy, uniform_scores,
+)
+from segcompress.tokens.patch import CTS
+
+torch.set_num_threads(1)
+
+
+def tiny(**kw) -> SegmenterSpec:
+    base = dict(num_classes=5, img_size=[64, 96], patch_size=16, embed_dim=32, depth=2, num_heads=2,
+                drop_path_rate=0.0, decoder_dropout=0.0)
+    base.update(kw)
+    return SegmenterSpec(**base)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_segmenter(tiny()).eval()
+
+
+@pytest.fixture(scope="module")
+def policy():
+    torch.manual_seed(1)
+    return PolicyNet().eval()
+
+
+class FixedPolicy(nn.Module):
+    """A stand-in policy whose P(uniform) map is given."""
+
+    def __init__(self, scores: torch.Tensor) -> None:
+        super().__init__()
+        self.scores = scores  # (Sh, Sw) in (0, 1)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        s = self.scores.clamp(1e-4, 1 - 1e-4).expand(img.shape[0], -1, -1)
+        return torch.stack([torch.zeros_like(s), (s / (1 - s)).log()], dim=1)
+
+
+def test_policy_targets():
+    lab = torch.zeros(1, 96, 128, dtype=torch.long)  # superpatch grid 3x4 of 32x32 regions
+    lab[:, 0:32, 32:64] = 3  # uniform other class -> 1
+    lab[:, 40, 40] = 2  # two classes, interior region (1, 1) -> 0
+    lab[:, 32:64, 96:128] = 255  # all ignore (border) -> 1
+    lab[:, 64:96, 0:16] = 255  # one class + ignore on the border -> 255 (ADE) / 0 (Cityscapes)
+    lab[:, 34, 70] = 255  # one class + ignore in the interior region (1, 2) -> 0
+    ade = policy_targets(lab, 16, border_ignore=True)
+    assert ade.shape == (1, 3, 4)
+    assert ade[0, 0, 1] == 1 and ade[0, 1, 1] == 0 and ade[0, 1, 3] == 1 and ade[0, 2, 0] == 255
+    assert ade[0, 1, 2] == 0 and ade[0, 0, 0] == 1
+    cs = policy_targets(lab, 16, border_ignore=False)
+    assert cs[0, 2, 0] == 0 and cs[0, 1, 2] == 0
+
+
+def test_k0_is_exactly_dense(model, policy):
+    img = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        dense = model(img)
+        model.token_method = CTS(0, policy)
+        try:
+            assert torch.equal(model(img), dense)
+        finally:
+            model.token_method = None
+
+
+def test_sharing_embeds_pooled_pixels_and_averaged_positions(model):
+    torch.manual_seed(2)
+    img = torch.randn(1, 3, 64, 96)
+    scores = torch.zeros(1, 2 * 3)
+    scores[0, 4] = 1.0  # superpatch (1, 1) -> patches (2..3, 2..3)
+    scores[0, 0] = 0.5  # superpatch (0, 0)
+    with torch.no_grad():
+        state = share_tokens(model.encoder, img, scores, 2)
+        dense = model.embed(img)
+    n = 4 * 6
+    assert state.num_tokens == 1 + n - 3 * 2
+    assert torch.equal(state.size.sum(1), torch.tensor([1.0 + n]))
+    # unshared patches: exactly the dense embedding
+    restored = state.unmerge()
+    grid = torch.arange(n).view(4, 6)
+    shared = torch.zeros(4, 6, dtype=torch.bool)
+    shared[0:2, 0:2] = shared[2:4, 2:4] = True
+    assert torch.allclose(restored[0, ~shared.view(-1)], dense[0, 1:][~shared.view(-1)], atol=1e-5)
+    # a shared token: patch embedding of 2x2-averaged pixels + mean of its 4 position embeddings
+    pe = model.encoder.patch_embed
+    px = F.avg_pool2d(img[:, :, 32:64, 32:64], 2)
+    emb = pe.proj(px).flatten(1)
+    pos = model.encoder.pos_embed[0, 1:][grid[2:4, 2:4].reshape(-1)].mean(0)
+    tok = state.token_of[0, grid[2, 2]]
+    assert torch.equal(state.token_of[0, grid[2:4, 2:4].reshape(-1)], tok.expand(4))
+    assert torch.allclose(state.x[0, tok], emb[0] + pos, atol=1e-5)
+    # order: [cls, unshared row-major, shared row-major]
+    assert int(state.token_of[0, 0]) == 1 + n - 8 and int(tok) == 1 + n - 8 + 1
+
+
+def test_top_k_follows_the_policy(model):
+    scores = torch.tensor([[0.9, 0.1, 0.8], [0.2, 0.3, 0.7]])
+    method = CTS(2, FixedPolicy(scores))
+    img = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        state = method.start(model, img)
+    sizes = state.size.gather(1, state.token_of).view(4, 6)
+    chosen = sizes[::2, ::2].eq(4)
+    assert torch.equal(chosen, torch.tensor([[True, False, True], [False, False, False]]))
+    assert torch.allclose(uniform_scores(method.policy, img, (4, 6)), scores.view(1, -1), atol=1e-3)
+
+
+def test_policy_training_and_file_roundtrip(tmp_path):
+    torch.manual_seed(3)
+    policy = PolicyNet()
+    img = torch.randn(2, 3, 64, 64)
+    lab = torch.randint(0, 3, (2, 64, 64))
+    lab[:, :32] = 1
+    losses = train_policy(policy, [(img, lab)], iters=2, device="cpu")
+    assert len(losses) == 2 and all(l == l for l in losses)
+    path = tmp_path / "policy.safetensors"
+    save_policy(policy, path, {"layout": "ade20k"})
+    loaded = load_policy(path)
+    with torch.no_grad():
+        assert torch.allclose(loaded(img), policy.eval()(img), atol=1e-4)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    with pytest.raises(FileNotFoundError):
+        load_policy(tmp_path / "missing.safetensors")
+
+
+def test_policy_stays_out_of_the_checkpoint_and_follows_the_model(model, policy):
+    keys = set(model.state_dict())
+    apply_method(model, "cts", {"k": 3})
+    try:
+        assert set(model.state_dict()) == keys
+        assert all(not n.startswith("token_method.policy") for n, _ in model.named_parameters())
+        model.double()
+        assert next(model.token_method.policy.parameters()).dtype == torch.float64
+    finally:
+        model.float()
+        apply_method(model, "dense")
+
+
+@pytest.mark.parametrize("knob", [{"k": 3}, {"k": 6, "decoder_on_merged": False}])
+def test_analytic_flops_equal_fvcore(model, knob):
+    apply_method(model, "cts", knob)
+    try:
+        counted = count_gmacs(model, torch.randn(1, 3, 64, 96))
+    finally:
+        apply_method(model, "dense")
+    assert counted == pytest.approx(cts_gmacs(model.spec, knob), rel=1e-9)
+
+
+def test_patch8_uses_resized_policy_logits():
+    torch.manual_seed(4)
+    m = build_segmenter(tiny(patch_size=8, img_size=[32, 48])).eval()
+    apply_method(m, "cts", {"k": 4})
+    try:
+        with torch.no_grad():
+            assert m(torch.randn(2, 3, 32, 48)).shape == (2, 5, 32, 48)
+        assert count_gmacs(m, torch.randn(1, 3, 32, 48)) == pytest.approx(cts_gmacs(m.spec, {"k": 4}), rel=1e-9)
+    finally:
+        apply_method(m, "dense")

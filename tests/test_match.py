@@ -1,0 +1,121 @@
+"""FLOPs matching of the token methods' knobs, and the `segcompress match` verb."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segcompress.cli import main as cli_main
+from segcompress.flops import analytic_gmacs
+from segcompress.models import SegmenterSpec, build_segmenter
+from segcompress.tokens.cost import algm_cost, cts_gmacs, tome_gmacs
+from segcompress.tokens.match import match_algm, match_cts, match_tome
+
+torch.set_num_threads(1)
+
+
+def spec(**kw) -> SegmenterSpec:
+    base = dict(num_classes=4, img_size=128, patch_size=16, embed_dim=32, depth=6, num_heads=2,
+                drop_path_rate=0.0, decoder_dropout=0.0)
+    base.update(kw)
+    return SegmenterSpec(**base)
+
+
+@pytest.mark.parametrize("fraction", [0.9, 0.75, 0.6])
+@pytest.mark.parametrize("on_merged", [False, True])
+def test_tome_match_is_exact_and_within_tolerance(fraction, on_merged):
+    s = spec()
+    target = fraction * analytic_gmacs(s)
+    m = match_tome(s, target, {"decoder_on_merged": on_merged})
+    assert m.within_tolerance and abs(m.achieved_gflops - target) <= 0.01 * target
+    assert m.achieved_gflops == tome_gmacs(s, m.knob)
+    r = m.knob["r"]
+    if isinstance(r, list):  # first j layers r+1, the rest r
+        assert len(set(r)) <= 2 and r == sorted(r, reverse=True) and r[0] - r[-1] <= 1
+
+
+def test_cts_match_scans_k():
+    s = spec(img_size=256, embed_dim=64, num_classes=3)
+    target = 0.7 * analytic_gmacs(s)
+    m = match_cts(s, target, include_policy=False)  # the policy net alone outweighs this tiny ViT
+    assert m.within_tolerance
+    assert m.achieved_gflops == cts_gmacs(s, m.knob, include_policy=False)
+    assert m.knob["k"] > 0
+    with_policy = match_cts(s, target)
+    assert not with_policy.within_tolerance and "below cts's reach" in with_policy.message
+
+
+def test_out_of_reach_is_reported():
+    s = spec()
+    m = match_tome(s, 0.01 * analytic_gmacs(s))
+    assert not m.within_tolerance and "below tome's reach" in m.message
+    assert m.achieved_gflops == pytest.approx(m.reach_gflops[0])
+
+
+def test_algm_bisection_on_calibration_images():
+    torch.manual_seed(0)
+    model = build_segmenter(spec(img_size=64, depth=4)).eval()
+    g = torch.Generator().manual_seed(1)
+    imgs = F.interpolate(torch.randn(6, 3, 4, 4, generator=g), size=(64, 64), mode="nearest")
+    imgs = imgs + 0.3 * torch.randn(6, 3, 64, 64, generator=g)
+    batches = [imgs[:3], imgs[3:]]
+    knob = {"layers": [1, 3]}
+    lo = algm_cost(model, batches, {**knob, "threshold": -1.01}).mean
+    hi = algm_cost(model, batches, {**knob, "threshold": 1.01}).mean
+    target = 0.5 * (lo + hi)
+    m = match_algm(model, batches, target, knob)
+    assert m.within_tolerance, m.message
+    assert m.reach_gflops == pytest.approx((lo, hi))
+    again = algm_cost(model, batches, m.knob)
+    assert again.mean == pytest.approx(m.achieved_gflops) and again.std == pytest.approx(m.gflops_std)
+    assert m.extra["calibration_images"] == 6
+    above = match_algm(model, batches, 1.2 * hi, knob)
+    assert not above.within_tolerance and "above algm's reach" in above.message
+
+
+def test_match_verb_prints_json(capsys):
+    arch = json.dumps({"patch_size": 16, "embed_dim": 32, "depth": 6, "num_heads": 2})
+    rc = cli_main(["match", "--method", "tome", "--target-fraction", "0.8", "--arch", arch,
+                   "--num-classes", "4", "--crop", "128", "--no-prop-attn"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("knob", "achieved_gflops", "target_gflops", "within_tolerance", "dense_gflops", "target_fraction"):
+        assert key in out
+    assert out["within_tolerance"] and out["knob"]["prop_attn"] is False
+    assert out["target_fraction"] == pytest.approx(0.8)
+
+
+def test_match_verb_rejects_dense_and_algm_without_images(capsys):
+    arch = json.dumps({"patch_size": 16, "embed_dim": 32, "depth": 6, "num_heads": 2})
+    common = ["--target-fraction", "0.8", "--arch", arch, "--num-classes", "4", "--crop", "128"]
+    assert cli_main(["match", "--method", "dense", *common]) == 2
+    assert cli_main(["match", "--method", "algm", *common]) == 2
+    assert "--calib-root" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def synthetic_ade(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ade") / "ade"
+    assert cli_main(["data", "--layout", "ade20k", "--root", str(root), "--synthetic", "--num-train", "2",
+                     "--num-val", "3", "--no-progress"]) == 0
+    return root
+
+
+def test_policy_and_algm_match_verbs_on_a_dataset(synthetic_ade, tmp_path, capsys):
+    from segcompress.models.checkpoint import save_model
+    from segcompress.tokens.cts import load_policy
+
+    torch.manual_seed(0)
+    model_path = tmp_path / "dense.safetensors"
+    save_model(build_segmenter(spec(img_size=64, depth=4)), model_path)
+    policy = tmp_path / "policy.safetensors"
+    assert cli_main(["policy", "--model", str(model_path), "--layout", "ade20k", "--root", str(synthetic_ade),
+                     "--img-scale", "128", "64", "--recipe", '{"iters": 1, "batch_size": 2}', "--out", str(policy)]) == 0
+    load_policy(policy)
+    capsys.readouterr()
+    assert cli_main(["match", "--method", "algm", "--target-fraction", "0.8", "--model", str(model_path),
+                     "--calib-root", str(synthetic_ade), "--calib-images", "3", "--knob", '{"layers": [1, 3]}']) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["calibration_images"] == 3 and out["knob"]["layers"] == [1, 3] and "threshold" in out["knob"]
+    assert out["within_tolerance"] or out["message"]

@@ -1,0 +1,86 @@
+# Phase analyse: what the report needs beyond mIoU (config: analysis, report.qualitative).
+#   rank         normalised effective rank of the restored encoder features, per variant, seed and
+#                ranked condition: results/raw_rank/<ds>/<arch>/<variant>/<corruption>/<severity>.json
+#   bench        images/s per variant: results/raw_bench/<ds>/<arch>/<variant>.json
+#   qualitative  Fig. 3 panel per dataset and backbone: results/figures/qualitative/<ds>/<arch>.png
+# Rank and bench rows are joined onto benchmark.csv as columns (erank_*, images_per_s); they never
+# add rows to it. Rank uses the evaluation's windows (crop, stride, img_scale), so it reruns with them.
+
+
+rule rank:
+    input:
+        unpack(evaluate_inputs),
+    output:
+        row="results/raw_rank/{ds}/{arch}/{variant}/{corruption}/{severity}.json",
+    params:
+        method=eval_method_options,
+        layout=lookup(dpath="datasets/{ds}/layout", within=config),
+        root=input_dir("manifest"),
+        img_root=eval_img_root,
+        crop=lookup(dpath="datasets/{ds}/crop", within=config),
+        stride=eval_stride,
+        img_scale=eval_img_scale,
+        tags=eval_tags,
+        options=rank_options,
+    log:
+        "logs/rank/{ds}/{arch}/{variant}/{corruption}-{severity}.log",
+    benchmark:
+        "results/jobs/analyse/rank/{ds}/{arch}/{variant}/{corruption}-{severity}.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        gpu=1,
+    shell:
+        "segcompress rank --model {input.model} {params.method} --layout {params.layout}"
+        " --root {params.root} {params.img_root} --split val --crop {params.crop}"
+        " {params.stride} --img-scale {params.img_scale} {params.options}"
+        " {params.tags} --no-progress --out {output.row} > {log} 2>&1"
+
+
+rule bench:
+    input:
+        unpack(bench_inputs),
+    output:
+        row="results/raw_bench/{ds}/{arch}/{variant}.json",
+    params:
+        options=bench_options,
+        tags=variant_tags,
+    log:
+        "logs/bench/{ds}/{arch}/{variant}.log",
+    benchmark:
+        "results/jobs/analyse/bench/{ds}/{arch}/{variant}.tsv"
+    conda:
+        CONDA_ENV
+    threads: THROUGHPUT["threads"]
+    resources:
+        gpu=1,
+    shell:
+        "segcompress bench --model {input.model} {params.options} --threads {threads}"
+        " {params.tags} --out {output.row} > {log} 2>&1"
+
+
+rule qualitative:
+    input:
+        unpack(qualitative_inputs),
+    output:
+        png="results/figures/qualitative/{ds}/{arch}.png",
+    params:
+        options=qualitative_options,
+        layout=lookup(dpath="datasets/{ds}/layout", within=config),
+        root=input_dir("manifest"),
+        stride=eval_stride,
+        img_scale=eval_img_scale,
+    log:
+        "logs/qualitative/{ds}/{arch}.log",
+    benchmark:
+        "results/jobs/analyse/qualitative/{ds}/{arch}.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        gpu=1,
+    shell:
+        "segcompress qualitative {params.options} --layout {params.layout} --root {params.root}"
+        " {params.stride} --img-scale {params.img_scale} --title '{wildcards.ds} / {wildcards.arch}'"
+        " --out {output.png} > {log} 2>&1"
