@@ -165,6 +165,40 @@ def test_evaluate_verb_writes_a_row(city: Path, tmp_path: Path) -> None:
     assert row["miou"] == pytest.approx(ref["miou"], abs=1e-12)
 
 
+def test_evaluate_verb_runs_several_conditions_in_one_process(city: Path, tmp_path: Path) -> None:
+    """--condition: one row per condition, each equal to a separate single-condition run."""
+    import shutil
+
+    ckpt = tmp_path / "dense.safetensors"
+    save_model(tiny(19), ckpt)
+    # a "corrupted" set: the val images, flipped upside down, as .png under the same relative paths
+    from PIL import Image
+
+    fog = tmp_path / "city-c/fog/3"
+    for src in sorted((city / "leftImg8bit/val").rglob("*.png")):
+        dst = fog / src.relative_to(city).with_suffix(".png")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(src).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(dst)
+    base = ["evaluate", "--model", str(ckpt), "--layout", "cityscapes", "--root", str(city), "--img-scale", "256",
+            "96", "--stride", "40", "--no-progress", "--tag", "seed=0"]
+    clean, foggy = tmp_path / "multi/clean/0.json", tmp_path / "multi/fog/3.json"
+    assert cli_main(base + ["--condition", "clean", "0", "-", str(clean), "--condition", "fog", "3", str(fog),
+                            str(foggy)]) == 0
+    single = tmp_path / "single.json"
+    assert cli_main(base + ["--img-root", str(fog), "--out", str(single)]) == 0
+    multi_fog, single_fog = json.loads(foggy.read_text()), json.loads(single.read_text())
+    assert multi_fog["miou"] == single_fog["miou"] and multi_fog["img_root"] == str(fog)
+    assert (multi_fog["corruption"], multi_fog["category"], multi_fog["severity"]) == ("fog", "weather", 3)
+    clean_row = json.loads(clean.read_text())
+    assert (clean_row["corruption"], clean_row["category"], clean_row["severity"]) == ("clean", "clean", 0)
+    assert clean_row["miou"] != multi_fog["miou"]
+    with pytest.raises(SystemExit):
+        cli_main(base + ["--condition", "fog", "3", str(fog)])  # four values per condition
+    assert cli_main(base + ["--condition", "fog", "x", str(fog), str(foggy)]) == 2
+    assert cli_main(base + ["--out", str(single), "--condition", "fog", "3", str(fog), str(foggy)]) == 2
+    shutil.rmtree(fog.parents[1])
+
+
 def test_evaluate_verb_errors(city: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = tmp_path / "ade.safetensors"
     save_model(tiny(150), ckpt)

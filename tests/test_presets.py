@@ -98,7 +98,7 @@ def test_preset_dry_run_lists_the_full_study(preset: str, stand_in: Path) -> Non
         "finetune": prunes,
         "measure": 1,
         "match": 4 * len(study["targets"]),  # tome, algm, cts, nvit_tome
-        "evaluate": variants * conditions,
+        "evaluate": variants * conditions,  # study.jobs_per: condition in the presets
         "report": 1,
     }
     assert expected["evaluate"] == 31 * 81 == 2511 and expected["prune"] == 12

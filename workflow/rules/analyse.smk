@@ -1,6 +1,6 @@
 # Phase analyse: what the report needs beyond mIoU (config: analysis, report.qualitative).
 #   rank         normalised effective rank of the restored encoder features, per variant, seed and
-#                ranked condition: results/raw_rank/<ds>/<arch>/<variant>/<corruption>/<severity>.json
+#                ranked condition (one job per variant): results/raw_rank/<ds>/<arch>/<variant>/<corruption>/<severity>.json
 #   bench        images/s per variant: results/raw_bench/<ds>/<arch>/<variant>.json
 #   qualitative  Fig. 3 panel per dataset and backbone: results/figures/qualitative/<ds>/<arch>.png
 # Rank and bench rows are joined onto benchmark.csv as columns (erank_*, images_per_s); they never
@@ -9,23 +9,23 @@
 
 rule rank:
     input:
-        unpack(evaluate_inputs),
+        unpack(rank_inputs),
     output:
-        row="results/raw_rank/{ds}/{arch}/{variant}/{corruption}/{severity}.json",
+        rows=condition_paths("results/raw_rank", rank_conditions()),
     params:
         method=eval_method_options,
         layout=lookup(dpath="datasets/{ds}/layout", within=config),
         root=input_dir("manifest"),
-        img_root=eval_img_root,
+        conditions=rank_condition_options,
         crop=lookup(dpath="datasets/{ds}/crop", within=config),
         stride=eval_stride,
         img_scale=eval_img_scale,
-        tags=eval_tags,
+        tags=variant_tags,
         options=rank_options,
     log:
-        "logs/rank/{ds}/{arch}/{variant}/{corruption}-{severity}.log",
+        job_name("logs/rank", ".log"),
     benchmark:
-        "results/jobs/analyse/rank/{ds}/{arch}/{variant}/{corruption}-{severity}.tsv"
+        job_name("results/jobs/analyse/rank", ".tsv")
     conda:
         CONDA_ENV
     threads: 1
@@ -33,9 +33,9 @@ rule rank:
         gpu=1,
     shell:
         "segcompress rank --model {input.model} {params.method} --layout {params.layout}"
-        " --root {params.root} {params.img_root} --split val --crop {params.crop}"
+        " --root {params.root} {params.conditions} --split val --crop {params.crop}"
         " {params.stride} --img-scale {params.img_scale} {params.options}"
-        " {params.tags} --no-progress --out {output.row} > {log} 2>&1"
+        " {params.tags} --no-progress > {log} 2>&1"
 
 
 rule bench:

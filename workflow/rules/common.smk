@@ -383,15 +383,11 @@ def variant_model(ds, arch, variant):
     return model_path(ds, arch, seed, "dense")
 
 
-def evaluate_inputs(wildcards):
+def variant_inputs(wildcards):
+    """A variant's checkpoint, its match (or GFLOPs) file, the CTS policy, the dataset manifest."""
     ds, arch = wildcards.ds, wildcards.arch
     method, target, seed = parse_variant(wildcards.variant)
     inputs = {"model": variant_model(ds, arch, wildcards.variant), "manifest": dataset_manifest(ds)}
-    if wildcards.corruption == "clean":
-        if wildcards.severity != "0":
-            raise WorkflowError(f"clean images have severity 0, not {wildcards.severity}")
-    else:
-        inputs["images"] = corrupt_manifest(ds, wildcards.corruption, wildcards.severity)
     if method == "dense":
         inputs["match"] = dense_flops_path(ds, arch, seed)
     elif method == "nvit":
@@ -403,14 +399,71 @@ def evaluate_inputs(wildcards):
     return inputs
 
 
-def _clean_wildcards(ds, arch, variant):
-    """Wildcards of a variant's clean evaluation (for the rules that need a variant's inputs)."""
-    return SimpleNamespace(ds=ds, arch=arch, variant=variant, corruption="clean", severity="0")
+# Evaluation and rank jobs: one per variant (every condition in one process) or, with
+# study.jobs_per: condition, one per variant and condition (wildcards corruption and severity).
+PER_CONDITION = STUDY["jobs_per"] == "condition"
+
+
+def _job_conditions(wildcards, conds):
+    """The (corruption, severity) pairs one job runs: its own, or all of `conds`."""
+    if PER_CONDITION:
+        if wildcards.corruption == "clean" and wildcards.severity != "0":
+            raise WorkflowError(f"clean images have severity 0, not {wildcards.severity}")
+        return [(wildcards.corruption, int(wildcards.severity))]
+    return conds
+
+
+def _corrupted_manifests(wildcards, conds):
+    return [corrupt_manifest(wildcards.ds, c, s) for c, s in _job_conditions(wildcards, conds) if c != "clean"]
+
+
+def evaluate_inputs(wildcards):
+    """A variant's inputs and the corrupted sets of the job's evaluated conditions."""
+    return {**variant_inputs(wildcards), "images": _corrupted_manifests(wildcards, conditions())}
+
+
+def rank_inputs(wildcards):
+    """A variant's inputs and the corrupted sets of the job's ranked conditions."""
+    return {**variant_inputs(wildcards), "images": _corrupted_manifests(wildcards, rank_conditions())}
+
+
+def _condition_options(wildcards, conds, paths):
+    """--condition options: one per (corruption, severity), with its image folder and output."""
+    out = []
+    for (c, s), path in zip(_job_conditions(wildcards, conds), paths):
+        img_root = "-" if c == "clean" else str(Path(corrupt_manifest(wildcards.ds, c, s)).parent)
+        out.append(f"--condition {c} {s} {shlex.quote(img_root)} {shlex.quote(str(path))}")
+    return " ".join(out)
+
+
+def eval_conditions(wildcards, output):
+    """Params function: `segcompress evaluate` --condition options for the job's conditions."""
+    return _condition_options(wildcards, conditions(), output.rows)
+
+
+def rank_condition_options(wildcards, output):
+    """Params function: `segcompress rank` --condition options for the job's conditions."""
+    return _condition_options(wildcards, rank_conditions(), output.rows)
+
+
+def condition_paths(folder, conds):
+    """Output patterns of one job's rows under `folder`: one per condition of `conds`, or the
+    pattern of a single condition when jobs are cut per condition."""
+    if PER_CONDITION:
+        return [f"{folder}/{{ds}}/{{arch}}/{{variant}}/{{corruption}}/{{severity}}.json"]
+    return [f"{folder}/{{ds}}/{{arch}}/{{variant}}/{c}/{s}.json" for c, s in conds]
+
+
+def job_name(prefix, suffix):
+    """Log or benchmark path of an evaluate or rank job (per variant, or per condition)."""
+    if PER_CONDITION:
+        return f"{prefix}/{{ds}}/{{arch}}/{{variant}}/{{corruption}}-{{severity}}{suffix}"
+    return f"{prefix}/{{ds}}/{{arch}}/{{variant}}{suffix}"
 
 
 def bench_inputs(wildcards):
     """What timing a variant reads: its checkpoint and match file (as evaluate), a val image."""
-    return evaluate_inputs(_clean_wildcards(wildcards.ds, wildcards.arch, wildcards.variant))
+    return variant_inputs(wildcards)
 
 
 def qualitative_variants():
@@ -430,7 +483,7 @@ def qualitative_inputs(wildcards):
     if QUALITATIVE["corruption"] is not None:
         inputs["images"] = corrupt_manifest(ds, QUALITATIVE["corruption"], QUALITATIVE["severity"])
     for i, (_title, variant) in enumerate(qualitative_variants()):
-        for key, path in evaluate_inputs(_clean_wildcards(ds, arch, variant)).items():
+        for key, path in variant_inputs(SimpleNamespace(ds=ds, arch=arch, variant=variant)).items():
             if key in ("model", "match"):
                 inputs[f"{key}{i}"] = path
             elif key == "policy":
@@ -503,30 +556,6 @@ def eval_stride(wildcards):
 def eval_max_images(wildcards):
     n = _dataset(wildcards)["eval"]["max_images"]
     return "" if n is None else f"--max-images {n}"
-
-
-def eval_tags(wildcards):
-    """--tag options: the identity of the row (docs/contracts.md) written into it."""
-    method, target, seed = parse_variant(wildcards.variant)
-    tags = {
-        "dataset": wildcards.ds,
-        "backbone": wildcards.arch,
-        "variant": wildcards.variant,
-        "method": method,
-        "seed": seed,
-        "corruption": wildcards.corruption,
-        "category": CATEGORY_OF.get(wildcards.corruption, "clean"),
-        "severity": wildcards.severity,
-    }
-    if target is not None:
-        tags["target_fraction"] = target
-    return " ".join(f"--tag {k}={v}" for k, v in tags.items())
-
-
-def eval_img_root(wildcards, input):
-    if wildcards.corruption == "clean":
-        return ""
-    return f"--img-root {Path(input.images).parent}"
 
 
 def report_options(wildcards):

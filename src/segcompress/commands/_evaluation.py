@@ -53,13 +53,59 @@ def add_variant_arguments(parser: argparse.ArgumentParser, out_help: str = "resu
     parser.add_argument("--stride", type=int, help="window stride (default: max(crop - 32, crop // 2))")
     parser.add_argument("--img-scale", required=True, type=int, nargs=2, metavar=("LONG", "SHORT"),
                         help="keep-ratio resize scale of test images (ADE20K: 2048 512; Cityscapes: 2048 1024)")
-    parser.add_argument("--out", required=True, type=Path, help=out_help)
+    parser.add_argument("--out", type=Path, help=out_help)
+    parser.add_argument("--condition", nargs=4, action="append", default=[],
+                        metavar=("CORRUPTION", "SEVERITY", "IMG_ROOT", "OUT"),
+                        help="run several image conditions in one process, loading the model once: the "
+                             "corruption name (clean for clean images), its severity (0 for clean), the image "
+                             "folder (- for the dataset's own images) and the output; repeatable; replaces "
+                             "--img-root and --out")
     parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="row column (repeatable)")
     parser.add_argument("--max-images", type=int, help="use the first N images only")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One image condition a variant runs on: clean, or a corruption at a severity.
+
+    ``corruption`` and ``severity`` are None when the row's tags say them (the single ``--out`` form).
+    """
+
+    corruption: str | None
+    severity: int | None
+    img_root: Path | None
+    out: Path
+
+    def columns(self) -> dict[str, Any]:
+        """The row's condition columns (corruption, category, severity), if this condition names them."""
+        if self.corruption is None:
+            return {}
+        from segcompress.robustness import corruption_category
+
+        category = "clean" if self.corruption == "clean" else corruption_category(self.corruption)
+        return {"corruption": self.corruption, "category": category, "severity": self.severity}
+
+
+def conditions_of(args: argparse.Namespace) -> list[Condition]:
+    """The conditions to run: every ``--condition``, or the one of ``--img-root``/``--out``."""
+    if args.condition:
+        if args.out is not None or args.img_root is not None:
+            raise ValueError("--condition replaces --img-root and --out: give one form or the other")
+        out = []
+        for corruption, severity, img_root, path in args.condition:
+            try:
+                level = int(severity)
+            except ValueError:
+                raise ValueError(f"--condition {corruption} {severity}: the severity must be an integer") from None
+            out.append(Condition(corruption, level, None if img_root == "-" else Path(img_root), Path(path)))
+        return out
+    if args.out is None:
+        raise ValueError("give --out (or one --condition per image condition)")
+    return [Condition(None, None, args.img_root, args.out)]
 
 
 def parse_tags(tags: list[str], reserved: frozenset[str] | set[str] = RESERVED) -> dict[str, Any]:
@@ -187,26 +233,37 @@ class VariantRun:
     stride: int
     params_m: float
     dataset: Any = field(repr=False)
+    dataset_args: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    def identity(self, args: argparse.Namespace) -> dict[str, Any]:
+    def dataset_for(self, img_root: Path | None) -> Any:
+        """The test dataset with images from ``img_root`` (None: the dataset's own images)."""
+        if img_root == self.dataset_args.get("img_root"):
+            return self.dataset
+        from segcompress.data.datasets import build_dataset
+
+        return build_dataset(**{**self.dataset_args, "img_root": img_root})
+
+    def identity(self, args: argparse.Namespace, condition: Condition) -> dict[str, Any]:
         """The identity columns of a row (docs/contracts.md): defaults from the arguments, the
-        match file's GFLOPs columns, then the tags, which win."""
+        match file's GFLOPs columns, the tags, then the condition's own columns, which win."""
         row: dict[str, Any] = dict.fromkeys(IDENTITY_COLUMNS)
+        clean = condition.img_root is None
         row.update(
             dataset=args.layout, backbone=self.spec.backbone, method=args.method,
             knob=json.dumps(self.knob, sort_keys=True),
-            corruption="clean" if args.img_root is None else None, severity=0 if args.img_root is None else None,
+            corruption="clean" if clean else None, severity=0 if clean else None,
         )
         row.update({k: self.match[k] for k in MATCH_COLUMNS if k in self.match})
         row.update(self.tags)
+        row.update(condition.columns())
         row["params_m"] = self.params_m
         return row
 
-    def settings(self, args: argparse.Namespace) -> dict[str, Any]:
+    def settings(self, args: argparse.Namespace, condition: Condition) -> dict[str, Any]:
         """Where the numbers come from: split, windows, resize scale, checkpoint, image folder."""
         return {
             "split": args.split, "crop": list(self.crop), "stride": self.stride, "img_scale": list(args.img_scale),
-            "model": str(args.model), "img_root": None if args.img_root is None else str(args.img_root),
+            "model": str(args.model), "img_root": None if condition.img_root is None else str(condition.img_root),
         }
 
 
@@ -232,9 +289,9 @@ def load_variant_run(args: argparse.Namespace, reserved: frozenset[str] | set[st
         raise ValueError(f"--crop {args.crop}: the model {args.model} runs on {crop[0]}x{crop[1]} crops")
     stride = default_stride(crop) if args.stride is None else args.stride
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
-    dataset = build_dataset(
-        args.layout, args.root, args.split, "test", crop, args.img_scale, img_root=args.img_root,
-        max_images=args.max_images,
-    )
+    dataset_args = dict(layout=args.layout, root=args.root, split=args.split, mode="test", crop=crop,
+                        img_scale=args.img_scale, img_root=args.img_root, max_images=args.max_images)
+    dataset = build_dataset(**dataset_args)
     return VariantRun(model=model, spec=spec, knob=knob, match=match, tags=tags, num_classes=num_classes,
-                      device=device, crop=crop, stride=stride, params_m=params_m, dataset=dataset)
+                      device=device, crop=crop, stride=stride, params_m=params_m, dataset=dataset,
+                      dataset_args=dataset_args)

@@ -1,5 +1,8 @@
 """``segcompress evaluate``: sliding-window mIoU of one model variant on one dataset split.
 
+One image condition (``--img-root``, ``--out``) or several (``--condition`` per condition: the
+model is loaded once, and each condition gets its own row).
+
 Writes one results row (JSON, atomically): the row's tags (``--tag key=value``; values are parsed
 as JSON when they can be, so ``severity=3`` is a number), the measured metrics (percent), the
 per-class IoU, ``num_images``, ``seconds`` and the hardware and software versions. Metrics are
@@ -14,7 +17,8 @@ import logging
 from typing import Any
 
 from segcompress.commands._evaluation import (
-    MATCH_COLUMNS, RESERVED, ROW_COLUMNS, add_variant_arguments, load_variant_run, parse_knob, parse_tags,
+    MATCH_COLUMNS, RESERVED, ROW_COLUMNS, add_variant_arguments, conditions_of, load_variant_run, parse_knob,
+    parse_tags,
 )
 
 log = logging.getLogger(__name__)
@@ -31,22 +35,25 @@ def main(args: argparse.Namespace) -> int:
     from segcompress.evaluate import environment, evaluate
     from segcompress.io import write_json
 
+    conditions = conditions_of(args)
     run = load_variant_run(args, RESERVED)
-    log.info("evaluating %s (%s %s) on %d %s images, crop %s stride %d", args.model, args.method, run.knob,
-             len(run.dataset), args.split, run.crop, run.stride)
-    result = evaluate(run.model, run.dataset, run.crop, run.stride, run.num_classes, batch_size=args.batch_size,
-                      device=run.device, num_workers=args.workers, progress=not args.no_progress)
-
-    row: dict[str, Any] = dict.fromkeys(ROW_COLUMNS)
-    row.update(run.identity(args))
-    row.update(
-        miou=result["miou"], aacc=result["aacc"], macc=result["macc"],
-        num_images=result["num_images"], **environment(run.device),
-        seconds=result["seconds"], **run.settings(args),
-        per_class_iou=result["iou"], per_class_acc=result["acc"],
-    )
-    write_json(args.out, row)
-    log.info("%s: mIoU %.2f%% aAcc %.2f%% mAcc %.2f%% (%d images, %.1f s)", args.out, *(
-        100 * (row[k] if row[k] is not None else float("nan")) for k in ("miou", "aacc", "macc")),
-        row["num_images"], row["seconds"])
+    for condition in conditions:
+        dataset = run.dataset_for(condition.img_root)
+        log.info("evaluating %s (%s %s) on %d %s images%s, crop %s stride %d", args.model, args.method, run.knob,
+                 len(dataset), args.split, f" from {condition.img_root}" if condition.img_root else "", run.crop,
+                 run.stride)
+        result = evaluate(run.model, dataset, run.crop, run.stride, run.num_classes, batch_size=args.batch_size,
+                          device=run.device, num_workers=args.workers, progress=not args.no_progress)
+        row: dict[str, Any] = dict.fromkeys(ROW_COLUMNS)
+        row.update(run.identity(args, condition))
+        row.update(
+            miou=result["miou"], aacc=result["aacc"], macc=result["macc"],
+            num_images=result["num_images"], **environment(run.device),
+            seconds=result["seconds"], **run.settings(args, condition),
+            per_class_iou=result["iou"], per_class_acc=result["acc"],
+        )
+        write_json(condition.out, row)
+        log.info("%s: mIoU %.2f%% aAcc %.2f%% mAcc %.2f%% (%d images, %.1f s)", condition.out, *(
+            100 * (row[k] if row[k] is not None else float("nan")) for k in ("miou", "aacc", "macc")),
+            row["num_images"], row["seconds"])
     return 0

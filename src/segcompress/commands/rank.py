@@ -15,7 +15,7 @@ import logging
 from typing import Any
 
 from segcompress.analysis import FEATURES, NORMALISE, WINDOWS, RankSettings, rank_dataset
-from segcompress.commands._evaluation import RESERVED, add_variant_arguments, load_variant_run
+from segcompress.commands._evaluation import RESERVED, add_variant_arguments, conditions_of, load_variant_run
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +42,22 @@ def main(args: argparse.Namespace) -> int:
     from segcompress.io import write_json
 
     settings = RankSettings(feature=args.feature, centre=args.centre, normalise=args.normalise, windows=args.windows)
+    conditions = conditions_of(args)
     run = load_variant_run(args, RANK_RESERVED)
-    log.info("effective rank of %s (%s %s) on %d %s images, crop %s stride %d, %s", args.model, args.method,
-             run.knob, len(run.dataset), args.split, run.crop, run.stride, settings)
-    result = rank_dataset(run.model, run.dataset, run.crop, run.stride, settings, batch_size=args.batch_size,
-                          device=run.device, progress=not args.no_progress)
-    row: dict[str, Any] = run.identity(args)
-    row.update(
-        erank_mean=result["erank_mean"], erank_std=result["erank_std"], num_images=result["num_images"],
-        **settings.as_dict(), rows=result["rows"], width=result["width"], **environment(run.device),
-        seconds=result["seconds"], **run.settings(args),
-        names=result["names"], erank_per_image=result["erank_per_image"],
-    )
-    write_json(args.out, row)
-    log.info("%s: normalised effective rank %.4f ± %.4f over %d images (%.1f s)", args.out, row["erank_mean"],
-             row["erank_std"], row["num_images"], row["seconds"])
+    for condition in conditions:
+        dataset = run.dataset_for(condition.img_root)
+        log.info("effective rank of %s (%s %s) on %d %s images, crop %s stride %d, %s", args.model, args.method,
+                 run.knob, len(dataset), args.split, run.crop, run.stride, settings)
+        result = rank_dataset(run.model, dataset, run.crop, run.stride, settings, batch_size=args.batch_size,
+                              device=run.device, progress=not args.no_progress)
+        row: dict[str, Any] = run.identity(args, condition)
+        row.update(
+            erank_mean=result["erank_mean"], erank_std=result["erank_std"], num_images=result["num_images"],
+            **settings.as_dict(), rows=result["rows"], width=result["width"], **environment(run.device),
+            seconds=result["seconds"], **run.settings(args, condition),
+            names=result["names"], erank_per_image=result["erank_per_image"],
+        )
+        write_json(condition.out, row)
+        log.info("%s: normalised effective rank %.4f ± %.4f over %d images (%.1f s)", condition.out,
+                 row["erank_mean"], row["erank_std"], row["num_images"], row["seconds"])
     return 0

@@ -2,7 +2,8 @@
 
 * :func:`accuracy_compute` — the study's Fig. 2: one column per (dataset, backbone), top row clean
   mIoU, bottom row corrupted mIoU, against achieved GFLOPs; one line per method (points sorted by
-  GFLOPs), the dense model as a star; with several seeds a shaded band of ± one std over seeds.
+  GFLOPs), the dense model as a star; with several seeds a shaded band of ± one std over seeds
+  (an error bar for a method with a single point).
 * :func:`effective_rank` — Fig. 4: normalised effective rank against GFLOPs (x axis decreasing,
   as the paper draws it), band of ± one std over images (pooled over seeds; dense: error bar); top row clean, a
   bottom row for corrupted images when the rank stage ran on any.
@@ -85,9 +86,10 @@ def _curves(ax: Any, pts: pd.DataFrame, value: str, std: str, colours: dict[str,
         y = g[value].to_numpy(float) * scale
         e = g[std].to_numpy(float) * scale
         colour, label = colours[method], method_label(method)
-        if method == "dense":
-            ax.errorbar(x, y, yerr=None if np.isnan(e).all() else np.nan_to_num(e), color=colour, marker="*",
-                        markersize=13, linestyle="none", capsize=3, label=label, zorder=3)
+        if method == "dense" or len(x) == 1:  # a lone point: an error bar, as a band needs two
+            style = {"marker": "*", "markersize": 13} if method == "dense" else {"marker": "o", "markersize": 4}
+            ax.errorbar(x, y, yerr=None if np.isnan(e).all() else np.nan_to_num(e), color=colour, linestyle="none",
+                        capsize=3, label=label, zorder=3, **style)
         else:
             ax.plot(x, y, marker="o", markersize=4, color=colour, label=label)
             if not np.isnan(e).all():
