@@ -86,6 +86,10 @@ def test_pruned_spec_builds_smaller_modules(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), reloaded(x))
+        # fused attention pads q/k or v to one width: same numbers as the explicit matmuls
+        fused = model(x)
+        with unfused_attention(model):
+            torch.testing.assert_close(fused, model(x), atol=1e-5, rtol=1e-4)
 
 
 def test_spec_errors_name_the_problem(tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -118,6 +120,18 @@ def test_masked_model_equals_the_physically_smaller_one_and_reloads(tmp_path):
     # without the hooks the dense model is unchanged
     with torch.no_grad():
         assert not torch.allclose(model(x), masked)
+    # a fresh process rebuilds and runs it from the two files, without importing the pruning code
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import sys, torch; from segcompress.models.checkpoint import load_model; "
+        f"m = load_model({str(tmp_path / 'nvit.safetensors')!r}).eval(); "
+        f"x = torch.load({str(tmp_path / 'x.pt')!r}); "
+        "torch.no_grad().__enter__(); "
+        f"torch.save(m(x), {str(tmp_path / 'y.pt')!r}); "
+        "assert 'segcompress.prune' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), masked, atol=1e-5, rtol=1e-5)
 
 
 def test_analytic_flops_of_a_pruned_spec_equal_the_fvcore_count():

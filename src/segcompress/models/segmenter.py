@@ -62,9 +62,15 @@ class Attention(nn.Module):
         """softmax(q kᵀ · scale + bias) v, merged over heads and projected: (B, N, C)."""
         B, _, N, _ = q.shape
         if self.fused_attn:
+            # SDPA's fast kernels need one head width for q, k and v: zero-pad the narrower side
+            # (exact: zero q/k columns add nothing to q kᵀ, zero v columns are sliced off).
+            width = max(self.qk_dim, self.v_dim)
+            if self.qk_dim < width:
+                q, k = F.pad(q, (0, width - self.qk_dim)), F.pad(k, (0, width - self.qk_dim))
             x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale,
-            )
+                q, k, F.pad(v, (0, width - self.v_dim)) if self.v_dim < width else v, attn_mask=bias,
+                dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale,
+            )[..., :self.v_dim]
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             if bias is not None:
@@ -180,7 +186,8 @@ class Segmenter(nn.Module):
         """Mask logits on the patch grid (B, K, gh, gw) from encoder patch tokens on the grid."""
         B = tokens.shape[0]
         masks = self.decoder(tokens)
-        return masks.transpose(1, 2).reshape(B, self.spec.num_classes, *grid)
+        # contiguous: CPU bilinear upsampling is several times slower on the transposed layout
+        return masks.transpose(1, 2).reshape(B, self.spec.num_classes, *grid).contiguous()
 
     def grid_of(self, img: torch.Tensor) -> tuple[int, int]:
         p = self.spec.patch_size

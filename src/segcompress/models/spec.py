@@ -78,7 +78,7 @@ class SegmenterSpec:
                 raise ValueError(f"spec has depth {self.depth} but {len(self.blocks)} block entries")
         if isinstance(self.img_size, (list, tuple)):
             self.img_size = [int(s) for s in self.img_size]
-        if self.embed_dim % self.num_heads:
+        if self.blocks is None and self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
 
     @property

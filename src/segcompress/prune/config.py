@@ -57,8 +57,9 @@ class PruneConfig:
     every ``interval`` iterations is one pruning step, ``steps`` steps in all. Step ``s`` prunes
     the globally lowest-scored groups until the closed-form FLOPs reach
     ``F_dense - (F_dense - target)·s/steps`` (linear in FLOPs); the last step reaches the target.
-    No step goes below ``target·(1 - tolerance)``: when the next group would, single units are
-    pruned instead (finer granularity), so the result lands in ``[target·(1-tol), target]``.
+    No step goes below ``target·(1 - tolerance)``: when the next group would, each structure offers
+    its largest group among ``g, g/2, …, 1`` that fits (finer granularity; E only if nothing else
+    fits), so the result lands in ``[target·(1-tol), target]`` with widths kept aligned.
         steps: pruning steps (NViT: 2 groups every 100 iterations until the latency target).
         interval: training iterations per step, over which the saliency is averaged (NViT 100).
         tolerance: relative window under the target (1%).

@@ -302,7 +302,8 @@ def prune(
     Runs :func:`segcompress.train.fit` for ``steps·interval`` iterations with the masks applied,
     the saliency accumulated after every backward and a pruning step every ``interval``
     iterations (per-pixel KL to a frozen copy of the dense model when ``kd_weight > 0``). A target
-    at or above the dense FLOPs returns ``model`` unchanged (no training either).
+    at or above the dense FLOPs returns ``model`` unchanged (no training either). ``model``
+    itself is trained in place (pass a copy to keep the dense weights).
 
     Raises:
         ValueError: the target is below what pruning can reach (every structure at ``min_keep``).
@@ -312,13 +313,13 @@ def prune(
     dense_params = count_params(model)
     dense = analytic_gmacs(model.spec)
     if target_gmacs >= dense:
-        log.info("target %.4f GMACs >= dense %.4f: nothing to prune", target_gmacs, dense)
+        log.info("target %.4f GFLOPs >= dense %.4f: nothing to prune", target_gmacs, dense)
         return PruneResult(model, dense, target_gmacs, dense, dense_params)
     pruner = NViTPruner(model, config)
     reachable = pruner.min_gmacs()
     if target_gmacs < reachable:
         raise ValueError(
-            f"target {target_gmacs:.4f} GMACs is below the smallest prunable model ({reachable:.4f} GMACs, "
+            f"target {target_gmacs:.4f} GFLOPs is below the smallest prunable model ({reachable:.4f} GFLOPs, "
             f"every enabled structure at min_keep={config.min_keep}); raise the target or enable more structures"
         )
     steps, interval = config.steps, config.interval
@@ -339,7 +340,7 @@ def prune(
             info.model.eval()
         return s >= steps
 
-    log.info("pruning %.4f -> %.4f GMACs in %d steps of %d iterations (%s)", dense, target_gmacs, steps, interval,
+    log.info("pruning %.4f -> %.4f GFLOPs in %d steps of %d iterations (%s)", dense, target_gmacs, steps, interval,
              ", ".join(f"{k}: group {pruner.group[k]}" for k in pruner.keys if k.block in (None, 0)))
     with pruner.hooks():
         fit(model, dataset, recipe, seed=seed, teacher=teacher, kd_weight=config.kd_weight,
