@@ -8,22 +8,15 @@ import torch.nn.functional as F
 
 from segcompress.flops import count_gmacs
 from segcompress.methods import apply_method
-from segcompress.models import SegmenterSpec, build_segmenter
 from segcompress.tokens.algm import (
     ALGMConfig, config_from_knob, global_merge, global_threshold, local_merge, reference_layers, window_similarity,
 )
 from segcompress.tokens.cost import algm_cost
 from segcompress.tokens.patch import ALGM
 from segcompress.tokens.state import TokenState
+from tiny_segmenter import tiny_model, tiny_spec
 
 torch.set_num_threads(1)
-
-
-def tiny(**kw) -> SegmenterSpec:
-    base = dict(num_classes=5, img_size=[48, 64], patch_size=8, embed_dim=32, depth=4, num_heads=2,
-                drop_path_rate=0.0, decoder_dropout=0.0)
-    base.update(kw)
-    return SegmenterSpec(**base)
 
 
 def smooth_images(n: int, h: int, w: int, seed: int) -> torch.Tensor:
@@ -37,8 +30,7 @@ def smooth_images(n: int, h: int, w: int, seed: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return build_segmenter(tiny()).eval()
+    return tiny_model(tiny_spec([48, 64], 8, 4))
 
 
 KNOB = {"threshold": 0.5, "layers": [1, 3]}

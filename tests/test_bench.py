@@ -53,3 +53,30 @@ def test_cli_bench_saved_model(tmp_path, capsys):
     assert FIELDS <= set(out) and out["images_per_s"] > 0 and out["threads"] == 1
     assert out["method"] == "dense" and out["weights"] == str(path) and out["num_classes"] == 3
     assert json.loads((tmp_path / "bench.json").read_text())["batch"] == 2
+
+
+def test_cli_bench_variants_in_one_process(tmp_path, capsys):
+    """--variant times several saved variants in one run; each row gets its own knob and tags."""
+    path = tmp_path / "dense.safetensors"
+    save_model(build_segmenter(SPEC), path)
+    match = tmp_path / "tome.json"
+    match.write_text(json.dumps({"method": "tome", "knob": {"r": 2}}))
+    common = ["--batch", "2", "--warmup", "0", "--repeats", "1", "--device", "cpu", "--threads", "1",
+              "--tag", "dataset=ade20k"]
+    argv = ["bench", "--variant", str(tmp_path / "a.json"), str(path), "dense", "-", "method=dense,seed=0",
+            "--variant", str(tmp_path / "b.json"), str(path), "tome", str(match), "method=tome,target_fraction=0.5",
+            *common]
+    assert cli(argv) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert a["method"] == "dense" and a["knob"] == {} and a["seed"] == 0 and a["dataset"] == "ade20k"
+    assert b["method"] == "tome" and b["knob"] == {"r": 2} and b["target_fraction"] == 0.5 and b["dataset"] == "ade20k"
+    assert "seed" not in b and a["images_per_s"] > 0 and b["images_per_s"] > 0
+    # the two forms do not mix, and a measured column cannot be a tag
+    assert cli(["bench", "--model", str(path), "--variant", str(tmp_path / "c.json"), str(path), "dense", "-", "-",
+                *common]) == 2
+    assert cli(["bench", "--variant", str(tmp_path / "c.json"), str(path), "dense", "-", "images_per_s=1",
+                *common]) == 2
+    assert not (tmp_path / "c.json").exists()
+    capsys.readouterr()
+    assert cli(["bench", *common]) == 2
+    assert "--model, --arch or --backbone" in capsys.readouterr().err

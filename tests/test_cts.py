@@ -7,27 +7,19 @@ from torch import nn
 
 from segcompress.flops import count_gmacs
 from segcompress.methods import apply_method
-from segcompress.models import SegmenterSpec, build_segmenter
 from segcompress.tokens.cost import cts_gmacs
 from segcompress.tokens.cts import (
     PolicyNet, load_policy, policy_targets, save_policy, share_tokens, train_policy, uniform_scores,
 )
 from segcompress.tokens.patch import CTS
+from tiny_segmenter import tiny_model, tiny_spec
 
 torch.set_num_threads(1)
 
 
-def tiny(**kw) -> SegmenterSpec:
-    base = dict(num_classes=5, img_size=[64, 96], patch_size=16, embed_dim=32, depth=2, num_heads=2,
-                drop_path_rate=0.0, decoder_dropout=0.0)
-    base.update(kw)
-    return SegmenterSpec(**base)
-
-
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return build_segmenter(tiny()).eval()
+    return tiny_model(tiny_spec([64, 96], 16, 2))
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +150,7 @@ def test_analytic_flops_equal_fvcore(model, knob):
 
 
 def test_patch8_uses_resized_policy_logits():
-    torch.manual_seed(4)
-    m = build_segmenter(tiny(patch_size=8, img_size=[32, 48])).eval()
+    m = tiny_model(tiny_spec([32, 48], 8, 2), seed=4)
     apply_method(m, "cts", {"k": 4})
     try:
         with torch.no_grad():

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from project_copy import copy_paths, merge_config
 from test_workflow import ROOT, job_counts
 
 BIN = Path(sys.executable).parent
@@ -104,28 +105,14 @@ def test_dvc_is_initialised_without_analytics() -> None:
 @pytest.fixture
 def dvc_repo(tmp_path: Path) -> Path:
     """A Git repository holding the project, with the tiny test study as its config.yaml."""
-
-    def merge(base: dict, over: dict) -> dict:
-        for k, v in over.items():
-            if isinstance(v, dict) and isinstance(base.get(k), dict):
-                merge(base[k], v)
-            else:
-                base[k] = v
-        return base
-
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        (shutil.copytree(src, tmp_path / name, ignore=ignore) if src.is_dir() else shutil.copy2(src, tmp_path / name))
+    copy_paths(PROJECT_FILES, ROOT, tmp_path, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (tmp_path / ".dvc").mkdir()
-    for name in ("config", "plots"):
-        src = ROOT / ".dvc" / name
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp_path / ".dvc" / name)
-    config = merge(yaml.safe_load((ROOT / "config.yaml").read_text()),
-                   yaml.safe_load((ROOT / ".test" / "config.yaml").read_text()))
+    copy_paths(("config", "plots"), ROOT / ".dvc", tmp_path / ".dvc")
+    config = merge_config(yaml.safe_load((ROOT / "config.yaml").read_text()),
+                          yaml.safe_load((ROOT / ".test" / "config.yaml").read_text()))
     # accuracy only: the analyses have tests of their own
-    merge(config, {"analysis": {"effective_rank": {"datasets": []}, "throughput": {"enabled": False}},
-                   "report": {"qualitative": {"images": 0}}})
+    merge_config(config, {"analysis": {"effective_rank": {"datasets": []}, "throughput": {"enabled": False}},
+                          "report": {"qualitative": {"images": 0}}})
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     return tmp_path

@@ -5,26 +5,18 @@ import torch
 
 from segcompress.flops import count_gmacs
 from segcompress.methods import apply_method
-from segcompress.models import SegmenterSpec, build_segmenter
 from segcompress.tokens.cost import tome_gmacs
 from segcompress.tokens.patch import ToMe, TokenMethod
 from segcompress.tokens.state import TokenState, restore_grid
 from segcompress.tokens.tome import bipartite_soft_matching, parse_r, token_schedule
+from tiny_segmenter import tiny_model, tiny_spec
 
 torch.set_num_threads(1)
 
 
-def tiny(**kw) -> SegmenterSpec:
-    base = dict(num_classes=5, img_size=[32, 48], patch_size=8, embed_dim=32, depth=4, num_heads=2,
-                drop_path_rate=0.0, decoder_dropout=0.0)
-    base.update(kw)
-    return SegmenterSpec(**base)
-
-
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return build_segmenter(tiny()).eval()
+    return tiny_model(tiny_spec([32, 48], 8, 4))
 
 
 @pytest.fixture(scope="module")

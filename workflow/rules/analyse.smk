@@ -1,7 +1,8 @@
 # Phase analyse: what the report needs beyond mIoU (config: analysis, report.qualitative).
 #   rank         normalised effective rank of the restored encoder features, per variant, seed and
 #                ranked condition (one job per variant): results/raw_rank/<ds>/<arch>/<variant>/<corruption>/<severity>.json
-#   bench        images/s per variant: results/raw_bench/<ds>/<arch>/<variant>.json
+#   bench        images/s of every variant of a dataset, backbone and seed, timed in one job (one
+#                process start, speed-ups from the same run): results/raw_bench/<ds>/<arch>/<variant>.json
 #   qualitative  Fig. 3 panel per dataset and backbone: results/figures/qualitative/<ds>/<arch>.png
 # Rank and bench rows are joined onto benchmark.csv as columns (erank_*, images_per_s); they never
 # add rows to it. Rank uses the evaluation's windows (crop, stride, img_scale), so it reruns with them.
@@ -42,22 +43,20 @@ rule bench:
     input:
         unpack(bench_inputs),
     output:
-        row="results/raw_bench/{ds}/{arch}/{variant}.json",
+        bench_outputs(),
     params:
         options=bench_options,
-        tags=variant_tags,
     log:
-        "logs/bench/{ds}/{arch}/{variant}.log",
+        "logs/bench/{ds}/{arch}/seed{seed}.log",
     benchmark:
-        "results/jobs/analyse/bench/{ds}/{arch}/{variant}.tsv"
+        "results/jobs/analyse/bench/{ds}/{arch}/seed{seed}.tsv"
     conda:
         CONDA_ENV
     threads: THROUGHPUT["threads"]
     resources:
         gpu=1,
     shell:
-        "segcompress bench --model {input.model} {params.options} --threads {threads}"
-        " {params.tags} --out {output.row} > {log} 2>&1"
+        "segcompress bench {params.options} --threads {threads} > {log} 2>&1"
 
 
 rule qualitative:

@@ -298,6 +298,12 @@ def bench_targets():
     return [bench_row_path(ds, arch, v) for ds, arch, seed in _grid() for v in variants(seed)]
 
 
+def bench_outputs():
+    """Output patterns of a bench job: the row of every variant of one dataset, backbone and seed
+    (they are timed one after another in one process)."""
+    return [bench_row_path("{ds}", "{arch}", v) for v in variants("{seed}")]
+
+
 def qualitative_path(ds, arch):
     return f"results/figures/qualitative/{ds}/{arch}.png"
 
@@ -461,9 +467,23 @@ def job_name(prefix, suffix):
     return f"{prefix}/{{ds}}/{{arch}}/{{variant}}{suffix}"
 
 
+def indexed_variant_inputs(ds, arch, names):
+    """Inputs of a job running several variants: model<i> and match<i> of the i-th of `names`, the
+    CTS policy, the dataset manifest."""
+    inputs = {"manifest": dataset_manifest(ds)}
+    for i, variant in enumerate(names):
+        for key, path in variant_inputs(SimpleNamespace(ds=ds, arch=arch, variant=variant)).items():
+            if key in ("model", "match"):
+                inputs[f"{key}{i}"] = path
+            elif key == "policy":
+                inputs["policy"] = path
+    return inputs
+
+
 def bench_inputs(wildcards):
-    """What timing a variant reads: its checkpoint and match file (as evaluate), a val image."""
-    return variant_inputs(wildcards)
+    """What timing every variant of a seed reads: each checkpoint and match file (as evaluate), the
+    CTS policy, a val image."""
+    return indexed_variant_inputs(wildcards.ds, wildcards.arch, variants(wildcards.seed))
 
 
 def qualitative_variants():
@@ -478,16 +498,9 @@ def qualitative_variants():
 
 def qualitative_inputs(wildcards):
     """Every panel column's checkpoint, match file (and CTS policy), the dataset, the image set."""
-    ds, arch = wildcards.ds, wildcards.arch
-    inputs = {"manifest": dataset_manifest(ds)}
+    inputs = indexed_variant_inputs(wildcards.ds, wildcards.arch, [v for _title, v in qualitative_variants()])
     if QUALITATIVE["corruption"] is not None:
-        inputs["images"] = corrupt_manifest(ds, QUALITATIVE["corruption"], QUALITATIVE["severity"])
-    for i, (_title, variant) in enumerate(qualitative_variants()):
-        for key, path in variant_inputs(SimpleNamespace(ds=ds, arch=arch, variant=variant)).items():
-            if key in ("model", "match"):
-                inputs[f"{key}{i}"] = path
-            elif key == "policy":
-                inputs["policy"] = path
+        inputs["images"] = corrupt_manifest(wildcards.ds, QUALITATIVE["corruption"], QUALITATIVE["severity"])
     return inputs
 
 
@@ -583,13 +596,18 @@ def applied_method(variant):
     return {"nvit": "dense", "nvit_tome": "tome"}.get(method, method)
 
 
-def variant_tags(wildcards):
-    """--tag options naming a variant (no condition): what bench rows are joined on."""
-    method, target, seed = parse_variant(wildcards.variant)
-    tags = {"dataset": wildcards.ds, "backbone": wildcards.arch, "variant": wildcards.variant, "method": method,
-            "seed": seed}
+def _variant_tags(ds, arch, variant):
+    """Identity columns of a variant (no condition): what rank and bench rows are joined on."""
+    method, target, seed = parse_variant(variant)
+    tags = {"dataset": ds, "backbone": arch, "variant": variant, "method": method, "seed": seed}
     if target is not None:
         tags["target_fraction"] = target
+    return tags
+
+
+def variant_tags(wildcards):
+    """--tag options naming a variant (no condition)."""
+    tags = _variant_tags(wildcards.ds, wildcards.arch, wildcards.variant)
     return " ".join(f"--tag {k}={v}" for k, v in tags.items())
 
 
@@ -608,16 +626,21 @@ def rank_options(wildcards):
     return " ".join(opts)
 
 
-def bench_options(wildcards, input):
-    """`segcompress bench` settings: analysis.throughput, and the first val image as the input
-    (input-dependent methods, ALGM and CTS, need a real image; every variant gets the same one)."""
+def bench_options(wildcards, input, output):
+    """`segcompress bench` settings: one --variant per variant of the seed (row, checkpoint,
+    applied method, match file, identity tags), analysis.throughput, and the first val image as the
+    input (input-dependent methods, ALGM and CTS, need a real image; every variant gets the same one)."""
     t = THROUGHPUT
-    return (
-        f"--method {applied_method(wildcards.variant)} --match {input.match}"
-        f" --batch {t['batch']} --warmup {t['warmup']} --repeats {t['repeats']}"
+    opts = []
+    for i, v in enumerate(variants(wildcards.seed)):
+        tags = ",".join(f"{k}={x}" for k, x in _variant_tags(wildcards.ds, wildcards.arch, v).items())
+        opts.append(f"--variant {output[i]} {input[f'model{i}']} {applied_method(v)} {input[f'match{i}']} {tags}")
+    opts.append(
+        f"--batch {t['batch']} --warmup {t['warmup']} --repeats {t['repeats']}"
         f" --calib-root {Path(input.manifest).parent} --calib-layout {_dataset(wildcards)['layout']}"
         " --calib-images 1"
     )
+    return " ".join(opts)
 
 
 def qualitative_options(wildcards, input):

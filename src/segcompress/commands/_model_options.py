@@ -82,10 +82,14 @@ def parse_json_arg(text: str | None, what: str) -> dict[str, Any]:
     return value
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options that select the model, the method and (for input-dependent methods) calibration images."""
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """Options that select the model, the method and (for input-dependent methods) calibration images.
+
+    ``required=False`` lets a verb offer another way to name its models (``bench --variant``); it
+    then checks that one was given.
+    """
     src = parser.add_argument_group("model (one of --model, --arch, --backbone)")
-    which = src.add_mutually_exclusive_group(required=True)
+    which = src.add_mutually_exclusive_group(required=required)
     which.add_argument("--model", type=Path, metavar="CKPT", help="a saved model (.safetensors with its .json spec)")
     which.add_argument("--arch", metavar="JSON", help="a config backbones entry, inline JSON or a .json file")
     which.add_argument("--backbone", metavar="NAME", help="a timm ViT name, e.g. vit_small_patch16_384")

@@ -7,6 +7,12 @@ times input-dependent methods); otherwise a seeded random batch. ``--match FILE`
 from a ``segcompress match`` result (its ``knob`` entry), as ``segcompress evaluate`` does;
 ``--tag KEY=VALUE`` adds identity columns (dataset, variant, seed, ...) to the written row, which
 the report joins onto the results rows of the same variant.
+
+``--variant OUT MODEL METHOD MATCH TAGS`` (repeatable, instead of ``--model``/``--out``) times
+several saved variants one after another in one process, with the same input, so their speed-ups
+are measured in the same run and the process starts once (the workflow times every variant of a
+dataset, backbone and seed in one job). Each variant's row is written to its OUT with the common
+``--tag`` columns plus its own TAGS (``KEY=VALUE,KEY=VALUE``, or ``-`` for none).
 """
 
 from __future__ import annotations
@@ -29,7 +35,12 @@ MEASURED = frozenset({"images_per_s", "images_per_s_min", "images_per_s_max", "b
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    add_model_arguments(parser, required=False)
+    parser.add_argument("--variant", nargs=5, action="append", default=[],
+                        metavar=("OUT", "MODEL", "METHOD", "MATCH", "TAGS"),
+                        help="time a saved variant (repeatable; instead of --model and --out): its row's file, "
+                             "checkpoint, token method, match result (- for none) and own tags "
+                             "(KEY=VALUE,KEY=VALUE or -)")
     parser.add_argument("--batch", type=int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches first (default: 3)")
     parser.add_argument("--repeats", type=int, default=10, help="timed batches (default: 10)")
@@ -48,6 +59,28 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     tags = parse_tags(args.tag, MEASURED)
+    if not args.variant:
+        if args.model is None and args.arch is None and args.backbone is None:
+            raise ValueError("name the model: --model, --arch or --backbone (or saved variants with --variant)")
+        result = {**_time_variant(args), **tags}
+        if args.out:
+            write_json(args.out, result)
+        print(json.dumps(result, indent=2))
+        return 0
+    if args.model is not None or args.arch is not None or args.backbone is not None or args.out:
+        raise ValueError("--variant replaces --model/--arch/--backbone and --out; use one form")
+    for out, model, method, match, own_tags in args.variant:
+        one = argparse.Namespace(**{**vars(args), "model": Path(model), "method": method, "knob": None,
+                                    "match": None if match == "-" else Path(match)})
+        own = parse_tags([] if own_tags == "-" else own_tags.split(","), MEASURED)
+        result = {**_time_variant(one), **tags, **own}
+        write_json(out, result)
+        print(f"{out}: {result['images_per_s']:.2f} images/s ({method}, {model})", flush=True)
+    return 0
+
+
+def _time_variant(args: argparse.Namespace) -> dict:
+    """Load the variant the options select and time it: the row without tags."""
     if args.match is not None and args.knob is None:
         args.knob = json.dumps(knob_of(None, args.match, read_match(args.match)))
     variant = variant_from_args(args)
@@ -59,8 +92,4 @@ def main(args: argparse.Namespace) -> int:
         inputs = first.expand(args.batch, -1, -1, -1).contiguous()
     result = measure_throughput(variant.model, args.batch, variant.spec.crop, args.warmup, args.repeats,
                                 args.device, inputs=inputs, seed=args.seed)
-    result = {**result, **variant.describe(), "images": "calibration" if inputs is not None else "random", **tags}
-    if args.out:
-        write_json(args.out, result)
-    print(json.dumps(result, indent=2))
-    return 0
+    return {**result, **variant.describe(), "images": "calibration" if inputs is not None else "random"}
