@@ -13,7 +13,7 @@ from segcompress.tokens.algm import (
 )
 from segcompress.tokens.cost import algm_cost
 from segcompress.tokens.patch import ALGM
-from segcompress.tokens.state import TokenState
+from segcompress.tokens.state import TokenState, tokenwise
 from tiny_segmenter import tiny_model, tiny_spec
 
 torch.set_num_threads(1)
@@ -73,6 +73,25 @@ def test_padding_carries_nothing(model):
     assert state.size[~valid].eq(0).all() and torch.isfinite(state.x).all()
     assert torch.equal(state.size.sum(1), torch.full((3,), 1.0 + 48))
     assert valid.gather(1, state.token_of).all()  # no patch maps to padding
+
+
+def test_per_token_layers_see_the_real_tokens_only(model):
+    """tokenwise packs the real tokens of a ragged batch: same values as mapping every token, zeros
+    at the padding, gradients intact; without padding it is the plain map."""
+    imgs = smooth_images(3, 48, 64, seed=2)
+    with torch.no_grad():
+        state = ALGM(config_from_knob(KNOB, 4, 32)).encode(model, imgs, final_norm=False)
+    valid, rows = state.valid(), state.real_rows()
+    assert valid is not None and rows is not None and rows.numel() == int(valid.sum())
+    lin = torch.nn.Linear(32, 5)
+    x = state.x.clone().requires_grad_(True)
+    out = tokenwise(lin, x, rows)
+    assert out.shape == (3, state.num_tokens, 5)
+    assert torch.allclose(out[valid], lin(state.x)[valid], atol=1e-6) and out[~valid].eq(0).all()
+    out.sum().backward()
+    assert x.grad[~valid].eq(0).all() and x.grad[valid].abs().sum() > 0
+    dense = TokenState.from_tokens(torch.randn(2, 1 + 6 * 8, 32), (6, 8), 1)
+    assert dense.real_rows() is None and torch.equal(tokenwise(lin, dense.x, None), lin(dense.x))
 
 
 def test_window_similarity_matches_brute_force():

@@ -192,10 +192,10 @@ def test_bench_takes_the_knob_of_a_match_file_and_tags(tmp_path: Path, capsys: p
     match.write_text(json.dumps({"knob": {"r": 8}, "achieved_gflops": 0.01}))
     out = tmp_path / "b.json"
     assert main(["bench", "--model", str(ckpt), "--match", str(match), "--method", "tome", "--batch", "2",
-                 "--warmup", "0", "--repeats", "1", "--threads", "1", "--tag", "method=nvit_tome",
+                 "--warmup", "0", "--repeats", "1", "--threads", "1", "--allocator", "default", "--tag", "method=nvit_tome",
                  "--tag", "seed=0", "--out", str(out)]) == 0
     row = json.loads(out.read_text())
     assert row["knob"] == {"r": 8} and row["method"] == "nvit_tome" and row["seed"] == 0
     assert row["images_per_s"] > 0
-    assert main(["bench", "--model", str(ckpt), "--tag", "images_per_s=1", "--out", str(out)]) == 2
+    assert main(["bench", "--model", str(ckpt), "--allocator", "default", "--tag", "images_per_s=1", "--out", str(out)]) == 2
     assert "--tag images_per_s" in capsys.readouterr().err

@@ -1,6 +1,9 @@
 """Throughput measurement: runs, returns positive numbers and records the setting (no timing claims)."""
 
 import json
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -47,11 +50,12 @@ def test_cli_bench_saved_model(tmp_path, capsys):
     path = tmp_path / "dense.safetensors"
     save_model(build_segmenter(SPEC), path)
     argv = ["bench", "--model", str(path), "--batch", "2", "--warmup", "1", "--repeats", "2", "--device", "cpu",
-            "--threads", "1", "--out", str(tmp_path / "bench.json")]
+            "--threads", "1", "--allocator", "default", "--out", str(tmp_path / "bench.json")]
     assert cli(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert FIELDS <= set(out) and out["images_per_s"] > 0 and out["threads"] == 1
     assert out["method"] == "dense" and out["weights"] == str(path) and out["num_classes"] == 3
+    assert out["allocator"] == "default"
     assert json.loads((tmp_path / "bench.json").read_text())["batch"] == 2
 
 
@@ -62,7 +66,7 @@ def test_cli_bench_variants_in_one_process(tmp_path, capsys):
     match = tmp_path / "tome.json"
     match.write_text(json.dumps({"method": "tome", "knob": {"r": 2}}))
     common = ["--batch", "2", "--warmup", "0", "--repeats", "1", "--device", "cpu", "--threads", "1",
-              "--tag", "dataset=ade20k"]
+              "--allocator", "default", "--tag", "dataset=ade20k"]
     argv = ["bench", "--variant", str(tmp_path / "a.json"), str(path), "dense", "-", "method=dense,seed=0",
             "--variant", str(tmp_path / "b.json"), str(path), "tome", str(match), "method=tome,target_fraction=0.5",
             *common]
@@ -80,3 +84,10 @@ def test_cli_bench_variants_in_one_process(tmp_path, capsys):
     capsys.readouterr()
     assert cli(["bench", *common]) == 2
     assert "--model, --arch or --backbone" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="glibc's mallopt")
+def test_keep_freed_memory_applies_on_glibc():
+    """The bench process's allocator setting takes (run apart: it lasts for the whole process)."""
+    code = "from segcompress.bench import keep_freed_memory; import sys; sys.exit(0 if keep_freed_memory() else 1)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

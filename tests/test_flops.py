@@ -201,5 +201,6 @@ def test_cli_flops_and_bench_on_calibration_images(tmp_path, capsys):
     out = run_cli(["flops", "--model", str(model), *calib], capsys)
     assert out["images"] == "calibration" and out["num_images"] == 2
     assert out["gflops"] == pytest.approx(analytic_gmacs(TINY_SPECS["dense"]), rel=1e-9) and out["gflops_std"] == 0
-    out = run_cli(["bench", "--model", str(model), "--batch", "2", "--warmup", "0", "--repeats", "1", *calib], capsys)
+    out = run_cli(["bench", "--model", str(model), "--batch", "2", "--warmup", "0", "--repeats", "1",
+                   "--allocator", "default", *calib], capsys)
     assert out["images"] == "calibration" and out["images_per_s"] > 0

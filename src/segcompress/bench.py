@@ -17,6 +17,34 @@ import torch
 from torch import nn
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep and reuse freed memory for large CPU tensors (call once, early).
+
+    By default glibc maps every allocation above 32 MB afresh with ``mmap`` and unmaps it when
+    freed, so each forward pass page-faults through its large tensors again (at a 512 crop the
+    150-class logits alone are 1.26 GB per batch of 8): on this machine that first touch costs
+    more than the bilinear upsampling that writes them. This is the effect PyTorch's CPU
+    performance guide addresses with jemalloc/tcmalloc; here ``mallopt`` serves large blocks from
+    the heap (``M_MMAP_MAX = 0``) and never trims it (``M_TRIM_THRESHOLD``), as a caching
+    allocator would (CUDA's already does). The process keeps its peak memory until it exits.
+
+    Returns:
+        whether it was applied (False off glibc, e.g. macOS).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if platform.system() != "Linux" or name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 def device_name(device: torch.device) -> str:
     """A human-readable name of ``device`` (the GPU model, or the CPU model)."""
     if device.type == "cuda":

@@ -49,9 +49,13 @@ class Attention(nn.Module):
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Project ``x`` (B, N, C) to q, k of shape (B, h, N, qk_dim) and v of shape (B, h, N, v_dim)."""
-        B, N, _ = x.shape
+        return self.split_heads(self.qkv(x))
+
+    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``qkv`` projection's output (B, N, h·(2·qk_dim + v_dim)) as per-head q, k, v."""
+        B, N, _ = qkv.shape
         h, dq = self.num_heads, self.qk_dim
-        q, k, v = self.qkv(x).split([h * dq, h * dq, h * self.v_dim], dim=-1)
+        q, k, v = qkv.split([h * dq, h * dq, h * self.v_dim], dim=-1)
         return (
             q.view(B, N, h, dq).transpose(1, 2),
             k.view(B, N, h, dq).transpose(1, 2),
@@ -60,6 +64,14 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """softmax(q kᵀ · scale + bias) v, merged over heads and projected: (B, N, C)."""
+        return self.project(self.mix(q, k, v, bias))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The output projection of the heads' concatenated values (..., h·v_dim) -> (..., C)."""
+        return self.proj_drop(self.proj(x))
+
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """softmax(q kᵀ · scale + bias) v with the heads concatenated, (B, N, h·v_dim), unprojected."""
         B, _, N, _ = q.shape
         if self.fused_attn:
             # SDPA's fast kernels need one head width for q, k and v: zero-pad the narrower side
@@ -77,8 +89,7 @@ class Attention(nn.Module):
                 attn = attn + bias
             attn = self.attn_drop(attn.softmax(dim=-1))
             x = attn @ v
-        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.v_dim)
-        return self.proj_drop(self.proj(x))
+        return x.transpose(1, 2).reshape(B, N, self.num_heads * self.v_dim)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """Args:

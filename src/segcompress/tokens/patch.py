@@ -25,7 +25,7 @@ from torch import nn
 from segcompress.tokens import algm as algm_fn
 from segcompress.tokens import cts as cts_fn
 from segcompress.tokens import tome as tome_fn
-from segcompress.tokens.state import TokenState, restore_grid
+from segcompress.tokens.state import TokenState, restore_grid, tokenwise
 
 
 class TokenMethod(nn.Module):
@@ -63,16 +63,23 @@ class TokenMethod(nn.Module):
 
     # -- the shared machinery ----------------------------------------------------------------
     def run_block(self, index: int, blk: nn.Module, state: TokenState, merge: bool) -> TokenState:
-        """One pre-norm timm block on the state, with the merge between attention and MLP."""
+        """One pre-norm timm block on the state, with the merge between attention and MLP.
+
+        The per-token layers (norms, projections, MLP) see only the real tokens when images hold
+        different counts (:func:`~segcompress.tokens.state.tokenwise`); attention runs padded,
+        with −∞ bias on the padding keys.
+        """
         attn = blk.attn
-        x = state.x
-        q, k, v = attn.qkv_heads(blk.norm1(x))
-        x = x + blk.drop_path1(blk.ls1(attn.attend(q, k, v, state.attn_bias(self.prop_attn))))
+        x, rows = state.x, state.real_rows()
+        q, k, v = attn.split_heads(tokenwise(lambda t: attn.qkv(blk.norm1(t)), x, rows))
+        mixed = attn.mix(q, k, v, state.attn_bias(self.prop_attn))
+        x = x + blk.drop_path1(blk.ls1(tokenwise(attn.project, mixed, rows)))
         state = state.with_x(x)
         if merge:
             state = self.merge(index, state, k)
+            rows = state.real_rows()
         x = state.x
-        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        x = x + blk.drop_path2(blk.ls2(tokenwise(lambda t: blk.mlp(blk.norm2(t)), x, rows)))
         return state.with_x(x)
 
     def encode(self, model: nn.Module, img: torch.Tensor, num_blocks: int | None = None,

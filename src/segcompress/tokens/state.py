@@ -18,6 +18,7 @@ and ``size``, then a division), and the map is composed with one gather
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
@@ -78,6 +79,12 @@ class TokenState:
             return None
         return torch.arange(self.num_tokens, device=self.x.device) < self.counts[:, None]
 
+    def real_rows(self) -> torch.Tensor | None:
+        """(M,) positions of the real tokens in ``x`` flattened to (B·T, C), or ``None`` without
+        padding (see :func:`tokenwise`)."""
+        valid = self.valid()
+        return None if valid is None else valid.reshape(-1).nonzero().squeeze(1)
+
     def with_x(self, x: torch.Tensor) -> "TokenState":
         return replace(self, x=x)
 
@@ -136,6 +143,21 @@ def merge_slots(state: TokenState, slot: torch.Tensor, num_out: int, counts: tor
     if counts is not None and bool((counts == num_out).all()):
         counts = None
     return TokenState(x_new, size_sum, token_of, state.grid, state.num_prefix, counts, merged=True)
+
+
+def tokenwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``fn`` (a per-token map: LayerNorm, a linear layer, an MLP) on the real tokens of ``x`` only.
+
+    With padding (``rows`` from :meth:`TokenState.real_rows`) the real tokens of every image are
+    packed into one (M, C) matrix, mapped, and scattered back into (B, T, C') with zeros at the
+    padding, so images that kept fewer tokens cost no more than their own tokens (ALGM's per-image
+    merging pads a batch to its largest image). Without padding it is ``fn(x)``.
+    """
+    if rows is None:
+        return fn(x)
+    B, T, C = x.shape
+    y = fn(x.reshape(B * T, C).index_select(0, rows))
+    return y.new_zeros(B * T, y.shape[-1]).index_copy(0, rows, y).view(B, T, -1)
 
 
 def cumulative_index(mask: torch.Tensor) -> torch.Tensor:
