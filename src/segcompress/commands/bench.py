@@ -74,10 +74,10 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.model is not None or args.arch is not None or args.backbone is not None or args.out:
         raise ValueError("--variant replaces --model/--arch/--backbone and --out; use one form")
-    for out, model, method, match, own_tags in args.variant:
+    own_tags = [parse_tags([] if t == "-" else t.split(","), MEASURED) for *_, t in args.variant]  # all checked first
+    for (out, model, method, match, _), own in zip(args.variant, own_tags):
         one = argparse.Namespace(**{**vars(args), "model": Path(model), "method": method, "knob": None,
                                     "match": None if match == "-" else Path(match)})
-        own = parse_tags([] if own_tags == "-" else own_tags.split(","), MEASURED)
         result = {**_time_variant(one), **tags, **own}
         write_json(out, result)
         print(f"{out}: {result['images_per_s']:.2f} images/s ({method}, {model})", flush=True)
