@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from segcompress.bench import keep_freed_memory
+from segcompress.bench import add_allocator_argument, use_allocator
 from segcompress.flops import analytic_gmacs, count_params, decoder_macs
 from segcompress.models.checkpoint import load_model
 from segcompress.models.segmenter import Segmenter, build_segmenter
@@ -79,11 +79,9 @@ def main() -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--prune-steps", type=int, default=3, help="pruning steps (one batch each)")
     parser.add_argument("--config-json", default="{}", help="extra PruneConfig keys as inline JSON")
-    parser.add_argument("--allocator", choices=("reuse", "default"), default="reuse",
-                        help="reuse: malloc keeps freed memory (segcompress.bench.keep_freed_memory), as "
-                             "`segcompress bench` does; default: glibc as it is")
+    add_allocator_argument(parser)
     args = parser.parse_args()
-    reuse = args.allocator == "reuse" and keep_freed_memory()
+    allocator = use_allocator(args.allocator)
 
     if args.clock == "cpu":
         torch.set_num_threads(1)
@@ -126,7 +124,7 @@ def main() -> None:
                 enc[n].append(timed(lambda: m.forward_features(x), clock))
 
     print(f"\n{name} {spec.crop[0]}x{spec.crop[1]}, batch {args.batch}, {torch.get_num_threads()} thread(s), "
-          f"{args.clock} clock, median of {args.repeats}, allocator {'reuse' if reuse else 'default'}")
+          f"{args.clock} clock, median of {args.repeats}, allocator {allocator}")
     print(f"{'model':>6} {'GFLOPs':>7} {'params M':>8} {'img/s':>7} {'speed-up':>8} {'FLOPs red':>9} {'ratio':>5} | "
           f"{'enc GFLOPs':>10} {'enc speed-up':>12} {'enc FLOPs red':>13} {'ratio':>5}")
     base, base_enc, dense_enc = statistics.median(full["dense"]), statistics.median(enc["dense"]), encoder_gmacs(spec)

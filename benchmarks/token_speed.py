@@ -51,7 +51,7 @@ def timed(model: torch.nn.Module, img: torch.Tensor) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from segcompress.bench import keep_freed_memory
+    from segcompress.bench import add_allocator_argument, use_allocator
     from segcompress.flops import analytic_gmacs
     from segcompress.methods import apply_method
     from segcompress.models import build_segmenter
@@ -72,11 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--knob", default="{}", help="extra method settings as JSON, applied to every method")
     p.add_argument("--json", default=None, help="also write the rows to this file")
-    p.add_argument("--allocator", choices=("reuse", "default"), default="reuse",
-                   help="reuse: malloc keeps freed memory (segcompress.bench.keep_freed_memory), as "
-                        "`segcompress bench` does; default: glibc as it is")
+    add_allocator_argument(p)
     args = p.parse_args(argv)
-    reuse = args.allocator == "reuse" and keep_freed_memory()
+    allocator = use_allocator(args.allocator)
     if args.threads:
         torch.set_num_threads(args.threads)
     extra = json.loads(args.knob)
@@ -91,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     img = scene_images(args.batch, h, w)
     dense_g = analytic_gmacs(spec)
     print(f"# {spec.backbone or 'custom'} crop {h}x{w} batch {args.batch} threads {torch.get_num_threads()} "
-          f"dense {dense_g:.2f} GFLOPs, allocator {'reuse' if reuse else 'default'}", flush=True)
+          f"dense {dense_g:.2f} GFLOPs, allocator {allocator}", flush=True)
 
     rows: list[dict[str, Any]] = []
     header = (f"{'method':6} {'target':>6} {'GFLOPs':>8} {'reduct':>6} {'img/s':>7} {'dense':>7} {'speedup':>7} "

@@ -8,6 +8,7 @@ noisy). The device name and software versions are recorded with the numbers.
 
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 import time
@@ -15,6 +16,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+ALLOCATORS = ("reuse", "default")
 
 
 def keep_freed_memory() -> bool:
@@ -43,6 +46,19 @@ def keep_freed_memory() -> bool:
         return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
     except (OSError, AttributeError):
         return False
+
+
+def add_allocator_argument(parser: argparse.ArgumentParser) -> None:
+    """``--allocator reuse|default``, the option of every timing entry point (see :func:`use_allocator`)."""
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="reuse",
+                        help="reuse (default): glibc's malloc keeps freed memory for large CPU tensors instead of "
+                             "page-faulting them afresh every forward pass (segcompress.bench.keep_freed_memory); "
+                             "default: leave malloc as it is")
+
+
+def use_allocator(choice: str) -> str:
+    """Apply ``--allocator``; returns the allocator in effect (``reuse`` only where it took)."""
+    return "reuse" if choice == "reuse" and keep_freed_memory() else "default"
 
 
 def device_name(device: torch.device) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from segcompress.bench import keep_freed_memory, measure_throughput
+from segcompress.bench import add_allocator_argument, measure_throughput, use_allocator
 from segcompress.commands._evaluation import knob_of, parse_tags, read_match
 from segcompress.commands._model_options import add_model_arguments, calibration_images, variant_from_args
 from segcompress.io import write_json
@@ -46,10 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed batches (default: 10)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:i]")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    parser.add_argument("--allocator", choices=["reuse", "default"], default="reuse",
-                        help="reuse (default): glibc's malloc keeps freed memory for large CPU tensors instead of "
-                             "page-faulting them afresh every forward pass (segcompress.bench.keep_freed_memory); "
-                             "default: leave malloc as it is")
+    add_allocator_argument(parser)
     parser.add_argument("--match", type=Path, metavar="JSON", help="a match result whose knob to use (unless --knob is given)")
     parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                         help="identity column of the written row (repeatable), e.g. method=nvit")
@@ -63,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     tags = parse_tags(args.tag, MEASURED)
-    args.allocator = "reuse" if args.allocator == "reuse" and keep_freed_memory() else "default"
+    args.allocator = use_allocator(args.allocator)
     if not args.variant:
         if args.model is None and args.arch is None and args.backbone is None:
             raise ValueError("name the model: --model, --arch or --backbone (or saved variants with --variant)")

@@ -114,12 +114,17 @@ def accuracy_compute(pts: pd.DataFrame, png: str | Path, pdf: str | Path) -> Non
             ax = axes[i][j]
             if not _curves(ax, sub, f"{metric}_mean", f"{metric}_std", colours, 100.0):
                 ax.text(0.5, 0.5, "not evaluated", ha="center", va="center", transform=ax.transAxes)
-            ax.set_title(f"{ds} ({bb})" if i == 0 else "")
-            ax.set_xlabel(X_LABEL)
-            ax.set_ylabel(ylabel)
-            ax.grid(True, alpha=0.3)
+            _label_panel(ax, f"{ds} ({bb})" if i == 0 else "", ylabel)
     _legend(fig, axes)
     save(fig, png, pdf)
+
+
+def _label_panel(ax: Any, title: str, ylabel: str) -> None:
+    """Title, axis labels (GFLOPs on x) and grid of one curve panel."""
+    ax.set_title(title)
+    ax.set_xlabel(X_LABEL)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
 
 
 def effective_rank(pts: pd.DataFrame, png: str | Path, pdf: str | Path) -> None:
@@ -140,10 +145,7 @@ def effective_rank(pts: pd.DataFrame, png: str | Path, pdf: str | Path) -> None:
             ax = axes[i][j]
             _curves(ax, sub, value, std, colours, 1.0)
             ax.invert_xaxis()
-            ax.set_title(f"{ds} ({bb})" if i == 0 else "")
-            ax.set_xlabel(X_LABEL)
-            ax.set_ylabel(ylabel)
-            ax.grid(True, alpha=0.3)
+            _label_panel(ax, f"{ds} ({bb})" if i == 0 else "", ylabel)
     _legend(fig, axes)
     save(fig, png, pdf)
 
