@@ -26,6 +26,19 @@ def test_forward_shape_and_decoder_defaults():
     assert out.shape == (2, 7, 32, 32)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_logits_are_channels_last_and_equal_the_nchw_upsampling(batch):
+    """Classes fastest in memory at every batch size (CPU upsampling's fast path), same values."""
+    model = build_segmenter(tiny_spec()).eval()
+    img = torch.randn(batch, 3, 32, 32)
+    with torch.inference_mode():
+        out = model(img)
+        masks = model.decode(model.forward_features(img), model.grid_of(img))
+        ref = torch.nn.functional.interpolate(masks.contiguous(), size=(32, 32), mode="bilinear", align_corners=False)
+    assert out.stride()[1] == 1 and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
 def test_non_square_crop():
     model = build_segmenter(tiny_spec(img_size=[32, 48])).eval()
     assert model(torch.randn(1, 3, 32, 48)).shape == (1, 7, 32, 48)

@@ -222,9 +222,22 @@ def test_prune_hits_the_target_within_one_percent_and_reloads(tmp_path):
 
 def test_subtractive_flops_term_also_reaches_the_target():
     model = tiny_model(seed=1)
-    target = 0.45 * analytic_gmacs(model.spec)
+    target = 0.55 * analytic_gmacs(model.spec)
     result = prune(model, Scenes(), target, fast_config(flops_mode="subtract", eta=0.5, kd_weight=0.0), seed=1)
     assert 0.99 * target <= result.achieved_gmacs <= target
+
+
+def test_every_structure_keeps_one_group_unless_min_keep_says_otherwise():
+    """NViT keeps at least one group per layer: near the floor every width is still >= its group."""
+    dense = analytic_gmacs(tiny_spec())
+    floor = NViTPruner(tiny_model(), PruneConfig()).min_gmacs()
+    assert NViTPruner(tiny_model(), PruneConfig(min_keep=1)).min_gmacs() < floor
+    # tiny groups (clamped to a quarter of each width): E 8, heads 1, QK 4, V 4, MLP 16
+    small = prune(tiny_model(), Scenes(), 1.02 * floor, fast_config(), seed=0).model.spec
+    assert small.embed_dim >= 8 and analytic_gmacs(small) < 0.6 * dense
+    assert all(b.num_heads >= 1 and b.qk_dim >= 4 and b.v_dim >= 4 and b.mlp_hidden >= 16 for b in small.blocks)
+    loose = prune(tiny_model(), Scenes(), 1.02 * floor, fast_config(min_keep=1), seed=0).model.spec
+    assert min(min(b.qk_dim, b.v_dim) for b in loose.blocks) < 4 or loose.embed_dim < 8
 
 
 def test_dense_target_changes_nothing():
@@ -246,7 +259,7 @@ def test_dense_target_changes_nothing():
 
 def test_unreachable_target_is_a_clear_error():
     model = tiny_model()
-    with pytest.raises(ValueError, match="below the smallest prunable model"):
+    with pytest.raises(ValueError, match="below the smallest prunable model.*one group each"):
         prune(model, Scenes(), 1e-6, fast_config(), seed=0)
 
 

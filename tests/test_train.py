@@ -113,6 +113,22 @@ def test_pixel_loss_sums_ignore_and_distillation():
     assert kd_t.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
+def test_pixel_loss_sums_do_not_depend_on_memory_layout():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 4, 6, 5, generator=g, requires_grad=True)
+    teacher = torch.randn(2, 4, 6, 5, generator=g)
+    labels = torch.randint(0, 4, (2, 6, 5), generator=g)
+    labels[1, :2] = 255
+    cl = logits.contiguous(memory_format=torch.channels_last)  # Segmenter's layout
+    nchw = pixel_loss_sums(logits, labels, teacher, 2.0)
+    last = pixel_loss_sums(cl, labels, teacher.contiguous(memory_format=torch.channels_last), 2.0)
+    for a, b in zip(nchw, last):
+        assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    grad_nchw, = torch.autograd.grad(nchw[0] + nchw[1], logits)
+    grad_last, = torch.autograd.grad(last[0] + last[1], logits)
+    assert torch.allclose(grad_nchw, grad_last, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------ training
 
 

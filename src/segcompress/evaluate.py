@@ -89,18 +89,19 @@ def slide_inference(
     h, w = image.shape[-2:]
     image, boxes = sliding_windows(image, crop, stride)
     ph, pw = image.shape[-2:]
+    # Sums are kept class-last (ph, pw, K), the memory layout of Segmenter's logits.
     logits: torch.Tensor | None = None
-    count = torch.zeros((1, ph, pw), device=image.device)
+    count = torch.zeros((ph, pw, 1), device=image.device)
     for i in range(0, len(boxes), batch_size):
         chunk = boxes[i:i + batch_size]
         out = model(torch.cat([image[:, :, y:y + ch, x:x + cw] for y, x in chunk]))
         if logits is None:
-            logits = torch.zeros((out.shape[1], ph, pw), device=image.device)
+            logits = torch.zeros((ph, pw, out.shape[1]), device=image.device)
         for (y, x), o in zip(chunk, out):
-            logits[:, y:y + ch, x:x + cw] += o.float()
-            count[:, y:y + ch, x:x + cw] += 1
+            logits[y:y + ch, x:x + cw] += o.movedim(0, -1).float()
+            count[y:y + ch, x:x + cw] += 1
     assert logits is not None
-    return (logits / count)[:, :h, :w]
+    return (logits[:h, :w] / count[:h, :w]).movedim(-1, 0)
 
 
 @torch.inference_mode()
@@ -114,7 +115,9 @@ def predict(
 ) -> torch.Tensor:
     """Label map (H0, W0) int64: slide inference, bilinear resize to ``out_size``, argmax."""
     logits = slide_inference(model, image, crop, stride, batch_size)
-    logits = F.interpolate(logits[None], size=tuple(int(s) for s in out_size), mode="bilinear", align_corners=False)
+    # (1, K, h, w) as a channels-last view (classes fastest), the layout CPU upsampling is fastest on
+    logits = logits.movedim(0, -1)[None].permute(0, 3, 1, 2)
+    logits = F.interpolate(logits, size=tuple(int(s) for s in out_size), mode="bilinear", align_corners=False)
     return logits[0].argmax(0)
 
 

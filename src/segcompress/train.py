@@ -184,16 +184,27 @@ def pixel_loss_sums(
     """
     if labels.shape != (logits.shape[0], *logits.shape[2:]):
         raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape)} (want (B, H, W))")
-    ce_sum = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    labels = labels.reshape(-1)
+    ce_sum = F.cross_entropy(_class_last(logits), labels, ignore_index=ignore_index, reduction="sum")
     valid = labels != ignore_index
     count = valid.sum().double()  # exact beyond 2**24 pixels
     if teacher_logits is None:
         return ce_sum, torch.zeros((), device=logits.device, dtype=logits.dtype), count
     t = temperature
     kl = F.kl_div(
-        F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1), reduction="none", log_target=True,
+        F.log_softmax(_class_last(logits) / t, dim=1), F.log_softmax(_class_last(teacher_logits) / t, dim=1),
+        reduction="none", log_target=True,
     ).sum(dim=1)
     return ce_sum, (kl * valid).sum() * (t * t), count
+
+
+def _class_last(logits: torch.Tensor) -> torch.Tensor:
+    """(B, K, H, W) logits as (B·H·W, K) rows: a view for Segmenter's channels-last logits.
+
+    Softmax losses over the last, contiguous axis are several times faster on CPU than over
+    dim 1 of a channels-last tensor (and than over dim 1 of NCHW, which this copies once).
+    """
+    return logits.movedim(1, -1).reshape(-1, logits.shape[1])
 
 
 # ----------------------------------------------------------------------------------------- data

@@ -195,10 +195,11 @@ class Segmenter(nn.Module):
 
     def decode(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Mask logits on the patch grid (B, K, gh, gw) from encoder patch tokens on the grid."""
-        B = tokens.shape[0]
         masks = self.decoder(tokens)
-        # contiguous: CPU bilinear upsampling is several times slower on the transposed layout
-        return masks.transpose(1, 2).reshape(B, self.spec.num_classes, *grid).contiguous()
+        # A view, channels-last in memory (classes fastest): on CPU, bilinear upsampling of this
+        # layout is 4-5x faster than of NCHW (forward and backward), and its output feeds the
+        # class-last losses (train.pixel_loss_sums) and sliding-window sums without a copy.
+        return masks.reshape(tokens.shape[0], *grid, self.spec.num_classes).permute(0, 3, 1, 2)
 
     def grid_of(self, img: torch.Tensor) -> tuple[int, int]:
         p = self.spec.patch_size
@@ -211,7 +212,7 @@ class Segmenter(nn.Module):
         return self.encode(self.embed(img))[:, self.num_prefix_tokens:]
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        """Per-pixel logits (B, K, H, W) for normalised crops (B, 3, H, W)."""
+        """Per-pixel logits (B, K, H, W), channels-last in memory, for normalised crops (B, 3, H, W)."""
         if self.token_method is not None:
             masks = self.token_method(self, img)
         else:

@@ -63,8 +63,10 @@ class PruneConfig:
         steps: pruning steps (NViT: 2 groups every 100 iterations until the latency target).
         interval: training iterations per step, over which the saliency is averaged (NViT 100).
         tolerance: relative window under the target (1%).
-        min_keep: units every structure keeps (≥ 1: a block never loses all heads, QK/V dims or
-            MLP channels, E never reaches 0).
+        min_keep: units every structure keeps. ``None`` (default): one group of that structure,
+            as NViT ("at least one group per layer is kept"), so with the reference sizes a block
+            keeps ≥ 8 QK and V dims per head and ≥ 16 MLP channels and E ≥ 16; an integer ≥ 1
+            sets one floor for all (1: a block never loses all heads, QK/V dims or MLP channels).
         student_eval: switch the student to eval mode after the first pruning step (NViT's
             ``--student_eval``; no dropout / drop-path while the saliency is measured).
 
@@ -110,7 +112,7 @@ class PruneConfig:
     steps: int = 10
     interval: int = 10
     tolerance: float = 0.01
-    min_keep: int = 1
+    min_keep: int | None = None
     student_eval: bool = True
 
     recipe: dict[str, Any] = field(default_factory=lambda: {"lr": 1e-4, "min_lr": 1e-6, "batch_size": 8})
@@ -140,7 +142,8 @@ class PruneConfig:
             (self.steps >= 1, "steps", ">= 1"),
             (self.interval >= 1, "interval", ">= 1"),
             (0.0 <= self.tolerance < 1.0, "tolerance", "in [0, 1)"),
-            (self.min_keep >= 1, "min_keep", ">= 1"),
+            (self.min_keep is None or (isinstance(self.min_keep, int) and not isinstance(self.min_keep, bool)
+                                       and self.min_keep >= 1), "min_keep", "an integer >= 1 or null"),
             (isinstance(self.recipe, dict), "recipe", "a mapping of train recipe keys"),
             (self.kd_weight >= 0, "kd_weight", ">= 0"),
             (self.kd_temperature > 0, "kd_temperature", "> 0"),

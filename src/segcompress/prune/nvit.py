@@ -8,7 +8,7 @@ One pruning step (every ``interval`` training iterations):
 
 1. the saliency of every unit, averaged over the step's batches, is folded into its EMA;
 2. every structure offers its next group: its ``g`` lowest-scored alive units (``g`` = the kind's
-   group size, never touching the ``min_keep`` best units);
+   group size, never touching its floor: the best ``min_keep`` units, by default one group);
 3. each group's summed saliency ``I`` is weighed against the FLOPs ``ΔF`` its removal saves
    (closed form, :func:`segcompress.flops.analytic_gmacs`, at the current widths): score
    ``I / ΔF^η`` (or NViT's subtractive form, see :class:`PruneConfig`);
@@ -83,6 +83,8 @@ class NViTPruner:
         self.group = {
             k: max(1, min(config.group_size(k.kind), self.space.sizes[k] // config.group_clamp)) for k in self.keys
         }
+        # units every structure keeps: one group (NViT) unless config.min_keep says otherwise
+        self.floor = {k: self.group[k] if config.min_keep is None else config.min_keep for k in self.keys}
         self.saliency = Saliency(model, self.space, config, self.keys)
         self.dense_gmacs = self.gmacs(self._dense_widths())
         self.history: list[dict[str, Any]] = []
@@ -101,7 +103,7 @@ class NViTPruner:
         return analytic_gmacs(self.space.spec_for(*(widths if widths is not None else self.widths())))
 
     def min_gmacs(self) -> float:
-        """The smallest FLOPs pruning can reach (every enabled structure down to ``min_keep``)."""
+        """The smallest FLOPs pruning can reach (every enabled structure down to its floor)."""
         E, blocks = self._dense_widths()
         for key in self.keys:
             E, blocks = _reduce((E, blocks), key, self._prunable(key, dense=True))
@@ -174,7 +176,7 @@ class NViTPruner:
 
     def _prunable(self, key: Key, dense: bool = False) -> int:
         n = self.space.sizes[key] if dense else self.masks.count(key)
-        return max(0, n - self.config.min_keep)
+        return max(0, n - self.floor[key])
 
     def _candidate(self, key: Key, scores: dict[Key, torch.Tensor], widths: Widths, current: float,
                    k: int) -> Candidate | None:
@@ -306,7 +308,7 @@ def prune(
     itself is trained in place (pass a copy to keep the dense weights).
 
     Raises:
-        ValueError: the target is below what pruning can reach (every structure at ``min_keep``).
+        ValueError: the target is below what pruning can reach (every structure at its floor).
     """
     from segcompress.train import Recipe, fit
 
@@ -318,9 +320,11 @@ def prune(
     pruner = NViTPruner(model, config)
     reachable = pruner.min_gmacs()
     if target_gmacs < reachable:
+        floor = "one group each (min_keep: null)" if config.min_keep is None else f"min_keep={config.min_keep}"
         raise ValueError(
             f"target {target_gmacs:.4f} GFLOPs is below the smallest prunable model ({reachable:.4f} GFLOPs, "
-            f"every enabled structure at min_keep={config.min_keep}); raise the target or enable more structures"
+            f"every enabled structure at its floor, {floor}); raise the target, enable more structures "
+            f"or lower the prune config's min_keep"
         )
     steps, interval = config.steps, config.interval
     schedule = [dense - (dense - target_gmacs) * s / steps for s in range(1, steps + 1)]
