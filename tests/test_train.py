@@ -238,6 +238,22 @@ def test_two_process_gloo_run_equals_one_process(tmp_path):
 # ------------------------------------------------------------------------------------------ CLI
 
 
+def test_json_arguments_inline_or_file_and_errors_name_the_option(tmp_path):
+    from segcompress.commands._model_options import parse_json_arg
+
+    f = tmp_path / "recipe.json"
+    f.write_text('{"iters": 3}')
+    assert parse_json_arg('{"iters": 3}', "--recipe") == parse_json_arg(str(f), "--recipe") == {"iters": 3}
+    assert parse_json_arg(None, "--knob") == parse_json_arg("", "--knob") == {}
+    with pytest.raises(ValueError, match=r"--knob: must be a JSON object"):
+        parse_json_arg("[1, 2]", "--knob")
+    with pytest.raises(FileNotFoundError, match=r"--recipe: 'nope.json' is neither inline JSON nor an existing file"):
+        parse_json_arg("nope.json", "--recipe")
+    f.write_text("{iters: 3}")
+    with pytest.raises(ValueError, match=r"--recipe .*recipe\.json: invalid JSON"):
+        parse_json_arg(str(f), "--recipe")
+
+
 @pytest.mark.parametrize("extra, words", [
     (["--recipe", '{"iters": 10, "lrr": 1}'], ["--recipe", "lrr"]),
     (["--recipe", "{iters: 10}"], ["--recipe", "invalid JSON"]),

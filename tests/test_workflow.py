@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 from csv import DictReader
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 from snakemake.exceptions import WorkflowError
+
+from project_copy import copy_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
@@ -199,12 +200,7 @@ def test_lint_is_clean() -> None:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     """A copy of the workflow (not of data or results) to run in."""
-    for name in WORKFLOW_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, tmp_path / name)
-        else:
-            shutil.copy2(src, tmp_path / name)
+    copy_paths(WORKFLOW_FILES, ROOT, tmp_path)
     return tmp_path
 
 

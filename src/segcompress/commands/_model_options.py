@@ -64,22 +64,26 @@ def parse_crop(text: str) -> int | list[int]:
     raise argparse.ArgumentTypeError(f"crop must be S or H,W, got {text!r}")
 
 
-def parse_json_arg(text: str | None, what: str) -> dict[str, Any]:
-    """A JSON object given inline (``'{"r": 8}'``) or as the path of a ``.json`` file."""
-    if text is None or text == "":
+def parse_json_arg(value: str | None, option: str, what: str = "a JSON object") -> dict[str, Any]:
+    """A JSON object given inline (``'{"r": 8}'``) or as the path of a JSON file; ``None`` or "" is {}.
+
+    Errors are one line that names ``option`` (and the file): not JSON, no such file, not ``what``.
+    """
+    if value is None or value.strip() == "":
         return {}
-    candidate = Path(text)
-    if not text.lstrip().startswith("{") and candidate.suffix == ".json":
-        if not candidate.is_file():
-            raise FileNotFoundError(f"{candidate}: {what} file not found")
-        text = candidate.read_text()
+    text, where = value, option
+    if not value.lstrip().startswith(("{", "[")):
+        path = Path(value)
+        if not path.is_file():
+            raise FileNotFoundError(f"{option}: {value!r} is neither inline JSON nor an existing file")
+        text, where = path.read_text(), f"{option} {path}"
     try:
-        value = json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{what} is not valid JSON ({e}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{what} must be a JSON object, got {text!r}")
-    return value
+        raise ValueError(f"{where}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: must be {what}")
+    return data
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:

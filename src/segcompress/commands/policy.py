@@ -59,7 +59,7 @@ def default_img_scale(layout: str, crop: tuple[int, int]) -> tuple[int, int]:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from segcompress.commands.train import parse_json_arg
+    from segcompress.commands._model_options import parse_json_arg
     from segcompress.data.datasets import build_dataset, collate_train, seed_worker
     from segcompress.seeding import seed_everything
     from segcompress.tokens.cts import PolicyNet, policy_metadata, save_policy, train_policy

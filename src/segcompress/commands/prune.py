@@ -74,14 +74,11 @@ def training_dataset(args: argparse.Namespace, spec: Any) -> Any:
 def checked_json_object(out: Path, text: str, option: str, what: str = "a JSON object") -> dict[str, Any]:
     """The argument checks shared by ``prune`` and ``finetune``: ``--out`` must be a ``.safetensors``
     path, and ``text``, the value of ``option`` (inline JSON or a file), must be ``what``."""
-    from segcompress.commands.train import parse_json_arg
+    from segcompress.commands._model_options import parse_json_arg
 
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out}: must end in .safetensors")
-    data = parse_json_arg(text, option)
-    if not isinstance(data, dict):
-        raise ValueError(f"{option}: must be {what}")
-    return data
+    return parse_json_arg(text, option, what)
 
 
 def report_path(out: Path) -> Path:

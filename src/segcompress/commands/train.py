@@ -43,25 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"stop after this many iterations, keeping the resume point (exit status {EXIT_STOPPED})")
 
 
-def parse_json_arg(value: str, option: str) -> Any:
-    """JSON given inline or as the path of a ``.json`` file; errors name the option."""
-    text, where = value, option
-    if not value.lstrip().startswith(("{", "[")):
-        path = Path(value)
-        if not path.is_file():
-            raise FileNotFoundError(f"{option}: {value!r} is neither inline JSON nor an existing file")
-        text, where = path.read_text(), f"{option} {path}"
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-
-
 def main(args: argparse.Namespace) -> int:
     import torch
 
     from segcompress import distributed
     from segcompress.data.layouts import get_layout
+    from segcompress.commands._model_options import parse_json_arg
     from segcompress.models.segmenter import build_segmenter
     from segcompress.models.spec import spec_from_arch
     from segcompress.seeding import seed_everything
@@ -76,9 +63,7 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: must end in .safetensors")
     layout = get_layout(args.layout)
     recipe = Recipe.from_dict(parse_json_arg(args.recipe, "--recipe"), source="--recipe")
-    arch = parse_json_arg(args.arch, "--arch")
-    if not isinstance(arch, dict):
-        raise ValueError("--arch: must be a JSON object (a config backbones entry)")
+    arch = parse_json_arg(args.arch, "--arch", "a JSON object (a config backbones entry)")
     try:
         spec, pretrained = spec_from_arch(arch, layout.num_classes, crop)
     except (TypeError, ValueError) as e:
