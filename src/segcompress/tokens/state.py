@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from segcompress.models.segmenter import grid_view
+
 
 @dataclass
 class TokenState:
@@ -168,9 +170,9 @@ def cumulative_index(mask: torch.Tensor) -> torch.Tensor:
 def restore_grid(state: TokenState, values: torch.Tensor | None = None) -> torch.Tensor:
     """Values on the patch grid, (B, C, rows, cols), from per-token values (B, T, C).
 
+    A channels-last view (:func:`~segcompress.models.segmenter.grid_view`), like the decoder's masks.
+
     With ``values=None`` the state's own tokens are restored (the encoder features the rank
     analysis needs, every patch carrying the feature of the token that holds it).
     """
-    out = state.unmerge(values)
-    B, N, C = out.shape
-    return out.transpose(1, 2).reshape(B, C, *state.grid)
+    return grid_view(state.unmerge(values), state.grid)
