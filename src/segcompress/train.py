@@ -185,14 +185,15 @@ def pixel_loss_sums(
     if labels.shape != (logits.shape[0], *logits.shape[2:]):
         raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape)} (want (B, H, W))")
     labels = labels.reshape(-1)
-    ce_sum = F.cross_entropy(_class_last(logits), labels, ignore_index=ignore_index, reduction="sum")
+    rows = _class_last(logits)
+    ce_sum = F.cross_entropy(rows, labels, ignore_index=ignore_index, reduction="sum")
     valid = labels != ignore_index
     count = valid.sum().double()  # exact beyond 2**24 pixels
     if teacher_logits is None:
         return ce_sum, torch.zeros((), device=logits.device, dtype=logits.dtype), count
     t = temperature
     kl = F.kl_div(
-        F.log_softmax(_class_last(logits) / t, dim=1), F.log_softmax(_class_last(teacher_logits) / t, dim=1),
+        F.log_softmax(rows / t, dim=1), F.log_softmax(_class_last(teacher_logits) / t, dim=1),
         reduction="none", log_target=True,
     ).sum(dim=1)
     return ce_sum, (kl * valid).sum() * (t * t), count

@@ -86,6 +86,12 @@ def parse_json_arg(value: str | None, option: str, what: str = "a JSON object") 
     return data
 
 
+def require_safetensors_out(out: Path) -> None:
+    """Fail before any work when ``--out`` does not name a ``.safetensors`` file (the model format)."""
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: must end in .safetensors")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """Options that select the model, the method and (for input-dependent methods) calibration images.
 

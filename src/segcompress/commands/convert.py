@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from segcompress.commands._model_options import parse_crop
+from segcompress.commands._model_options import parse_crop, require_safetensors_out
 from segcompress.convert import FORMATS, import_checkpoint
 from segcompress.flops import count_params
 from segcompress.models.checkpoint import save_model, spec_path
@@ -33,8 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.out.suffix != ".safetensors":
-        raise ValueError(f"{args.out}: --out must end in .safetensors")
+    require_safetensors_out(args.out)
     model = import_checkpoint(
         args.format, args.checkpoint, variant=args.variant, num_classes=args.num_classes, crop=args.crop,
         backbone=args.backbone, num_heads=args.num_heads, decoder_heads=args.decoder_heads,

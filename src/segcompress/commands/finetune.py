@@ -23,7 +23,7 @@ import json
 import logging
 from pathlib import Path
 
-from segcompress.commands.prune import add_data_arguments, checked_json_object, training_dataset
+from segcompress.commands.prune import add_data_arguments, training_dataset
 
 log = logging.getLogger("segcompress.finetune")
 
@@ -65,6 +65,7 @@ def main(args: argparse.Namespace) -> int:
 
     from segcompress import distributed
     from segcompress.commands._evaluation import parse_knob
+    from segcompress.commands._model_options import parse_json_arg, require_safetensors_out
     from segcompress.data.datasets import collate_train
     from segcompress.methods import apply_method
     from segcompress.models.checkpoint import load_model, save_model
@@ -73,7 +74,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = checked_json_object(args.out, args.recipe, "--recipe")
+    require_safetensors_out(args.out)
+    data = parse_json_arg(args.recipe, "--recipe")
     extra = {k: data.pop(k, v) for k, v in KD_KEYS.items()}
     if not isinstance(extra["train_mode"], bool):
         raise ValueError("--recipe: 'train_mode' must be true or false")

@@ -59,15 +59,14 @@ def default_img_scale(layout: str, crop: tuple[int, int]) -> tuple[int, int]:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from segcompress.commands._model_options import parse_json_arg
+    from segcompress.commands._model_options import parse_json_arg, require_safetensors_out
     from segcompress.data.datasets import build_dataset, collate_train, seed_worker
     from segcompress.seeding import seed_everything
     from segcompress.tokens.cts import PolicyNet, policy_metadata, save_policy, train_policy
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.out.suffix != ".safetensors":
-        raise ValueError(f"--out {args.out}: must end in .safetensors")
+    require_safetensors_out(args.out)
     recipe = dict(RECIPE_DEFAULTS)
     overrides = parse_json_arg(args.recipe, "--recipe")
     unknown = sorted(set(overrides) - set(RECIPE_DEFAULTS))

@@ -71,16 +71,6 @@ def training_dataset(args: argparse.Namespace, spec: Any) -> Any:
                          img_scale=tuple(args.img_scale), max_images=args.max_images)
 
 
-def checked_json_object(out: Path, text: str, option: str, what: str = "a JSON object") -> dict[str, Any]:
-    """The argument checks shared by ``prune`` and ``finetune``: ``--out`` must be a ``.safetensors``
-    path, and ``text``, the value of ``option`` (inline JSON or a file), must be ``what``."""
-    from segcompress.commands._model_options import parse_json_arg
-
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out {out}: must end in .safetensors")
-    return parse_json_arg(text, option, what)
-
-
 def report_path(out: Path) -> Path:
     """``models/x/nvit-50.safetensors`` -> ``models/x/nvit-50.report.json`` (``.json`` is the spec)."""
     return out.with_name(out.name.removesuffix(".safetensors") + ".report.json")
@@ -91,6 +81,7 @@ def main(args: argparse.Namespace) -> int:
 
     import torch
 
+    from segcompress.commands._model_options import parse_json_arg, require_safetensors_out
     from segcompress.data.datasets import collate_train
     from segcompress.flops import CONVENTION, analytic_gmacs, count_gmacs
     from segcompress.io import write_json
@@ -99,7 +90,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    config_data = checked_json_object(args.out, args.config_json, "--config-json", "a JSON object of PruneConfig keys")
+    require_safetensors_out(args.out)
+    config_data = parse_json_arg(args.config_json, "--config-json", "a JSON object of PruneConfig keys")
     if args.prune_share is not None:
         config_data["prune_share"] = args.prune_share
     config = PruneConfig.from_dict(config_data, source="--config-json")

@@ -47,8 +47,8 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from segcompress import distributed
+    from segcompress.commands._model_options import parse_json_arg, require_safetensors_out
     from segcompress.data.layouts import get_layout
-    from segcompress.commands._model_options import parse_json_arg
     from segcompress.models.segmenter import build_segmenter
     from segcompress.models.spec import spec_from_arch
     from segcompress.seeding import seed_everything
@@ -59,8 +59,7 @@ def main(args: argparse.Namespace) -> int:
     if len(args.crop) not in (1, 2):
         raise ValueError("--crop takes S or H W")
     crop: int | list[int] = args.crop[0] if len(args.crop) == 1 else list(args.crop)
-    if args.out.suffix != ".safetensors":
-        raise ValueError(f"--out {args.out}: must end in .safetensors")
+    require_safetensors_out(args.out)
     layout = get_layout(args.layout)
     recipe = Recipe.from_dict(parse_json_arg(args.recipe, "--recipe"), source="--recipe")
     arch = parse_json_arg(args.arch, "--arch", "a JSON object (a config backbones entry)")
