@@ -126,13 +126,16 @@ def test_snakemake_reports_unknown_key_and_undefined_names() -> None:
 
 
 def test_dry_run_lists_the_study_grid() -> None:
-    result = snakemake("-n", "--quiet", "rules")
+    # --forceall: the whole DAG, also in a working tree where the study has already run
+    result = snakemake("-n", "--forceall", "--quiet", "rules")
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
     study = default_config()["study"]
     ds, bb, seeds = len(study["datasets"]), len(study["backbones"]), len(study["seeds"])
     conditions = 1 + len(study["corruptions"]) * len(study["severities"])
-    variants = 1 + (len(study["methods"]) - 1) * len(study["targets"])
+    finetune = default_config()["finetune"]
+    assert finetune["dense_control"]
+    variants = 2 + (len(study["methods"]) - 1) * len(study["targets"])  # dense, dense control, the grid
     compressed_token = sum(m in study["methods"] for m in ("tome", "algm", "cts", "nvit_tome"))
     assert counts["data"] == ds
     assert counts["corrupt"] == ds * len(study["corruptions"]) * len(study["severities"])
@@ -140,7 +143,11 @@ def test_dry_run_lists_the_study_grid() -> None:
     assert counts["train_policy"] == ds * bb * seeds
     assert counts["match"] == ds * bb * seeds * compressed_token * len(study["targets"])
     assert counts["measure"] == ds * bb * seeds  # the dense model's GFLOPs
-    assert counts["prune"] == counts["finetune"] > 0  # every pruned model is fine-tuned
+    # the dense control, every pruned model (prune-then-merge's too when its ToMe is not fine-tuned)
+    # and, with finetune.token_methods, every token-compressed point
+    token_ft = ds * bb * seeds * compressed_token * len(study["targets"]) if finetune["token_methods"] else 0
+    pruned_ft = counts["prune"] - (ds * bb * seeds * len(study["targets"]) if finetune["token_methods"] else 0)
+    assert counts["finetune"] == ds * bb * seeds + pruned_ft + token_ft > 0
     assert conditions > 1
     assert counts["evaluate"] == ds * bb * seeds * variants  # one job per variant: every condition
     # analyse phase: rank on its datasets and conditions, one throughput job per seed, one panel per grid cell
@@ -158,7 +165,7 @@ def test_dry_run_lists_the_study_grid() -> None:
 def test_every_phase_target_and_contract_path_resolves() -> None:
     phases = ["phase_data", "phase_corrupt", "phase_train", "phase_prune", "phase_match",
               "phase_finetune", "phase_evaluate", "phase_analyse", "phase_report"]
-    result = snakemake("-n", *phases, "--quiet", "rules")
+    result = snakemake("-n", "--forceall", *phases, "--quiet", "rules")
     assert result.returncode == 0, result.stderr
     # paths of docs/contracts.md, one per kind of output, for any grid point (not only the config's);
     # the conditions are the config's, since one job writes all of a variant's conditions
@@ -174,11 +181,12 @@ def test_every_phase_target_and_contract_path_resolves() -> None:
         "results/raw_bench/ade20k/vit_p8_d12/cts-0.5-seed0.json",
         "results/figures/qualitative/cityscapes/vit_p8_d12.png",
     ]
-    result = snakemake("-n", *paths, "--quiet", "rules")
+    result = snakemake("-n", "--forceall", *paths, "--quiet", "rules")
     assert result.returncode == 0, result.stderr
     # prune-then-merge at 0.5 (prune_share 0.5) builds on the model pruned to sqrt(0.5)
-    result = snakemake("-n", "matches/ade20k/vit_p8_d12/seed0/nvit_tome-0.5.json")
-    assert "nvit-0.7071-ft.safetensors" in result.stdout
+    result = snakemake("-n", "--forceall", "matches/ade20k/vit_p8_d12/seed0/nvit_tome-0.5.json")
+    merged = "nvit-0.7071.safetensors" if default_config()["finetune"]["token_methods"] else "nvit-0.7071-ft.safetensors"
+    assert merged in result.stdout
 
 
 def test_workflow_profile_loads() -> None:

@@ -33,8 +33,13 @@ if _bin not in os.environ.get("PATH", "").split(os.pathsep):
 CONDA_ENV = "../../envs/segcompress.yaml"
 
 STUDY = config["study"]
+FINETUNE = config["finetune"]
 TOKEN_METHODS = ("tome", "algm", "cts")
 ALL_METHODS = ("dense", *TOKEN_METHODS, "nvit", "nvit_tome")
+# The dense model trained for the same post-compression budget as the compressed variants
+# (finetune.dense_control): a reference beside the dense model, not a compression method.
+DENSE_CONTROL = "dense_control"
+REFERENCES = ("dense", DENSE_CONTROL)
 
 
 def _check_names(kind, names, defined):
@@ -58,9 +63,9 @@ def _alternation(names):
 
 FRACTION_RE = r"[0-9]*\.?[0-9]+"
 SEED_RE = r"[0-9]+"
-VARIANT_RE = rf"dense-seed{SEED_RE}|(?:{_alternation(ALL_METHODS[1:])})-{FRACTION_RE}-seed{SEED_RE}"
+VARIANT_RE = rf"(?:{_alternation(REFERENCES)})-seed{SEED_RE}|(?:{_alternation(ALL_METHODS[1:])})-{FRACTION_RE}-seed{SEED_RE}"
 
-STEM_RE = rf"nvit-{FRACTION_RE}|(?:{_alternation((*TOKEN_METHODS, 'nvit_tome'))})-{FRACTION_RE}"
+STEM_RE = rf"dense|nvit-{FRACTION_RE}|(?:{_alternation((*TOKEN_METHODS, 'nvit_tome'))})-{FRACTION_RE}"
 
 
 wildcard_constraints:
@@ -92,15 +97,15 @@ def prune_fraction(target):
 def parse_variant(variant):
     """`tome-0.5-seed0` -> ("tome", "0.5", "0"); `dense-seed0` -> ("dense", None, "0")."""
     stem, seed = variant.rsplit("-seed", 1)
-    if stem == "dense":
-        return "dense", None, seed
+    if stem in REFERENCES:
+        return stem, None, seed
     method, target = stem.rsplit("-", 1)
     return method, target, seed
 
 
 def variant_name(method, target, seed):
-    if method == "dense":
-        return f"dense-seed{seed}"
+    if method in REFERENCES:
+        return f"{method}-seed{seed}"
     return f"{method}-{fraction_text(target)}-seed{seed}"
 
 
@@ -144,7 +149,16 @@ def row_path(ds, arch, variant, corruption, severity):
 def pruned_model(ds, arch, seed, fraction):
     """The pruned model at `fraction` as later stages use it (fine-tuned unless finetune.pruned is false)."""
     name = f"nvit-{fraction_text(fraction)}"
-    return model_path(ds, arch, seed, f"{name}-ft" if config["finetune"]["pruned"] else name)
+    return model_path(ds, arch, seed, f"{name}-ft" if FINETUNE["pruned"] else name)
+
+
+def merge_base(ds, arch, seed, target):
+    """The pruned model prune-then-merge attaches ToMe to at `target`: the raw pruned model when it
+    is fine-tuned with ToMe attached (finetune.token_methods), else the pruned model as NViT uses it."""
+    fraction = prune_fraction(target)
+    if FINETUNE["token_methods"]:
+        return model_path(ds, arch, seed, f"nvit-{fraction}")
+    return pruned_model(ds, arch, seed, fraction)
 
 
 # -------------------------------------------------------------------------------- the grid
@@ -162,6 +176,47 @@ def _compressed(methods):
     return [(m, t) for m in STUDY["methods"] if m in methods for t in STUDY["targets"]]
 
 
+# ------------------------------------------------------------- post-compression training budget
+# Every variant trained after compression gets the same number of training iterations on top of
+# the dense model: NViT trains while it prunes (methods.nvit steps x interval) and is then
+# fine-tuned for finetune.recipe.iters; the dense control and every fine-tuned token method get
+# those two numbers together, in one fine-tuning run with the same recipe and distillation.
+# Prune-then-merge fine-tunes its raw pruned model with ToMe attached (finetune.token_methods) or
+# merges the fine-tuned pruned model off the shelf: the same total either way.
+
+
+def pruning_iters():
+    """Training iterations of one NViT pruning run (0 when the study prunes nothing)."""
+    if not _compressed(("nvit", "nvit_tome")):
+        return 0
+    nvit = config["methods"]["nvit"]
+    return int(nvit["steps"]) * int(nvit["interval"])
+
+
+def post_train_iters(method):
+    """Training iterations a variant of `method` gets after the dense model (0: off the shelf)."""
+    tuned = FINETUNE["recipe"]["iters"]
+    if method == "dense":
+        return 0
+    if method == DENSE_CONTROL:
+        return pruning_iters() + tuned
+    if method == "nvit":
+        return pruning_iters() + (tuned if FINETUNE["pruned"] else 0)
+    if method == "nvit_tome":
+        return pruning_iters() + (tuned if FINETUNE["pruned"] or FINETUNE["token_methods"] else 0)
+    return pruning_iters() + tuned if FINETUNE["token_methods"] else 0
+
+
+def finetune_recipe(wildcards):
+    """Params function: finetune.recipe as JSON, its iterations topped up so that the model ends
+    with its method's post-compression budget (a pruned model has already trained while pruning)."""
+    method = wildcards.stem.rsplit("-", 1)[0]
+    method = DENSE_CONTROL if method == "dense" else method
+    already = pruning_iters() if method in ("nvit", "nvit_tome") else 0
+    recipe = {**FINETUNE["recipe"], "iters": post_train_iters(method) - already}
+    return json.dumps(recipe, sort_keys=True, separators=(",", ":"))
+
+
 def severities_of(corruption):
     """Severities of `corruption`: its category's study.category_severities entry, else study.severities."""
     by_category = STUDY.get("category_severities") or {}
@@ -175,6 +230,8 @@ def conditions():
 
 def variants(seed):
     out = [variant_name("dense", None, seed)] if "dense" in STUDY["methods"] else []
+    if FINETUNE["dense_control"]:
+        out.append(variant_name(DENSE_CONTROL, None, seed))
     return out + [variant_name(m, t, seed) for m, t in _compressed(ALL_METHODS[1:])]
 
 
@@ -227,9 +284,14 @@ def match_targets():
 def finetune_targets():
     out = []
     for ds, arch, seed in _grid():
-        if config["finetune"]["pruned"]:
-            out += [pruned_model(ds, arch, seed, f) for f in prune_fractions()]
-        if config["finetune"]["token_methods"]:
+        if FINETUNE["dense_control"]:
+            out.append(model_path(ds, arch, seed, "dense-ft"))
+        if FINETUNE["pruned"]:  # prune-then-merge fine-tunes its own pruned models with ToMe attached
+            fractions = [fraction_text(t) for m, t in _compressed(("nvit",))]
+            if not FINETUNE["token_methods"]:
+                fractions += [prune_fraction(t) for m, t in _compressed(("nvit_tome",))]
+            out += [pruned_model(ds, arch, seed, f) for f in sorted(set(fractions), key=float, reverse=True)]
+        if FINETUNE["token_methods"]:
             out += [
                 model_path(ds, arch, seed, f"{m}-{fraction_text(t)}-ft")
                 for m, t in _compressed((*TOKEN_METHODS, "nvit_tome"))
@@ -350,24 +412,27 @@ def match_inputs(wildcards):
     dense = model_path(ds, arch, seed, "dense")
     inputs = {"dense": dense, "manifest": dataset_manifest(ds), "model": dense}
     if wildcards.method == "nvit_tome":
-        inputs["model"] = pruned_model(ds, arch, seed, prune_fraction(wildcards.target))
+        inputs["model"] = merge_base(ds, arch, seed, wildcards.target)
     if wildcards.method == "cts":
         inputs["policy"] = policy_of(wildcards)
     return inputs
 
 
 def finetune_inputs(wildcards):
-    """What fine-tuning `stem` (nvit-F, or <token method>-T) reads."""
+    """What fine-tuning `stem` (dense: the dense control; nvit-F; or <token method>-T) reads."""
     ds, arch, seed = wildcards.ds, wildcards.arch, wildcards.seed
     dense = model_path(ds, arch, seed, "dense")
     inputs = {"teacher": dense, "manifest": dataset_manifest(ds)}
+    if wildcards.stem == "dense":
+        inputs["model"] = dense
+        return inputs
     method, target = wildcards.stem.rsplit("-", 1)
     if method == "nvit":
         inputs["model"] = model_path(ds, arch, seed, wildcards.stem)
         return inputs
     inputs["match"] = match_path(ds, arch, seed, method, target)
     if method == "nvit_tome":
-        inputs["model"] = pruned_model(ds, arch, seed, prune_fraction(target))
+        inputs["model"] = merge_base(ds, arch, seed, target)
     else:
         inputs["model"] = dense
     if method == "cts":
@@ -380,12 +445,14 @@ def variant_model(ds, arch, variant):
     method, target, seed = parse_variant(variant)
     if method == "dense":
         return model_path(ds, arch, seed, "dense")
+    if method == DENSE_CONTROL:
+        return model_path(ds, arch, seed, "dense-ft")
     if method == "nvit":
         return pruned_model(ds, arch, seed, target)
-    if config["finetune"]["token_methods"]:
+    if FINETUNE["token_methods"]:
         return model_path(ds, arch, seed, f"{method}-{fraction_text(target)}-ft")
     if method == "nvit_tome":
-        return pruned_model(ds, arch, seed, prune_fraction(target))
+        return merge_base(ds, arch, seed, target)
     return model_path(ds, arch, seed, "dense")
 
 
@@ -394,7 +461,7 @@ def variant_inputs(wildcards):
     ds, arch = wildcards.ds, wildcards.arch
     method, target, seed = parse_variant(wildcards.variant)
     inputs = {"model": variant_model(ds, arch, wildcards.variant), "manifest": dataset_manifest(ds)}
-    if method == "dense":
+    if method in REFERENCES:
         inputs["match"] = dense_flops_path(ds, arch, seed)
     elif method == "nvit":
         inputs["match"] = prune_report_path(ds, arch, seed, target)
@@ -593,13 +660,14 @@ def applied_method(variant):
     """The token method a variant's checkpoint runs with: a pruned model runs as it is (dense),
     prune-then-merge is ToMe on the pruned model."""
     method = parse_variant(variant)[0]
-    return {"nvit": "dense", "nvit_tome": "tome"}.get(method, method)
+    return {"nvit": "dense", "nvit_tome": "tome", DENSE_CONTROL: "dense"}.get(method, method)
 
 
 def _variant_tags(ds, arch, variant):
     """Identity columns of a variant (no condition): what rank and bench rows are joined on."""
     method, target, seed = parse_variant(variant)
-    tags = {"dataset": ds, "backbone": arch, "variant": variant, "method": method, "seed": seed}
+    tags = {"dataset": ds, "backbone": arch, "variant": variant, "method": method, "seed": seed,
+            "post_train_iters": post_train_iters(method)}
     if target is not None:
         tags["target_fraction"] = target
     return tags
@@ -678,7 +746,7 @@ def finetune_method_options(wildcards, input):
     as `segcompress evaluate --knob` does.
     """
     method = wildcards.stem.rsplit("-", 1)[0]
-    if method == "nvit":
+    if method in ("dense", "nvit"):
         return "--method dense"
     applied = "tome" if method == "nvit_tome" else method
     return f"--method {applied} --knob {input.match}"

@@ -15,7 +15,7 @@ rule finetune:
         root=input_dir("manifest"),
         crop=lookup(dpath="datasets/{ds}/crop", within=config),
         img_scale=img_scale,
-        recipe=config_json("finetune/recipe"),
+        recipe=finetune_recipe,
         method=finetune_method_options,
     log:
         "logs/finetune/{ds}/{arch}/seed{seed}/{stem}-ft.log",
