@@ -62,3 +62,21 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` as safetensors, atomically and byte-reproducibly.
+
+    safetensors writes its JSON header from a hash map, so the same tensors and metadata come out
+    with their keys in a different order from run to run; the header is rewritten here with sorted
+    keys (the tensor data and each tensor's offsets are unchanged), so the same content always
+    gives the same bytes and the same hash (DVC, sha256).
+    """
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata or None)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8-byte alignment with spaces
+    atomic_write_bytes(path, len(text).to_bytes(8, "little") + text + data[8 + n:])

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from segcompress.io import atomic_path
+from segcompress.io import write_safetensors
 from segcompress.models.segmenter import Segmenter, build_segmenter
 from segcompress.models.spec import SegmenterSpec
 
@@ -23,14 +23,14 @@ def spec_path(weights: str | Path) -> Path:
 
 
 def save_model(model: Segmenter, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write ``path`` (.safetensors) and its spec (.json), each atomically, spec first."""
+    """Write ``path`` (.safetensors) and its spec (.json), each atomically, spec first; the same
+    weights and metadata always give the same bytes."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: checkpoint path must end in .safetensors")
     model.spec.save(spec_path(path))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata or {})
+    write_safetensors(path, state, metadata)
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Segmenter:
