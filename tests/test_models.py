@@ -126,3 +126,21 @@ def test_spec_from_timm_reads_widths():
     spec = spec_from_timm("vit_base_patch16_384", num_classes=19, img_size=768)
     assert (spec.embed_dim, spec.depth, spec.num_heads, spec.patch_size) == (768, 12, 12, 16)
     assert spec.grid == (48, 48) and spec.decoder_heads == 12
+
+
+def test_checkpoint_refuses_a_tampered_spec_and_garbage_weights(tmp_path):
+    """A spec edited after saving so that shapes still fit is refused, naming the changed key; a
+    truncated or garbage weights file is one clear error naming it."""
+    model = build_segmenter(tiny_spec())
+    path = tmp_path / "dense.safetensors"
+    save_model(model, path)
+    spec = json.loads(spec_path(path).read_text())
+    spec["norm_eps"] = 1e-3  # every shape still fits
+    spec_path(path).write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="norm_eps"):
+        load_model(path)
+    for cut in (100, -100):  # a broken header; the data cut short
+        save_model(model, path)
+        path.write_bytes(path.read_bytes()[:cut])
+        with pytest.raises(ValueError, match=f"{path}: not a readable safetensors file"):
+            load_model(path)

@@ -31,8 +31,11 @@ VERBS: dict[str, str] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from segcompress import __version__
+
     parser = argparse.ArgumentParser(prog="segcompress", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"segcompress {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb, help_text in VERBS.items():
         sub.add_parser(verb, help=help_text, description=help_text, add_help=False)
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     verb = known.verb
     module = importlib.import_module(f"segcompress.commands.{verb.replace('-', '_')}")
     verb_parser = argparse.ArgumentParser(prog=f"segcompress {verb}", description=VERBS[verb])
-    verb_parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verb_parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     module.add_arguments(verb_parser)
     args = verb_parser.parse_args(argv[1:])
     logging.basicConfig(
@@ -56,11 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(module.main(args) or 0)
-    except (FileNotFoundError, ValueError, KeyError) as e:  # bad input: one clear line, no traceback
+    except Exception as e:  # bad input, a full disk, an unwritable folder: one line, no traceback
         if args.verbose:
             raise
-        print(f"segcompress {verb}: error: {e}", file=sys.stderr)
+        print(f"segcompress {verb}: error: {error_text(e)} (-v shows the traceback)", file=sys.stderr)
         return 2
+
+
+def error_text(e: BaseException) -> str:
+    """One line for an error: the message of an expected error (bad input names its file and fix);
+    for any other, its type too, so an unexpected failure is not mistaken for bad input."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, (FileNotFoundError, ValueError, KeyError)):
+        return text
+    if isinstance(e, OSError) and e.filename is not None:  # full disk, permission denied: name the path
+        return f"{e.filename}: {e.strerror or text}"
+    return f"{type(e).__name__}: {text}"
 
 
 if __name__ == "__main__":

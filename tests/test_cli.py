@@ -1,0 +1,53 @@
+"""The command line: --version, and one clear line (exit 2, no traceback, nothing half-written)
+for bad input that no verb anticipates: unreadable weights, an output where no file can go."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from segcompress import __version__
+from segcompress.models import SegmenterSpec, build_segmenter
+from segcompress.models.checkpoint import save_model
+
+ARCH = '{"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}'
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "segcompress", *args], capture_output=True, text=True, timeout=120)
+
+
+def one_line_error(result: subprocess.CompletedProcess, verb: str) -> str:
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert err[0].startswith(f"segcompress {verb}: error:")
+    return err[0]
+
+
+def test_version():
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"segcompress {__version__}"
+
+
+@pytest.mark.parametrize("cut", [0, 40, -64])
+def test_truncated_or_garbage_weights_are_one_line_naming_the_file(tmp_path, cut):
+    path = tmp_path / "dense.safetensors"
+    save_model(build_segmenter(SegmenterSpec(num_classes=5, img_size=32, patch_size=8, embed_dim=32, depth=1,
+                                             num_heads=2)), path)
+    path.write_bytes(b"not a checkpoint at all" if cut == 0 else path.read_bytes()[:cut])
+    line = one_line_error(run("flops", "--model", str(path)), "flops")
+    assert str(path) in line and "safetensors" in line
+
+
+def test_unwritable_output_is_one_line_naming_the_path(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    out = blocker / "sub" / "flops.json"
+    line = one_line_error(run("flops", "--arch", ARCH, "--num-classes", "5", "--crop", "32", "--out", str(out)),
+                          "flops")
+    assert str(blocker) in line
+    assert blocker.read_text() == "a file where a folder should be" and not list(tmp_path.glob(".*tmp"))
