@@ -1,8 +1,11 @@
-"""Sliding-window inference, the mIoU metric against an independent implementation, the verb."""
+"""Sliding-window inference, the mIoU metric against an independent implementation, per-image
+areas, per-condition cost of input-dependent methods, provenance, the verb."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +16,13 @@ from torch import nn
 from segcompress.cli import main as cli_main
 from segcompress.data.datasets import build_dataset
 from segcompress.data.synthetic import generate
-from segcompress.evaluate import SegMetric, evaluate, predict, slide_inference, window_starts
+from segcompress.evaluate import (
+    SegMetric, areas_from_per_image, evaluate, miou_of, predict, slide_inference, window_starts,
+)
 from segcompress.models import SegmenterSpec, build_segmenter
 from segcompress.models.checkpoint import save_model
+from segcompress.provenance import settings_hash
+from tiny_segmenter import tiny_model, tiny_spec
 
 torch.set_num_threads(1)
 
@@ -105,6 +112,14 @@ def test_metric_equals_confusion_matrix() -> None:
         labels.append(label)
         metric.update(torch.from_numpy(pred), torch.from_numpy(label))
     got, ref = metric.compute(), confusion_metrics(preds, labels, k)
+    # per image: sparse (no class without union), ints, and summing to the dataset's areas
+    assert len(metric.per_image) == 3
+    assert all(k - 1 not in e["classes"] and all(isinstance(v, int) for v in e["intersect"] + e["label"])
+               for e in metric.per_image)
+    areas = areas_from_per_image(metric.per_image, k)
+    assert areas.shape == (3, 4, k) and areas.dtype == np.int64
+    assert np.array_equal(areas.sum(0), metric.areas.numpy())
+    assert miou_of(areas) == pytest.approx(got["miou"], rel=1e-12)
     assert got["miou"] == pytest.approx(ref["miou"], abs=1e-12)
     assert got["aacc"] == pytest.approx(ref["aacc"], abs=1e-12)
     assert got["macc"] == pytest.approx(ref["macc"], abs=1e-12)
@@ -117,6 +132,27 @@ def test_metric_counts_a_predicted_but_absent_class_as_zero() -> None:
     metric.update(torch.tensor([[0, 2], [1, 1]]), torch.tensor([[0, 1], [1, 255]]))
     got = metric.compute()
     assert got["iou"] == [1.0, 0.5, 0.0] and got["miou"] == pytest.approx(0.5)
+
+
+def test_areas_from_per_image_and_miou_of_by_hand() -> None:
+    per_image = [
+        {"name": "a", "classes": [0, 2], "intersect": [3, 1], "union": [4, 2], "label": [4, 1], "pred": [3, 2]},
+        {"name": "b", "classes": [2], "intersect": [1], "union": [2], "label": [2], "pred": [1]},
+        {"name": "c", "classes": [], "intersect": [], "union": [], "label": [], "pred": []},
+    ]
+    areas = areas_from_per_image(per_image, 3)
+    assert areas[0].tolist() == [[3, 0, 1], [4, 0, 2], [3, 0, 2], [4, 0, 1]]  # intersect, union, pred, label
+    assert not areas[2].any()
+    # summed: class 0 IoU 3/4, class 2 IoU 2/4, class 1 absent (not counted)
+    assert miou_of(areas) == pytest.approx((3 / 4 + 2 / 4) / 2)
+    assert miou_of(areas[1]) == pytest.approx(0.5)  # one image, (4, classes)
+    assert np.isnan(miou_of(areas[2]))
+    with pytest.raises(ValueError, match="class index outside 0..1"):
+        areas_from_per_image(per_image, 2)
+    with pytest.raises(ValueError, match="differ in length"):
+        areas_from_per_image([{**per_image[1], "pred": [1, 2]}], 3)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 4, classes\)"):
+        miou_of(np.zeros((3, 5)))
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +176,18 @@ def test_evaluate_on_dataset_matches_independent_metric(city: Path) -> None:
     assert result["miou"] == pytest.approx(ref["miou"], abs=1e-12)
     assert result["aacc"] == pytest.approx(ref["aacc"], abs=1e-12)
     assert result["macc"] == pytest.approx(ref["macc"], abs=1e-12)
+    assert [e["name"] for e in result["per_image"]] == [ds[i]["name"] for i in range(len(ds))]
+    assert_per_image_gives_the_metrics(result, 19)
+
+
+def assert_per_image_gives_the_metrics(row: dict, num_classes: int) -> None:
+    """Summed over images, a row's per-image areas give its mIoU, aAcc and mAcc."""
+    areas = areas_from_per_image(row["per_image"], num_classes)
+    assert areas.shape == (row["num_images"], 4, num_classes)
+    intersect, _, _, label = areas.sum(0).astype(float)
+    assert miou_of(areas) == pytest.approx(row["miou"], rel=1e-12)
+    assert intersect.sum() / label.sum() == pytest.approx(row["aacc"], rel=1e-12)
+    assert np.mean(intersect[label > 0] / label[label > 0]) == pytest.approx(row["macc"], rel=1e-12)
 
 
 def test_evaluate_verb_writes_a_row(city: Path, tmp_path: Path) -> None:
@@ -159,6 +207,9 @@ def test_evaluate_verb_writes_a_row(city: Path, tmp_path: Path) -> None:
     assert 0 <= row["miou"] <= 1 and 0 <= row["aacc"] <= 1 and row["num_images"] == 3
     assert len(row["per_class_iou"]) == 19 and row["torch"] == torch.__version__ and row["timm"]
     assert row["params_m"] > 0 and row["crop"] == [64, 64] and row["stride"] == 40
+    assert_per_image_gives_the_metrics(row, 19)
+    # an input-independent method keeps the match file's cost
+    assert row["gflops_source"] == "match" and row["calibration_gflops"] == 0.01 and row["gflops_std"] is None
     # same model, same data: same numbers through the Python API
     ref = evaluate(tiny(19), build_dataset("cityscapes", city, "val", "test", 64, (256, 96)), 64, 40, 19,
                    progress=False)
@@ -197,6 +248,71 @@ def test_evaluate_verb_runs_several_conditions_in_one_process(city: Path, tmp_pa
     assert cli_main(base + ["--condition", "fog", "x", str(fog), str(foggy)]) == 2
     assert cli_main(base + ["--out", str(single), "--condition", "fog", "3", str(fog), str(foggy)]) == 2
     shutil.rmtree(fog.parents[1])
+
+
+def test_evaluate_rows_carry_provenance(city: Path, tmp_path: Path) -> None:
+    """Version, source revision, dirty flag, and a settings hash that follows the settings."""
+    import segcompress
+
+    ckpt = tmp_path / "dense.safetensors"
+    save_model(tiny(19), ckpt)
+    base = ["evaluate", "--model", str(ckpt), "--layout", "cityscapes", "--root", str(city), "--img-scale", "256",
+            "96", "--no-progress", "--tag", "seed=0", "--max-images", "1"]
+    rows = {}
+    for stride in (40, 48):
+        a, b = tmp_path / f"{stride}/clean/0.json", tmp_path / f"{stride}/fog/1.json"
+        assert cli_main(base + ["--stride", str(stride), "--condition", "clean", "0", "-", str(a),
+                                "--condition", "fog", "1", str(city), str(b)]) == 0
+        rows[stride] = [json.loads(a.read_text()), json.loads(b.read_text())]
+    row = rows[40][0]
+    assert row["segcompress_version"] == segcompress.__version__
+    revision, dirty = row["source_revision"], row["source_dirty"]
+    assert re.fullmatch(r"[0-9a-f]{40}", revision) and dirty in (True, False) or (revision, dirty) == ("unknown", None)
+    assert re.fullmatch(r"[0-9a-f]{16}", row["settings_hash"])
+    assert rows[40][1]["settings_hash"] == row["settings_hash"]  # every condition of a variant shares it
+    assert rows[48][0]["settings_hash"] != row["settings_hash"]  # another stride: other settings
+
+
+def test_settings_hash_is_canonical() -> None:
+    a = settings_hash({"stride": 40, "knob": {"r": 8, "prop_attn": True}})
+    assert a == settings_hash({"knob": {"prop_attn": True, "r": 8}, "stride": 40}) and len(a) == 16
+    assert a != settings_hash({"stride": 48, "knob": {"r": 8, "prop_attn": True}})
+
+
+def test_algm_rows_measure_gflops_on_their_own_condition(city: Path, tmp_path: Path) -> None:
+    """ALGM's cost depends on the image: each condition's row holds its own mean and std, the
+    clean one equal to the matcher's calibration count on the same images."""
+    from PIL import Image
+
+    from segcompress.commands._model_options import calibration_images
+    from segcompress.tokens.cost import algm_cost
+
+    model = tiny_model(tiny_spec([64, 64], 8, 4, num_classes=19))
+    ckpt = tmp_path / "algm.safetensors"
+    save_model(model, ckpt)
+    knob = {"threshold": 0.5, "layers": [1, 3]}
+    match = tmp_path / "match.json"
+    match.write_text(json.dumps({"knob": knob, "achieved_gflops": 0.5, "gflops_std": 0.01, "target_fraction": 0.7}))
+    noise = tmp_path / "city-c/gaussian_noise/5"  # the val images with strong Gaussian noise, as .png
+    rng = np.random.default_rng(0)
+    for src in sorted((city / "leftImg8bit/val").rglob("*.png")):
+        dst = noise / src.relative_to(city).with_suffix(".png")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        img = np.asarray(Image.open(src).convert("RGB"), dtype=float) / 255
+        Image.fromarray((np.clip(img + rng.normal(0, 0.38, img.shape), 0, 1) * 255).astype(np.uint8)).save(dst)
+    clean, noisy = tmp_path / "clean/0.json", tmp_path / "gaussian_noise/5.json"
+    assert cli_main(["evaluate", "--model", str(ckpt), "--method", "algm", "--match", str(match), "--layout",
+                     "cityscapes", "--root", str(city), "--img-scale", "256", "96", "--stride", "40", "--no-progress",
+                     "--condition", "clean", "0", "-", str(clean), "--condition", "gaussian_noise", "5", str(noise),
+                     str(noisy)]) == 0
+    clean_row, noisy_row = json.loads(clean.read_text()), json.loads(noisy.read_text())
+    for row in clean_row, noisy_row:
+        assert row["gflops_source"] == "condition" and row["calibration_gflops"] == 0.5
+        assert row["gflops_std"] > 0  # the images differ in cost
+    assert noisy_row["achieved_gflops"] != pytest.approx(clean_row["achieved_gflops"], rel=1e-3)
+    calib = argparse.Namespace(calib_layout="cityscapes", calib_root=city, calib_split="val", calib_images=3)
+    ref = algm_cost(model, list(calibration_images(calib, model.spec)), knob)
+    assert (clean_row["achieved_gflops"], clean_row["gflops_std"]) == pytest.approx((ref.mean, ref.std), rel=1e-12)
 
 
 def test_evaluate_verb_errors(city: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

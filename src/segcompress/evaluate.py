@@ -11,6 +11,11 @@ Metrics are accumulated over the whole dataset with mmseg's ``IoUMetric`` machin
 2-decimal rounding: mIoU and mAcc are the nanmean over classes (classes absent from both the
 ground truth and the predictions do not count), aAcc is the pixel accuracy. All are fractions
 in [0, 1] (the report scales them to percent).
+
+The dataset areas are also kept per image (:attr:`SegMetric.per_image`, sparse: the classes with a
+nonzero union only), so a report can resample images (bootstrap) or pair two models image by image;
+:func:`areas_from_per_image` turns them back into a dense array and :func:`miou_of` computes the
+mIoU of summed areas.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import platform
 import time
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,22 +127,35 @@ def predict(
     return logits[0].argmax(0)
 
 
+# Rows of SegMetric.areas and of areas_from_per_image's arrays.
+AREA_ROWS = ("intersect", "union", "pred", "label")
+
+
 class SegMetric:
-    """Dataset-level confusion areas per class (mmseg ``IoUMetric.intersect_and_union``), in float64."""
+    """Dataset-level confusion areas per class (mmseg ``IoUMetric.intersect_and_union``), in float64.
+
+    Attributes:
+        areas: (4, K) float64, rows :data:`AREA_ROWS`, summed over the images so far.
+        per_image: one entry per image, in update order (:func:`sparse_areas`).
+    """
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.areas = torch.zeros((4, num_classes), dtype=torch.float64)  # intersect, union, pred, label
+        self.per_image: list[dict[str, Any]] = []
 
-    def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
-        """Add one image: ``pred`` and ``label`` (H, W) integer maps of the same size."""
+    def update(self, pred: torch.Tensor, label: torch.Tensor, name: str = "") -> None:
+        """Add one image, named ``name`` in :attr:`per_image`: ``pred`` and ``label`` (H, W)
+        integer maps of the same size."""
         from mmseg.evaluation import IoUMetric
 
         if pred.shape != label.shape:
             raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(label.shape)} differ in size")
         areas = IoUMetric.intersect_and_union(pred, label, self.num_classes, self.ignore_index)
-        self.areas += torch.stack([a.to(torch.float64).cpu() for a in areas])
+        image = torch.stack([a.to(torch.float64).cpu() for a in areas])
+        self.areas += image
+        self.per_image.append(sparse_areas(name, image))
 
     def compute(self) -> dict[str, Any]:
         """``miou``, ``aacc``, ``macc`` and per-class ``iou`` / ``acc`` (fractions in [0, 1]; None = NaN)."""
@@ -151,6 +170,53 @@ class SegMetric:
             "iou": [_float(v) for v in iou],
             "acc": [_float(v) for v in acc],
         }
+
+
+def sparse_areas(name: str, areas: torch.Tensor) -> dict[str, Any]:
+    """One image's entry of a row's ``per_image``: its (4, K) areas (rows :data:`AREA_ROWS`) on
+    the classes with a nonzero union, as ints.
+
+    A class with no union has no intersection, prediction or label either, so nothing is lost.
+    """
+    classes = torch.nonzero(areas[1] > 0).flatten()
+    kept = areas[:, classes].round().to(torch.int64).tolist()
+    intersect, union, pred, label = kept
+    return {"name": name, "classes": classes.tolist(), "intersect": intersect, "union": union, "label": label,
+            "pred": pred}
+
+
+def areas_from_per_image(per_image: Sequence[dict[str, Any]], num_classes: int) -> np.ndarray:
+    """A row's ``per_image`` as a dense int64 array (images, 4, classes), rows :data:`AREA_ROWS`
+    (intersect, union, pred, label); classes an image does not list are 0.
+
+    Raises:
+        ValueError: an entry whose class index is outside 0..num_classes-1, or whose lists differ
+            in length from its ``classes``.
+    """
+    out = np.zeros((len(per_image), 4, num_classes), dtype=np.int64)
+    for i, entry in enumerate(per_image):
+        classes = np.asarray(entry["classes"], dtype=np.int64)
+        if classes.size and (classes.min() < 0 or classes.max() >= num_classes):
+            raise ValueError(f"per_image[{i}] ({entry.get('name')!r}): class index outside 0..{num_classes - 1}; "
+                             f"pass the dataset's number of classes")
+        rows = [entry[key] for key in AREA_ROWS]
+        if any(len(r) != classes.size for r in rows):
+            raise ValueError(f"per_image[{i}] ({entry.get('name')!r}): its area lists and 'classes' differ in length")
+        out[i][:, classes] = np.asarray(rows, dtype=np.int64).reshape(4, classes.size)
+    return out
+
+
+def miou_of(areas: np.ndarray) -> float:
+    """mIoU of areas (..., 4, classes), rows :data:`AREA_ROWS`, summed over every leading axis:
+    the mean of intersect / union over the classes whose summed union is > 0 (NaN if none)."""
+    areas = np.asarray(areas, dtype=np.float64)
+    if areas.ndim < 2 or areas.shape[-2] != 4:
+        raise ValueError(f"areas must have shape (..., 4, classes), got {areas.shape}")
+    total = areas.reshape(-1, 4, areas.shape[-1]).sum(axis=0)
+    present = total[1] > 0
+    if not present.any():
+        return math.nan
+    return float(np.mean(total[0, present] / total[1, present]))
 
 
 def _float(v: torch.Tensor) -> float | None:
@@ -172,7 +238,8 @@ def evaluate(
     """mIoU of ``model`` over a test-mode dataset (items ``{"image", "label", "name"}``).
 
     Returns:
-        :meth:`SegMetric.compute`'s dict plus ``num_images`` and ``seconds`` (wall time).
+        :meth:`SegMetric.compute`'s dict plus ``num_images``, ``seconds`` (wall time) and
+        ``per_image`` (:attr:`SegMetric.per_image`, in dataset order).
     """
     from tqdm import tqdm
 
@@ -184,20 +251,24 @@ def evaluate(
     for item in tqdm(loader, total=len(dataset), desc="evaluate", unit="img", disable=not progress):
         label = item["label"].to(device)
         pred = predict(model, item["image"].to(device), label.shape, crop, stride, batch_size)
-        metric.update(pred, label)
+        metric.update(pred, label, item["name"])
         n += 1
     result = metric.compute()
-    result.update(num_images=n, seconds=time.perf_counter() - start)
+    result.update(num_images=n, seconds=time.perf_counter() - start, per_image=metric.per_image)
     return result
 
 
 def environment(device: str | torch.device) -> dict[str, Any]:
-    """Hardware and software columns of a results row."""
+    """Hardware and software columns of a results row, and the code that produced it
+    (:func:`segcompress.provenance.code_provenance`)."""
     import timm
+
+    from segcompress.provenance import code_provenance
 
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
-    return {"device": name, "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()}
+    return {"device": name, "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
+            **code_provenance()}

@@ -14,7 +14,7 @@ import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 # Columns of docs/contracts.md ("Results rows"), in order; unknown ones stay None.
 ROW_COLUMNS = (
@@ -30,10 +30,14 @@ IDENTITY_COLUMNS = (
 # Columns the running verb measures or takes from its own arguments; tags may set every other one
 # (a pruned model's row, for instance, sets method=nvit while --method is dense).
 RESERVED = frozenset({
-    "params_m", "miou", "aacc", "macc", "num_images", "per_class_iou", "per_class_acc", "seconds",
+    "params_m", "miou", "aacc", "macc", "num_images", "per_class_iou", "per_class_acc", "per_image", "seconds",
     "device", "torch", "timm", "python", "split", "crop", "stride", "img_scale", "model", "img_root",
+    "gflops_source", "calibration_gflops", "segcompress_version", "source_revision", "source_dirty", "settings_hash",
 })
 MATCH_COLUMNS = ("target_fraction", "target_gflops", "achieved_gflops", "gflops_std")
+# Where a row's achieved_gflops / gflops_std come from: measured on the row's own images (an
+# input-dependent method), or the variant's match file (the same on every condition).
+GFLOPS_SOURCES = ("condition", "match")
 
 
 def add_variant_arguments(parser: argparse.ArgumentParser, out_help: str = "results row (JSON)") -> None:
@@ -211,6 +215,7 @@ class VariantRun:
     Attributes:
         model: the Segmenter with the method attached, in eval mode, on ``device``.
         spec: its architecture.
+        method: the attached method (``--method``).
         knob: the method's knob.
         match: the ``--match`` file's content (empty without one).
         tags: the ``--tag`` columns.
@@ -219,11 +224,14 @@ class VariantRun:
         crop: window size (the model's crop).
         stride: window stride.
         params_m: parameters of the model (millions).
+        model_sha256: sha256 of the checkpoint's weights and of its spec file.
         dataset: the test-mode dataset (``segcompress.data.datasets.build_dataset``).
+        dataset_args: the arguments that built ``dataset``.
     """
 
     model: Any
     spec: Any
+    method: str
     knob: dict[str, Any]
     match: dict[str, Any]
     tags: dict[str, Any]
@@ -232,6 +240,7 @@ class VariantRun:
     crop: tuple[int, int]
     stride: int
     params_m: float
+    model_sha256: dict[str, str]
     dataset: Any = field(repr=False)
     dataset_args: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -266,6 +275,72 @@ class VariantRun:
             "model": str(args.model), "img_root": None if condition.img_root is None else str(condition.img_root),
         }
 
+    def settings_hash(self, args: argparse.Namespace) -> str:
+        """:func:`segcompress.provenance.settings_hash` of the variant's own settings: the method
+        and its knob, the evaluation's split, crop, stride, resize scale and image count, the
+        checkpoint's content (sha256 of weights and spec) and the match file's content. The image
+        condition is not part of it: every condition of a variant shares the hash."""
+        from segcompress.provenance import settings_hash
+
+        return settings_hash({
+            "method": self.method, "knob": self.knob, "split": args.split, "crop": list(self.crop),
+            "stride": self.stride, "img_scale": list(args.img_scale), "max_images": args.max_images,
+            "model_sha256": self.model_sha256, "match": self.match or None,
+        })
+
+    def gflops(self, condition: Condition, batch_size: int = 8) -> dict[str, Any]:
+        """The row's cost columns that depend on the condition: ``gflops_source`` and
+        ``calibration_gflops`` (the match file's ``achieved_gflops``, None without one), and for an
+        input-dependent method ``achieved_gflops`` and ``gflops_std``.
+
+        An input-dependent method (:func:`segcompress.tokens.cost.is_input_dependent`) is measured
+        on this condition's images, one crop per image as the matcher's calibration images
+        (:func:`segcompress.tokens.cost.image_crops`): mean and population std, source
+        ``condition``. Any other method keeps the identity's values (:meth:`identity`: the match
+        file's), source ``match`` (None when the match file has no ``achieved_gflops``).
+        """
+        from segcompress.tokens.cost import image_crops, is_input_dependent, method_cost
+
+        calibration = self.match.get("achieved_gflops")
+        if not is_input_dependent(self.method):
+            return {"gflops_source": "match" if calibration is not None else None, "calibration_gflops": calibration}
+        args = self.dataset_args
+        crops = image_crops(args["layout"], args["root"], args["split"], self.crop, args["max_images"],
+                            img_root=condition.img_root)
+        cost = method_cost(self.method, self.knob, self.spec, self.model, _batches(crops, batch_size, self.device))
+        return {"achieved_gflops": cost.mean, "gflops_std": cost.std, "gflops_source": "condition",
+                "calibration_gflops": calibration}
+
+
+def _batches(images: Iterator[Any], size: int, device: str) -> Iterator[Any]:
+    """Images (1, 3, H, W) concatenated into batches of up to ``size``, on ``device``."""
+    import torch
+
+    chunk: list[Any] = []
+    for img in images:
+        chunk.append(img)
+        if len(chunk) == size:
+            yield torch.cat(chunk).to(device)
+            chunk = []
+    if chunk:
+        yield torch.cat(chunk).to(device)
+
+
+def row_json(row: dict[str, Any]) -> str:
+    """A results row as JSON text: one column per line, each value compact on that line, except a
+    list of objects (``per_image``), which gets one object per line."""
+    def compact(v: Any) -> str:
+        return json.dumps(v, separators=(",", ":"))
+
+    lines = []
+    for key, value in row.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            text = "[\n" + ",\n".join(f"    {compact(v)}" for v in value) + "\n  ]"
+        else:
+            text = compact(value)
+        lines.append(f"  {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
 
 def load_variant_run(args: argparse.Namespace, reserved: frozenset[str] | set[str] = RESERVED) -> VariantRun:
     """Parse tags and knob, load the checkpoint, attach the method, build the test dataset.
@@ -275,6 +350,8 @@ def load_variant_run(args: argparse.Namespace, reserved: frozenset[str] | set[st
             ``--crop``, a batch size below 1.
     """
     from segcompress.data.datasets import build_dataset
+    from segcompress.models.checkpoint import spec_path
+    from segcompress.provenance import file_sha256
 
     tags = parse_tags(args.tag, reserved)
     match = read_match(args.match)
@@ -292,6 +369,7 @@ def load_variant_run(args: argparse.Namespace, reserved: frozenset[str] | set[st
     dataset_args = dict(layout=args.layout, root=args.root, split=args.split, mode="test", crop=crop,
                         img_scale=args.img_scale, img_root=args.img_root, max_images=args.max_images)
     dataset = build_dataset(**dataset_args)
-    return VariantRun(model=model, spec=spec, knob=knob, match=match, tags=tags, num_classes=num_classes,
-                      device=device, crop=crop, stride=stride, params_m=params_m, dataset=dataset,
-                      dataset_args=dataset_args)
+    model_sha256 = {"weights": file_sha256(args.model), "spec": file_sha256(spec_path(args.model))}
+    return VariantRun(model=model, spec=spec, method=args.method, knob=knob, match=match, tags=tags,
+                      num_classes=num_classes, device=device, crop=crop, stride=stride, params_m=params_m,
+                      model_sha256=model_sha256, dataset=dataset, dataset_args=dataset_args)

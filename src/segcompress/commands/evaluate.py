@@ -4,10 +4,13 @@ One image condition (``--img-root``, ``--out``) or several (``--condition`` per 
 model is loaded once, and each condition gets its own row).
 
 Writes one results row (JSON, atomically): the row's tags (``--tag key=value``; values are parsed
-as JSON when they can be, so ``severity=3`` is a number), the measured metrics (percent), the
-per-class IoU, ``num_images``, ``seconds`` and the hardware and software versions. Metrics are
+as JSON when they can be, so ``severity=3`` is a number), the measured metrics, the per-class IoU,
+``num_images``, ``seconds``, the hardware and software versions, the code's provenance
+(``segcompress_version``, ``source_revision``, ``source_dirty``), ``settings_hash`` and
+``per_image``: each image's per-class areas (docs/contracts.md, "Results rows"). Metrics are
 fractions in [0, 1]. ``--match FILE`` (a ``segcompress match`` result) supplies the knob and the
-target / achieved GFLOPs columns.
+target / achieved GFLOPs columns; an input-dependent method (ALGM) gets its achieved GFLOPs
+measured on each condition's own images instead (``gflops_source``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 from segcompress.commands._evaluation import (
     MATCH_COLUMNS, RESERVED, ROW_COLUMNS, add_variant_arguments, conditions_of, load_variant_run, parse_knob,
-    parse_tags,
+    parse_tags, row_json,
 )
 
 log = logging.getLogger(__name__)
@@ -33,10 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from segcompress.evaluate import environment, evaluate
-    from segcompress.io import write_json
+    from segcompress.io import atomic_write_text
 
     conditions = conditions_of(args)
     run = load_variant_run(args, RESERVED)
+    settings_hash = run.settings_hash(args)
     for condition in conditions:
         dataset = run.dataset_for(condition.img_root)
         log.info("evaluating %s (%s %s) on %d %s images%s, crop %s stride %d", args.model, args.method, run.knob,
@@ -46,13 +50,14 @@ def main(args: argparse.Namespace) -> int:
                           device=run.device, num_workers=args.workers, progress=not args.no_progress)
         row: dict[str, Any] = dict.fromkeys(ROW_COLUMNS)
         row.update(run.identity(args, condition))
+        row.update(run.gflops(condition, args.batch_size))
         row.update(
             miou=result["miou"], aacc=result["aacc"], macc=result["macc"],
             num_images=result["num_images"], **environment(run.device),
-            seconds=result["seconds"], **run.settings(args, condition),
-            per_class_iou=result["iou"], per_class_acc=result["acc"],
+            seconds=result["seconds"], **run.settings(args, condition), settings_hash=settings_hash,
+            per_class_iou=result["iou"], per_class_acc=result["acc"], per_image=result["per_image"],
         )
-        write_json(condition.out, row)
+        atomic_write_text(condition.out, row_json(row))
         log.info("%s: mIoU %.2f%% aAcc %.2f%% mAcc %.2f%% (%d images, %.1f s)", condition.out, *(
             100 * (row[k] if row[k] is not None else float("nan")) for k in ("miou", "aacc", "macc")),
             row["num_images"], row["seconds"])

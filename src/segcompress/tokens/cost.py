@@ -1,18 +1,22 @@
-"""Closed-form GFLOPs of the token methods (the project's fvcore convention, methods.md §7.1).
+"""Closed-form GFLOPs of the token methods (the project's fvcore convention, docs/methods.md §7.1).
 
 ToMe and CTS are input-independent: the token count of every block follows from the knob.
-ALGM is input-dependent: the per-block counts come from running the method on calibration images
-(per image, so a batch gives every image's own count), and the result is a mean and a std.
-All numbers go through :func:`segcompress.flops.analytic_gmacs`.
+ALGM is input-dependent (:data:`INPUT_DEPENDENT`): the per-block counts come from running the method
+on images (per image, so a batch gives every image's own count), and the result is a mean and a
+std. The images are one crop each (:func:`image_crops`): the calibration images of ``segcompress
+match`` / ``flops``, or the images of an evaluated condition. All numbers go through
+:func:`segcompress.flops.analytic_gmacs`.
 """
 
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from segcompress.flops import analytic_gmacs, bipartite_match_macs
@@ -21,6 +25,14 @@ from segcompress.tokens import tome as tome_fn
 from segcompress.tokens.algm import config_from_knob
 
 NUM_PREFIX = 1  # Segmenter: one class token
+# Methods whose cost depends on the image: method_cost needs a model and images, and every
+# evaluated condition measures its own cost.
+INPUT_DEPENDENT = frozenset({"algm"})
+
+
+def is_input_dependent(name: str) -> bool:
+    """Whether method ``name``'s GFLOPs depend on the image (:data:`INPUT_DEPENDENT`)."""
+    return name in INPUT_DEPENDENT
 
 
 @dataclass
@@ -134,6 +146,23 @@ def algm_cost(model: nn.Module, images: Iterable[torch.Tensor], knob: dict[str, 
     return Cost(mean, std, per_image)
 
 
+def image_crops(layout: str, root: str | Path, split: str, crop: Sequence[int], max_images: int | None = None,
+                img_root: str | Path | None = None) -> Iterator[torch.Tensor]:
+    """The images of a dataset split as FLOPs inputs: one normalised crop (1, 3, H, W) per image.
+
+    As ALGM's FLOPs script: every image is resized (aspect distorted) to crop×crop, batch 1.
+    ``img_root``: read the images from there (a corrupted set), as the test dataset does.
+    """
+    from segcompress.data.datasets import build_dataset  # the data stage's reader
+
+    h, w = (int(c) for c in crop)
+    ds = build_dataset(layout, root, split, mode="test", crop=(h, w), img_scale=(4 * max(h, w), min(h, w)),
+                       img_root=img_root, max_images=max_images)
+    for i in range(len(ds) if max_images is None else min(len(ds), max_images)):
+        img = ds[i]["image"]
+        yield F.interpolate(img[None].float(), size=(h, w), mode="bilinear", align_corners=False)
+
+
 def method_cost(name: str, knob: dict[str, Any], spec: SegmenterSpec, model: nn.Module | None = None,
                 images: Iterable[torch.Tensor] | None = None) -> Cost:
     """Closed-form GFLOPs of ``name`` at ``knob`` (``dense``, ``tome``, ``cts``; ``algm`` needs images)."""
@@ -143,8 +172,8 @@ def method_cost(name: str, knob: dict[str, Any], spec: SegmenterSpec, model: nn.
         return Cost(tome_gmacs(spec, knob))
     if name == "cts":
         return Cost(cts_gmacs(spec, knob))
+    if is_input_dependent(name) and (model is None or images is None):
+        raise ValueError(f"{name}'s FLOPs depend on the input: give a model and images")
     if name == "algm":
-        if model is None or images is None:
-            raise ValueError("ALGM's FLOPs depend on the input: give a model and calibration images")
         return algm_cost(model, images, knob)
     raise ValueError(f"no closed-form FLOPs for method {name!r}")
