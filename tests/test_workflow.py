@@ -122,6 +122,20 @@ def test_snakemake_reports_unknown_key_and_undefined_names() -> None:
     assert "pascal" in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("override, words", [
+    ("datasets: {ade20k: {crop: 100}}", ["datasets.ade20k.crop 100", "patch_size 8", "96"]),
+    ("datasets: {cityscapes: {eval: {stride: 200}}}", ["datasets.cityscapes.eval.stride 200", "128"]),
+    ("analysis: {effective_rank: {datasets: [ade2k]}}", ["analysis.effective_rank.datasets", "ade2k"]),
+])
+def test_impossible_windows_and_misspelt_rank_datasets_stop_the_plan(tmp_path, override, words) -> None:
+    layer = tmp_path / "layer.yaml"
+    layer.write_text(override + "\n")
+    result = snakemake("-n", "--configfile", "config.yaml", str(layer))
+    assert result.returncode != 0
+    for w in words:
+        assert w in result.stdout + result.stderr
+
+
 # ----------------------------------------------------------------------------- DAG and lint
 
 

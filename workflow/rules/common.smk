@@ -42,17 +42,43 @@ DENSE_CONTROL = "dense_control"
 REFERENCES = ("dense", DENSE_CONTROL)
 
 
-def _check_names(kind, names, defined):
+def _check_names(kind, names, defined, key=None):
     unknown = [n for n in names if n not in defined]
     if unknown:
         raise WorkflowError(
-            f"config: study.{kind} names {', '.join(unknown)}, not defined under `{kind}:` "
+            f"config: {key or 'study.' + kind} names {', '.join(unknown)}, not defined under `{kind}:` "
             f"(defined: {', '.join(defined) or 'none'})"
         )
 
 
 _check_names("datasets", STUDY["datasets"], config["datasets"])
 _check_names("backbones", STUDY["backbones"], config["backbones"])
+if config["analysis"]["effective_rank"]["datasets"]:
+    _check_names("datasets", config["analysis"]["effective_rank"]["datasets"], config["datasets"],
+                 key="analysis.effective_rank.datasets")
+
+
+def _check_windows():
+    """Crops, strides and patches that cannot work, refused when the config is read (not after
+    training): a crop not a multiple of a backbone's patch, a stride outside 1..crop."""
+    for ds in STUDY["datasets"]:
+        d = config["datasets"][ds]
+        crop, stride = d["crop"], d["eval"]["stride"]
+        for arch in STUDY["backbones"]:
+            patch = config["backbones"][arch].get("patch_size")
+            if patch and crop % patch:
+                raise WorkflowError(
+                    f"config: datasets.{ds}.crop {crop} is not a multiple of backbones.{arch}.patch_size "
+                    f"{patch}; use a crop of {max(patch, crop // patch * patch)}"
+                )
+        if stride is not None and not 1 <= stride <= crop:
+            raise WorkflowError(
+                f"config: datasets.{ds}.eval.stride {stride} must be between 1 and the crop ({crop}); "
+                "windows would skip pixels (null: crop - 32)"
+            )
+
+
+_check_windows()
 if config["flops"]["per"] != "crop":
     raise WorkflowError("config: flops.per: image is not implemented yet; use crop (the anchors' convention)")
 
