@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from segcompress.analysis import NORMALISE, RankSettings, image_rank, rank_dataset, window_features
+from segcompress.analysis import NORMALISE, RankSettings, image_rank, image_raw_rank, rank_dataset, window_features
 from segcompress.cli import VERBS, main
 from segcompress.data.datasets import build_dataset
 from segcompress.data.synthetic import generate
@@ -46,25 +46,49 @@ def _dataset(root: Path, **kw):
 
 
 def test_settings_map_the_config_onto_rank_py() -> None:
-    assert NORMALISE == {"min_tokens_width": "min_dim", "width": "width", "none": "none"}
+    assert NORMALISE == {"reference": "reference", "min_tokens_width": "min_dim", "width": "width", "none": "none"}
+    assert RankSettings.normalise == "reference"  # the default
     s = RankSettings(feature="last_block", centre=True, normalise="min_tokens_width", windows="mean")
     assert s.rank_normalise == "min_dim" and not s.final_norm
-    assert s.as_dict() == {"feature": "last_block", "centre": True, "normalise": "min_tokens_width", "windows": "mean"}
+    assert s.as_dict() == {"feature": "last_block", "centre": True, "normalise": "min_tokens_width", "windows": "mean",
+                           "reference_width": None}
     for bad in ({"feature": "cls"}, {"normalise": "min_dim"}, {"windows": "max"}):
         with pytest.raises(ValueError, match="effective rank: unknown"):
-            RankSettings(**bad)
+            RankSettings(**bad, reference_width=32)
+    with pytest.raises(ValueError, match="needs reference_width"):
+        RankSettings()
 
 
 def test_image_rank_stack_and_mean() -> None:
     g = torch.Generator().manual_seed(0)
     one = torch.randn(1, 64, 16, generator=g, dtype=torch.float64)
-    stack, mean = RankSettings(windows="stack"), RankSettings(windows="mean")
+    stack, mean = RankSettings(windows="stack", reference_width=16), RankSettings(windows="mean", reference_width=16)
     assert image_rank(one, stack) == pytest.approx(image_rank(one, mean))  # one window: the same
     two = torch.cat([one, one])  # a repeated window adds no direction
     assert image_rank(two, stack) == pytest.approx(image_rank(one, stack))
     assert image_rank(two, RankSettings(normalise="none")) == pytest.approx(effective_rank(one[0]))
     with pytest.raises(ValueError, match="window features"):
         image_rank(one[0], stack)
+
+
+def test_default_normalisation_ranks_images_as_their_raw_erank_whatever_the_width() -> None:
+    """Window features of known rank: a dense model (E = 64, rank 24) and pruned ones (E = 16, rank 9;
+    E = 32, rank 12). The default divides all by min(rows, E_dense) and keeps the raw order; the
+    per-model ``min_tokens_width`` puts the (16, 9) model above the dense one."""
+    def windows(rank: int, width: int) -> torch.Tensor:  # 2 windows of 64 patches, rank `rank` in all
+        g = torch.Generator().manual_seed(width)
+        return (torch.randn(2, 64, rank, generator=g, dtype=torch.float64)
+                @ torch.randn(rank, width, generator=g, dtype=torch.float64))
+
+    feats = [windows(24, 64), windows(9, 16), windows(12, 32)]
+    raw = [image_raw_rank(f, RankSettings(normalise="none")) for f in feats]
+    default = RankSettings(reference_width=64)
+    normalised = [image_rank(f, default) for f in feats]
+    assert raw[0] > raw[2] > raw[1]
+    assert normalised[0] > normalised[2] > normalised[1]
+    assert normalised == pytest.approx([r / 64 for r in raw])  # 128 stacked rows > 64: the divisor is E_dense
+    own = [image_rank(f, RankSettings(normalise="min_tokens_width")) for f in feats]
+    assert own[1] > own[0]  # reversed by construction
 
 
 # ------------------------------------------------------------------------------ features
@@ -87,14 +111,19 @@ def test_window_features_cover_every_window(ade: Path) -> None:
 
 
 def test_rank_on_a_tiny_random_model_is_in_unit_interval(ade: Path) -> None:
-    result = rank_dataset(tiny(), _dataset(ade), 64, 48, RankSettings(), progress=False)
+    result = rank_dataset(tiny(), _dataset(ade), 64, 48, RankSettings(reference_width=32), progress=False)
     assert result["num_images"] == 3 and len(result["erank_per_image"]) == 3
     assert all(0 < v <= 1 for v in result["erank_per_image"])
+    # rows > E_ref = 32: the normalised values are the raw ones over 32
+    assert result["erank_per_image"] == pytest.approx([r / 32 for r in result["erank_raw_per_image"]])
+    assert result["erank_raw_mean"] == pytest.approx(32 * result["erank_mean"])
+    assert result["erank_raw_std"] == pytest.approx(float(np.std(result["erank_raw_per_image"])))
     assert 0 < result["erank_mean"] <= 1 and result["erank_std"] >= 0
     assert result["erank_mean"] == pytest.approx(float(np.mean(result["erank_per_image"])))
     assert result["erank_std"] == pytest.approx(float(np.std(result["erank_per_image"])))
     assert result["width"] == 32 and result["rows"] % 64 == 0
-    centred = rank_dataset(tiny(), _dataset(ade, max_images=1), 64, 48, RankSettings(centre=True), progress=False)
+    centred = rank_dataset(tiny(), _dataset(ade, max_images=1), 64, 48, RankSettings(centre=True, reference_width=32),
+                            progress=False)
     assert 0 < centred["erank_mean"] <= 1 and centred["num_images"] == 1
 
 
@@ -111,7 +140,7 @@ def test_merged_features_are_capped_by_the_distinct_tokens(ade: Path) -> None:
     assert distinct < 32  # fewer tokens left than the feature width
     assert merged <= distinct + 1e-9
     assert merged < dense  # on this image the dense model has more directions than tokens left
-    normalised = image_rank(window_features(merged_model, crop, 64, 64), RankSettings())
+    normalised = image_rank(window_features(merged_model, crop, 64, 64), RankSettings(reference_width=32))
     assert 0 < normalised <= distinct / 32 + 1e-9
 
 
@@ -138,6 +167,18 @@ def test_rank_verb_writes_an_evaluate_like_row(ade: Path, tmp_path: Path) -> Non
     assert 0 < row["erank_mean"] <= 1 and row["erank_std"] >= 0 and row["num_images"] == 2
     assert (row["normalise"], row["windows"], row["feature"], row["centre"]) == ("width", "mean", "final_norm", False)
     assert row["stride"] == 48 and row["params_m"] > 0 and len(row["erank_per_image"]) == 2
+    assert row["erank_raw_mean"] == pytest.approx(32 * row["erank_mean"]) and row["reference_width"] is None
+    # the default normalisation: by the width of --reference-model's spec, the raw values alike
+    pruned = SegmenterSpec(num_classes=150, img_size=64, patch_size=8, embed_dim=16, depth=2, num_heads=2)
+    torch.manual_seed(1)
+    narrow = tmp_path / "m" / "nvit.safetensors"
+    save_model(build_segmenter(pruned).eval(), narrow)
+    assert main(["rank", "--model", str(narrow), "--reference-model", str(ckpt), "--layout", "ade20k", "--root",
+                 str(ade), "--img-scale", "256", "64", "--stride", "48", "--max-images", "2", "--out", str(out),
+                 "--no-progress"]) == 0
+    row = json.loads(out.read_text())
+    assert row["normalise"] == "reference" and row["reference_width"] == 32 and row["width"] == 16
+    assert row["erank_mean"] == pytest.approx(row["erank_raw_mean"] / 32)
 
 
 def test_rank_verb_errors(ade: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -145,10 +186,15 @@ def test_rank_verb_errors(ade: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     save_model(tiny(), ckpt)
     base = ["rank", "--model", str(ckpt), "--layout", "ade20k", "--root", str(ade), "--img-scale", "256", "64",
             "--out", str(tmp_path / "r.json"), "--no-progress"]
-    assert main(base + ["--tag", "erank_mean=1"]) == 2
-    assert "--tag erank_mean" in capsys.readouterr().err
-    assert main(base + ["--layout", "cityscapes"]) == 2
+    for tag in ("erank_mean=1", "erank_raw_mean=1", "reference_width=8"):
+        assert main(base + ["--reference-model", str(ckpt), "--tag", tag]) == 2
+        assert f"--tag {tag.split('=')[0]}" in capsys.readouterr().err
+    assert main(base + ["--layout", "cityscapes", "--normalise", "none"]) == 2
     assert "150 classes but cityscapes has 19" in capsys.readouterr().err
+    assert main(base) == 2
+    assert "--normalise reference (the default) needs --reference-model" in capsys.readouterr().err
+    assert main(base + ["--reference-model", str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.json: model spec not found" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
 
 

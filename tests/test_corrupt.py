@@ -299,3 +299,24 @@ def test_png_provenance_reader(tmp_path: Path) -> None:
     assert C.png_provenance(path) is None
     assert C.png_provenance(tmp_path / "missing.png") is None
     assert os.path.exists(path)
+
+
+def test_frost_draws_among_the_original_five_textures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fork's frost picks among 6 textures, the original among 5: the re-derived seeds keep
+    every frost image on frost1-frost5, and images whose first key would pick frost6 exist."""
+    import imagecorruptions.corruptions as ic
+
+    used: list[str] = []
+    imread = ic.cv2.imread
+    monkeypatch.setattr(ic.cv2, "imread", lambda path, *a: used.append(Path(path).stem) or imread(path, *a))
+    img = _texture(np.random.default_rng(0), 64, 64)
+    names = [f"img{i}.jpg" for i in range(40)]
+    first_keys = [C.ImageSeed(C._digest("image", "ds", n, "frost", 3, 0)) for n in names]
+    would_pick_sixth = sum(np.random.RandomState(k.numpy_key).randint(6) == 5 for k in first_keys)
+    for name, first in zip(names, first_keys):
+        seed = C.ImageSeed.derive("ds", name, "frost", 3, 0)
+        assert (seed == first) == (np.random.RandomState(first.numpy_key).randint(6) < 5)
+        C.corrupt_array(img, "frost", 3, seed)
+    assert would_pick_sixth > 0
+    assert set(used) == {f"frost{i}" for i in range(1, 6)}
+    assert C.ImageSeed.derive("ds", "a.jpg", "fog", 3, 0) == C.ImageSeed(C._digest("image", "ds", "a.jpg", "fog", 3, 0))

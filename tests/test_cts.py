@@ -1,5 +1,7 @@
 """CTS: policy targets and training, token sharing, FLOPs."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ from segcompress.flops import count_gmacs
 from segcompress.methods import apply_method
 from segcompress.tokens.cost import cts_gmacs
 from segcompress.tokens.cts import (
-    PolicyNet, load_policy, policy_targets, save_policy, share_tokens, train_policy, uniform_scores,
+    PolicyNet, load_policy, policy_targets, save_policy, share_tokens, top_superpatches, train_policy, uniform_scores,
 )
 from segcompress.tokens.patch import CTS
 from tiny_segmenter import tiny_model, tiny_spec
@@ -105,7 +107,37 @@ def test_top_k_follows_the_policy(model):
     sizes = state.size.gather(1, state.token_of).view(4, 6)
     chosen = sizes[::2, ::2].eq(4)
     assert torch.equal(chosen, torch.tensor([[True, False, True], [False, False, False]]))
-    assert torch.allclose(uniform_scores(method.policy, img, (4, 6)), scores.view(1, -1), atol=1e-3)
+    assert torch.allclose(uniform_scores(method.policy, img, (4, 6)).sigmoid(), scores.view(1, -1), atol=1e-3)
+
+
+class LogitPolicy(nn.Module):
+    """A stand-in policy whose logit difference map (Sh, Sw) is given."""
+
+    def __init__(self, diff: torch.Tensor) -> None:
+        super().__init__()
+        self.diff = diff
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        d = self.diff.expand(img.shape[0], -1, -1)
+        return torch.stack([torch.zeros_like(d), d], dim=1)
+
+
+def test_saturated_policies_rank_by_logit_difference_with_a_stable_tie_break(model):
+    """P(uniform) saturates at 1.0 in float32 (the three confident superpatches tie under softmax);
+    the logit difference keeps their order, and exact ties go to the lowest index."""
+    diff = torch.tensor([[20.0, -3.0, 30.0], [25.0, 0.0, 1.0]])
+    img = torch.randn(1, 3, 64, 96)
+    softmax = torch.stack([torch.zeros_like(diff), diff]).softmax(0)[1]
+    assert softmax[0, 0] == softmax[0, 2] == softmax[1, 0] == 1.0  # tied under the softmax
+    scores = uniform_scores(LogitPolicy(diff), img, (4, 6))
+    assert torch.equal(top_superpatches(scores, 2), torch.tensor([[2, 3]]))  # 30 then 25, not 20
+    with torch.no_grad():
+        state = CTS(2, LogitPolicy(diff)).start(model, img)
+    chosen = state.size.gather(1, state.token_of).view(4, 6)[::2, ::2].eq(4)
+    assert torch.equal(chosen, torch.tensor([[False, False, True], [True, False, False]]))
+    tied = torch.tensor([[1.0, 2.0, 2.0, 0.5, 2.0, 2.0]])
+    assert torch.equal(top_superpatches(tied, 3), torch.tensor([[1, 2, 4]]))
+    assert torch.equal(top_superpatches(tied, 0), torch.zeros(1, 0, dtype=torch.long))
 
 
 def test_policy_training_and_file_roundtrip(tmp_path):
@@ -158,3 +190,72 @@ def test_patch8_uses_resized_policy_logits():
         assert count_gmacs(m, torch.randn(1, 3, 32, 48)) == pytest.approx(cts_gmacs(m.spec, {"k": 4}), rel=1e-9)
     finally:
         apply_method(m, "dense")
+
+
+@pytest.fixture(scope="module")
+def timm_weights(tmp_path_factory):
+    """A random timm efficientnet_lite0 (the whole classifier) saved as .safetensors and .pth."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    full = timm.create_model("efficientnet_lite0", pretrained=False)
+    state = {k: v.contiguous() for k, v in full.state_dict().items()}
+    root = tmp_path_factory.mktemp("weights")
+    save_file(state, str(root / "lite0.safetensors"))
+    torch.save(state, root / "lite0.pth")
+    return root, state
+
+
+@pytest.mark.parametrize("name", ["lite0.safetensors", "lite0.pth"])
+def test_policy_backbone_loads_pretrained_weights_from_a_local_file(timm_weights, name):
+    root, state = timm_weights
+    torch.manual_seed(6)  # a different random init: equal weights can only come from the file
+    policy = PolicyNet(pretrained=str(root / name))
+    own = policy.backbone.state_dict()
+    assert len(own) > 100 and all(torch.equal(v, state[k]) for k, v in own.items())
+    assert policy.init == f"file:{root / name}"
+    torch.manual_seed(6)
+    random = PolicyNet()
+    assert random.init == "random"
+    assert not torch.equal(random.backbone.conv_stem.weight, state["conv_stem.weight"])
+
+
+def test_policy_pretrained_errors_are_one_clear_line(tmp_path, timm_weights):
+    with pytest.raises(FileNotFoundError, match=r"missing.safetensors: CTS policy pretrained weights not found") as e:
+        PolicyNet(pretrained=str(tmp_path / "missing.safetensors"))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"must be a .safetensors or .pth file"):
+        PolicyNet(pretrained=str(tmp_path / "weights.bin"))
+    from safetensors.torch import save_file
+
+    _, state = timm_weights
+    partial = {k: v for k, v in state.items() if not k.startswith("blocks.6")}
+    save_file(partial, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match=r"partial.safetensors: not efficientnet_lite0 weights \(\d+ of \d+"):
+        PolicyNet(pretrained=str(tmp_path / "partial.safetensors"))
+
+
+def test_policy_verb_records_the_init(tmp_path, timm_weights, capsys):
+    from segcompress.cli import main
+    from segcompress.data.synthetic import generate
+    from segcompress.tokens.cts import policy_init_of
+
+    root = tmp_path / "ade"
+    generate("ade20k", root, num_train=2, num_val=0, seed=0, progress=False)
+    weights = timm_weights[0] / "lite0.safetensors"
+    base = ["policy", "--layout", "ade20k", "--root", str(root), "--crop", "64", "--img-scale", "128", "64",
+            "--iters", "1", "--recipe", '{"batch_size": 2, "log_every": 0}']
+    assert main([*base, "--out", str(tmp_path / "random.safetensors")]) == 0
+    assert policy_init_of(tmp_path / "random.safetensors") == "random"
+    recipe = json.dumps({"batch_size": 2, "pretrained": str(weights)})  # the config key travels in the recipe
+    assert main([*base, "--recipe", recipe, "--out", str(tmp_path / "file.safetensors")]) == 0
+    assert policy_init_of(tmp_path / "file.safetensors") == f"file:{weights}"
+    assert main([*base, "--recipe", recipe, "--pretrained", "none", "--out", str(tmp_path / "none.safetensors")]) == 0
+    assert policy_init_of(tmp_path / "none.safetensors") == "random"
+    capsys.readouterr()
+    missing = tmp_path / "missing.pth"
+    assert main([*base, "--pretrained", str(missing), "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing.pth: CTS policy pretrained weights not found" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x.safetensors").exists()

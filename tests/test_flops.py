@@ -119,7 +119,7 @@ def test_analytic_defaults_and_checks():
 
 
 def test_dense_vit_block_matches_textbook_formula():
-    """methods.md §7.1: a dense block costs 12·N·E² + 2·N²·E + 10·N·E."""
+    """docs/methods.md §7.1: a dense block costs 12·N·E² + 2·N²·E + 10·N·E."""
     spec = spec_from_timm("vit_small_patch16_384", 150, 512)
     N, E = 1 + 32 * 32, 384
     one_block_more = SegmenterSpec(**{**spec.to_dict(), "depth": 13})
@@ -127,7 +127,7 @@ def test_dense_vit_block_matches_textbook_formula():
     assert delta == pytest.approx(12 * N * E * E + 2 * N * N * E + 10 * N * E, rel=1e-12)
 
 
-PUBLISHED = [  # (timm name, classes, crop, GFLOPs printed by the Segmenter/ALGM/CTS READMEs, methods.md §7.1)
+PUBLISHED = [  # (timm name, classes, crop, GFLOPs printed by the Segmenter/ALGM/CTS READMEs, docs/methods.md §7.1)
     ("vit_tiny_patch16_384", 150, 512, 12.8),
     ("vit_small_patch16_384", 150, 512, 38.6),
     ("vit_base_patch16_384", 150, 512, 129.6),

@@ -119,3 +119,34 @@ def test_policy_and_algm_match_verbs_on_a_dataset(synthetic_ade, tmp_path, capsy
     out = json.loads(capsys.readouterr().out)
     assert out["calibration_images"] == 3 and out["knob"]["layers"] == [1, 3] and "threshold" in out["knob"]
     assert out["within_tolerance"] or out["message"]
+
+
+def test_random_weights_of_arch_and_backbone_are_seeded(synthetic_ade, capsys):
+    """--arch/--backbone build their random weights from --seed: the same ALGM match twice, and
+    the global generator is left alone."""
+    import argparse
+
+    from segcompress.commands._model_options import add_model_arguments, spec_and_model
+
+    arch = json.dumps({"patch_size": 16, "embed_dim": 32, "depth": 4, "num_heads": 2})
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    common = ["--arch", arch, "--num-classes", "150", "--crop", "64"]
+
+    def weights(*extra: str) -> torch.Tensor:
+        _, model, source = spec_and_model(parser.parse_args([*common, *extra]))
+        assert source.startswith("random init (seed ")
+        return model.encoder.blocks[0].attn.qkv.weight.detach().clone()
+
+    state = torch.random.get_rng_state()
+    assert torch.equal(weights(), weights("--seed", "0"))
+    assert not torch.equal(weights(), weights("--seed", "1"))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(len(runs) + 7)  # whatever the global generator holds
+        assert cli_main(["match", "--method", "algm", "--target-fraction", "0.9", *common, "--calib-root",
+                         str(synthetic_ade), "--calib-images", "2", "--knob", '{"layers": [1, 3]}']) == 0
+        runs.append(json.loads(capsys.readouterr().out))
+    assert runs[0]["knob"] == runs[1]["knob"] and runs[0]["achieved_gflops"] == runs[1]["achieved_gflops"]
+    assert runs[0]["weights"] == "random init (seed 0)"

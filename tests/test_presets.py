@@ -51,6 +51,7 @@ def test_preset_is_paper_scale_and_valid(preset: str) -> None:
     assert (recipe["iters"], recipe["batch_size"], recipe["lr"]) == {
         "ade20k": (160000, 8, 1e-3), "cityscapes": (80000, 8, 1e-2)}[preset]
     assert (recipe["momentum"], recipe["weight_decay"], recipe["poly_power"], recipe["min_lr"]) == (0.9, 0, 0.9, 1e-5)
+    assert (recipe["optimizer"], recipe["warmup_iters"], recipe["loss_stride"]) == ("sgd", 0, 1)  # Segmenter's
     assert study["methods"] == ["dense", "tome", "algm", "cts", "nvit", "nvit_tome"]
     assert study["targets"] == [0.9, 0.75, 0.6, 0.5, 0.4, 0.3]
     assert len(study["corruptions"]) == 16 and study["severities"] == [1, 2, 3, 4, 5]
@@ -76,7 +77,7 @@ def test_preset_dry_run_lists_the_full_study(preset: str, stand_in: Path) -> Non
     config = merged(preset)
     study = config["study"]
     conditions = 1 + len(study["corruptions"]) * len(study["severities"])
-    variants = 1 + (len(study["methods"]) - 1) * len(study["targets"])
+    variants = 2 + (len(study["methods"]) - 1) * len(study["targets"])  # dense, dense control, the grid
     share = config["methods"]["nvit_tome"]["prune_share"]
     prunes = len({round(t, 4) for t in study["targets"]} | {round(t ** share, 4) for t in study["targets"]})
     expected = {
@@ -84,13 +85,16 @@ def test_preset_dry_run_lists_the_full_study(preset: str, stand_in: Path) -> Non
         "train": 1,
         "train_policy": 1,
         "prune": prunes,  # NViT's targets and prune-then-merge's sqrt(target)
-        "finetune": prunes,
+        # equal budgets: the dense control, NViT's pruned models, every token-compressed point
+        # (prune-then-merge fine-tunes its raw pruned model with ToMe attached)
+        "finetune": 1 + len(study["targets"]) + 4 * len(study["targets"]),
         "measure": 1,
         "match": 4 * len(study["targets"]),  # tome, algm, cts, nvit_tome
         "evaluate": variants * conditions,  # study.jobs_per: condition in the presets
         "report": 1,
     }
-    assert expected["evaluate"] == 31 * 81 == 2511 and expected["prune"] == 12
+    assert config["finetune"]["token_methods"] and config["finetune"]["dense_control"]
+    assert expected["evaluate"] == 32 * 81 == 2592 and expected["prune"] == 12
     for rule, n in expected.items():
         assert counts.get(rule) == n, (rule, counts)
     assert "data" not in counts  # the stand-in is a prepared dataset

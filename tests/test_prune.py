@@ -82,6 +82,14 @@ def test_depgraph_finds_every_embedding_slice():
                  (f"{b}.norm2.bias", 0), (f"{b}.mlp.fc1.weight", 1), (f"{b}.mlp.fc2.weight", 0),
                  (f"{b}.mlp.fc2.bias", 0)}
     assert got == want
+    # NViT's EMB saliency: patch-embed output, proj/fc2 output rows, qkv/fc1 input columns
+    sources = {(s.name, s.dim) for s in pruner.space.emb_slices if s.source}
+    nvit = {("encoder.patch_embed.proj.weight", 0), ("encoder.patch_embed.proj.bias", 0)}
+    for i in range(2):
+        b = f"encoder.blocks.{i}"
+        nvit |= {(f"{b}.attn.qkv.weight", 1), (f"{b}.attn.proj.weight", 0), (f"{b}.attn.proj.bias", 0),
+                 (f"{b}.mlp.fc1.weight", 1), (f"{b}.mlp.fc2.weight", 0), (f"{b}.mlp.fc2.bias", 0)}
+    assert sources == nvit
     mlp = {(s.name, s.dim, s.source) for s in pruner.space.mlp_slices[1]}
     assert mlp == {("encoder.blocks.1.mlp.fc1.weight", 0, True), ("encoder.blocks.1.mlp.fc1.bias", 0, True),
                    ("encoder.blocks.1.mlp.fc2.weight", 1, False)}
@@ -196,6 +204,54 @@ def test_saliency_momentum_and_pruned_units_score_zero():
     key = Key("qk", 1)
     torch.testing.assert_close(second[key], 0.9 * first[key] + 0.1 * raw[key])
     assert second[Key("mlp", 0)][4] == 0 and raw[Key("mlp", 0)][4] == 0  # masked: no gradient either
+
+
+def test_emb_saliency_sums_the_reference_slices_or_the_whole_group():
+    """The default EMB saliency is NViT's sum; ``group`` adds the LayerNorms, tokens and decoder input."""
+    model = tiny_model()
+    backward_on_batch(model)
+    params = dict(model.named_parameters())
+
+    def wg(name: str, dim: int) -> torch.Tensor:
+        p = params[name]
+        return (p.detach() * p.grad).movedim(dim, 0).reshape(32, -1).sum(1)
+
+    reference = NViTPruner(model, PruneConfig()).saliency.unit_sums()[Key("emb")]
+    space = NViTPruner(model, PruneConfig()).space
+    want = sum(wg(s.name, s.dim) for s in space.emb_slices if s.source)
+    torch.testing.assert_close(reference, want, rtol=1e-5, atol=0)
+    group = NViTPruner(model, PruneConfig(emb_saliency="group")).saliency.unit_sums()[Key("emb")]
+    torch.testing.assert_close(group, sum(wg(s.name, s.dim) for s in space.emb_slices), rtol=1e-5, atol=0)
+    extra = wg("encoder.blocks.0.norm1.weight", 0) + wg("encoder.cls_token", 2) + wg("decoder.proj_dec.weight", 1)
+    assert extra.abs().sum() > 0 and not torch.allclose(group, reference, rtol=0.01, atol=0)
+    with pytest.raises(ValueError, match="emb_saliency.*'reference' or 'group'"):
+        PruneConfig.from_dict({"emb_saliency": "all"})
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_saliency_average_restarts_after_the_first_prune_unless_kept(reset):
+    model = tiny_model()
+    pruner = NViTPruner(model, PruneConfig(momentum=0.9, reset_saliency=reset))
+
+    def batch(seed: int) -> dict[Key, torch.Tensor]:
+        backward_on_batch(model, seed=seed)
+        pruner.accumulate()
+        return {k: (v.double() / pruner.saliency.divisor[k]) ** 2 for k, v in pruner.saliency.unit_sums().items()}
+
+    with pruner.hooks():
+        raw0 = batch(0)
+        pruner.step(pruner.dense_gmacs * 0.95, pruner.dense_gmacs * 0.5)
+        after_first = {k: v.clone() for k, v in pruner.saliency.scores.items()}
+        raw1 = batch(1)
+        pruner.step(pruner.dense_gmacs * 0.9, pruner.dense_gmacs * 0.5)
+    key = Key("qk", 1)
+    alive = pruner.masks[key]
+    kept = 0.9 * raw0[key] + 0.1 * raw1[key]
+    expected = 0.1 * raw1[key] if reset else kept
+    torch.testing.assert_close(pruner.saliency.scores[key][alive], expected[alive], rtol=1e-9, atol=0)
+    assert not torch.allclose(kept[alive], 0.1 * raw1[key][alive], rtol=0.01, atol=0)  # the settings differ here
+    assert all(bool((v == 0).all()) == reset for v in after_first.values())
+    assert len(pruner.history) == 2
 
 
 # ------------------------------------------------------------------------------ the driver

@@ -1,22 +1,29 @@
-"""Effective rank of a variant's encoder features over a dataset (methods.md §9, the study's Fig. 4).
+"""Effective rank of a variant's encoder features over a dataset (docs/methods.md §9, the study's Fig. 4).
 
 Per image, the image is cut into the evaluation's sliding windows
 (:func:`segcompress.evaluate.sliding_windows`, the same crop, stride and padding as the mIoU), and
 each window's final encoder features are taken *restored on the original patch grid*
 (:func:`segcompress.tokens.restored_features`: every patch position carries the feature of the
 token that holds it after merging or sharing; a dense or pruned model's own features otherwise).
-One window gives X_w ∈ ℝ^{N×E′} (N patches of the crop, E′ the model's own width, so pruned
-models are normalised by their own width). How the windows of one image become one number is a
-setting (``windows``):
+One window gives X_w ∈ ℝ^{N×E′} (N patches of the crop, E′ the model's own width). How the
+windows of one image become one number is a setting (``windows``):
 
 * ``stack`` (default): the rows of every window are stacked into one matrix
-  X ∈ ℝ^{(W·N)×E′} and its normalised effective rank is the image's value. This is "per image,
-  the features on the original token grid" of the paper when an image is one window, and the
-  natural extension when it is several (patches covered twice by overlapping windows appear
-  twice, as in the mIoU's averaged logits; duplicated rows cannot raise the rank).
-* ``mean``: the normalised effective rank of each window's X_w, averaged over the windows.
+  X ∈ ℝ^{(W·N)×E′} and its effective rank is the image's value. This is "per image, the features
+  on the original token grid" of the paper when an image is one window, and the natural extension
+  when it is several (patches covered twice by overlapping windows appear twice, as in the mIoU's
+  averaged logits; duplicated rows cannot raise the rank).
+* ``mean``: the effective rank of each window's X_w, averaged over the windows.
 
-The mean and the (population) standard deviation over images are reported.
+Each image gives a raw effective rank and a normalised one (the raw value divided as
+``normalise`` says, :func:`segcompress.rank.rank_divisor`); the mean and the (population)
+standard deviation over images of both are reported.
+
+The default normalisation divides by min(rows, E_ref), E_ref the width of the study's dense model
+(``reference_width``): every variant ranked on the same windows shares one divisor, so the
+normalised values cannot reverse the order of the raw ones. The per-model normalisations divide by
+the ranked model's own width and are kept as options; with them a pruned model whose embedding is
+narrower can score above the dense model although its raw effective rank is lower.
 
 Settings mapped from the config (``analysis.effective_rank``) onto :mod:`segcompress.rank`:
 
@@ -25,11 +32,14 @@ config key         value                                       meaning
 =================  ==========================================  ======================================
 ``feature``        ``final_norm`` / ``last_block``             after / before the encoder's last norm
 ``centre``         true / false                                ``center`` of :func:`effective_rank`
-``normalise``      ``min_tokens_width`` -> ``min_dim``         erank / min(rows, E′)
+``normalise``      ``reference`` -> ``reference``              erank / min(rows, E_ref) (default)
+                   ``min_tokens_width`` -> ``min_dim``         erank / min(rows, E′)
                    ``width`` -> ``width``                      erank / E′
                    ``none`` -> ``none``                        raw erank
 ``windows``        ``stack`` / ``mean``                        see above
 =================  ==========================================  ======================================
+
+(``rows`` is W·N with ``stack`` and N with ``mean``.)
 """
 
 from __future__ import annotations
@@ -42,11 +52,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from segcompress.rank import Normalise, normalised_effective_rank
+from segcompress.rank import Normalise, effective_rank, rank_divisor
 
 FEATURES: tuple[str, ...] = ("final_norm", "last_block")
-#: The config's names of the normalisation -> :func:`segcompress.rank.normalised_effective_rank`'s.
-NORMALISE: dict[str, Normalise] = {"min_tokens_width": "min_dim", "width": "width", "none": "none"}
+#: The config's names of the normalisation -> :func:`segcompress.rank.rank_divisor`'s.
+NORMALISE: dict[str, Normalise] = {
+    "reference": "reference", "min_tokens_width": "min_dim", "width": "width", "none": "none"}
 WINDOWS: tuple[str, ...] = ("stack", "mean")
 
 
@@ -57,14 +68,17 @@ class RankSettings:
     Attributes:
         feature: ``final_norm`` (after the encoder's last LayerNorm) or ``last_block`` (before it).
         centre: subtract the mean row before the SVD.
-        normalise: ``min_tokens_width``, ``width`` or ``none`` (see the module docstring).
+        normalise: ``reference``, ``min_tokens_width``, ``width`` or ``none`` (see the module
+            docstring).
         windows: ``stack`` or ``mean`` (see the module docstring).
+        reference_width: E_ref, the dense model's width; needed by ``reference``.
     """
 
     feature: str = "final_norm"
     centre: bool = False
-    normalise: str = "min_tokens_width"
+    normalise: str = "reference"
     windows: str = "stack"
+    reference_width: int | None = None
 
     def __post_init__(self) -> None:
         if self.feature not in FEATURES:
@@ -74,6 +88,9 @@ class RankSettings:
                 f"effective rank: unknown normalisation {self.normalise!r}; choose {', '.join(NORMALISE)}")
         if self.windows not in WINDOWS:
             raise ValueError(f"effective rank: unknown window reduction {self.windows!r}; choose {', '.join(WINDOWS)}")
+        if self.normalise == "reference" and (self.reference_width is None or self.reference_width < 1):
+            raise ValueError("effective rank: normalise 'reference' needs reference_width, the dense model's width "
+                             f"(got {self.reference_width!r})")
 
     @property
     def final_norm(self) -> bool:
@@ -84,6 +101,10 @@ class RankSettings:
     def rank_normalise(self) -> Normalise:
         """The normalisation under :mod:`segcompress.rank`'s name."""
         return NORMALISE[self.normalise]
+
+    def divisor(self, rows: int, width: int) -> float:
+        """What the raw erank of a ``rows`` × ``width`` feature matrix is divided by."""
+        return rank_divisor(rows, width, self.rank_normalise, self.reference_width)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,15 +142,34 @@ def window_features(
     return torch.cat(out)
 
 
-def image_rank(features: torch.Tensor, settings: RankSettings) -> float:
-    """The normalised effective rank of one image from its windows' features (W, N, E′)."""
+def _check_windows(features: torch.Tensor) -> None:
     if features.dim() != 3:
-        raise ValueError(f"image_rank needs window features (W, N, E), got shape {tuple(features.shape)}")
+        raise ValueError(f"effective rank needs window features (W, N, E), got shape {tuple(features.shape)}")
+
+
+def image_raw_rank(features: torch.Tensor, settings: RankSettings) -> float:
+    """The raw effective rank of one image from its windows' features (W, N, E′)."""
+    _check_windows(features)
     if settings.windows == "stack":
-        return normalised_effective_rank(features.reshape(-1, features.shape[-1]), settings.rank_normalise,
-                                         center=settings.centre)
-    values = [normalised_effective_rank(f, settings.rank_normalise, center=settings.centre) for f in features]
+        return effective_rank(features.reshape(-1, features.shape[-1]), center=settings.centre)
+    values = [effective_rank(f, center=settings.centre) for f in features]
     return sum(values) / len(values)
+
+
+def matrix_rows(features: torch.Tensor, settings: RankSettings) -> int:
+    """Rows of the matrix (or matrices) whose rank is taken: W·N with ``stack``, N with ``mean``."""
+    _check_windows(features)
+    return features.shape[0] * features.shape[1] if settings.windows == "stack" else features.shape[1]
+
+
+def image_rank(features: torch.Tensor, settings: RankSettings) -> float:
+    """The normalised effective rank of one image from its windows' features (W, N, E′).
+
+    With ``mean`` every window has the same shape, so the mean of the windows' normalised ranks is
+    the mean raw rank over the one divisor.
+    """
+    raw = image_raw_rank(features, settings)
+    return raw / settings.divisor(matrix_rows(features, settings), features.shape[-1])
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -150,19 +190,21 @@ def rank_dataset(
         device: str | torch.device = "cpu",
         progress: bool = True,
 ) -> dict[str, Any]:
-    """Normalised effective rank of ``model``'s restored features on every image of ``dataset``.
+    """Raw and normalised effective rank of ``model``'s restored features on every image of ``dataset``.
 
     Args:
         dataset: test-mode items ``{"image", "label", "name"}`` (labels are not used).
 
     Returns:
-        ``erank_mean``, ``erank_std`` (population, over images), ``num_images``, per image
-        ``erank_per_image`` and ``names``, the matrix shape of the last image (``rows``,
-        ``width``) and ``seconds``.
+        ``erank_mean``, ``erank_std`` (normalised as ``settings`` says; population, over images),
+        ``erank_raw_mean``, ``erank_raw_std`` (raw), ``num_images``, per image
+        ``erank_per_image``, ``erank_raw_per_image`` and ``names``, the matrix shape of the last
+        image (``rows``, ``width``) and ``seconds``.
     """
     from tqdm import tqdm
 
     model.eval()
+    raw: list[float] = []
     values: list[float] = []
     names: list[str] = []
     rows = width = 0
@@ -170,15 +212,20 @@ def rank_dataset(
     for i in tqdm(range(len(dataset)), desc="rank", unit="img", disable=not progress):
         item = dataset[i]
         feats = window_features(model, item["image"].to(device), crop, stride, batch_size, settings.final_norm)
-        values.append(image_rank(feats, settings))
+        rows, width = matrix_rows(feats, settings), feats.shape[2]
+        raw.append(image_raw_rank(feats, settings))
+        values.append(raw[-1] / settings.divisor(rows, width))
         names.append(str(item.get("name", i)))
-        rows, width = (feats.shape[0] * feats.shape[1] if settings.windows == "stack" else feats.shape[1]), feats.shape[2]
     mean, std = mean_std(values)
+    raw_mean, raw_std = mean_std(raw)
     return {
         "erank_mean": mean,
         "erank_std": std,
+        "erank_raw_mean": raw_mean,
+        "erank_raw_std": raw_std,
         "num_images": len(values),
         "erank_per_image": values,
+        "erank_raw_per_image": raw,
         "names": names,
         "rows": rows,
         "width": width,

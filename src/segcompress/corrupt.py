@@ -18,6 +18,13 @@ places, and each is seeded per image from one SHA-256 digest of those five value
   seeded by ``seed=`` (numba keeps the low 32 bits); without ``seed=`` it would draw fresh OS
   entropy from ``np.random.default_rng()``.
 
+Frost. The original imagecorruptions (and ImageNet-C) draws its frost texture among 5 images
+(``np.random.randint(5)``); the installed imagecorruptions-imaug fork draws among 6 (it adds
+``frost6.jpg``). The reference's 5 are kept by choosing the seed, not by changing the library: a
+frost image's key is re-derived (a chain of digests) until the fork's first draw, the texture
+index, falls among the first 5 (:func:`frost_seed`). The texture is then uniform over the
+original's 5 and the crop is drawn by the library as usual.
+
 Every corruption whose function accepts ``seed=`` gets one (found by signature, so a library
 update that adds ``seed=`` elsewhere is still seeded). The rest (defocus/gaussian/zoom blur,
 brightness, contrast, saturate, jpeg, pixelate) are deterministic.
@@ -61,7 +68,7 @@ SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 #: every level, and the level is not part of an image's provenance (its pixels do not change).
 DEFAULT_COMPRESS_LEVEL = 1
 
-#: Kamann & Rother's 16 corruptions in their 4 categories (methods.md §8).
+#: Kamann & Rother's 16 corruptions in their 4 categories (docs/methods.md §8).
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "blur": ("motion_blur", "defocus_blur", "glass_blur", "gaussian_blur"),
     "noise": ("gaussian_noise", "impulse_noise", "shot_noise", "speckle_noise"),
@@ -234,7 +241,8 @@ class ImageSeed:
 
     @classmethod
     def derive(cls, dataset: str, relpath: str, corruption: str, severity: int, seed: int) -> ImageSeed:
-        return cls(_digest("image", dataset, relpath, corruption, int(severity), int(seed)))
+        image_seed = cls(_digest("image", dataset, relpath, corruption, int(severity), int(seed)))
+        return frost_seed(image_seed) if corruption == "frost" else image_seed
 
     @property
     def numpy_key(self) -> list[int]:
@@ -249,6 +257,21 @@ class ImageSeed:
     @property
     def hex(self) -> str:
         return self.digest[:16].hex()
+
+
+#: Frost textures the original imagecorruptions draws among (frost1-frost5); the fork has 6.
+FROST_IMAGES = 5
+#: How many textures the installed fork's ``frost`` draws its index among (``np.random.randint(6)``).
+_FORK_FROST_IMAGES = 6
+
+
+def frost_seed(seed: ImageSeed) -> ImageSeed:
+    """``seed``, or the first of its re-derived successors whose legacy ``np.random`` stream makes
+    the fork's ``frost`` pick one of the original's :data:`FROST_IMAGES` textures (its first draw
+    is the texture index). Unchanged when that draw is already one of them (5 in 6 images)."""
+    while np.random.RandomState(seed.numpy_key).randint(_FORK_FROST_IMAGES) >= FROST_IMAGES:
+        seed = ImageSeed(_digest("frost-redraw", seed.digest.hex()))
+    return seed
 
 
 # ----------------------------------------------------------------------------- corrupting

@@ -1,4 +1,4 @@
-"""FLOPs of a Segmenter, with one convention for every method (methods.md §7).
+"""FLOPs of a Segmenter, with one convention for every method (docs/methods.md §7).
 
 Convention (as the anchors report): fvcore's count, where one multiply-add is one FLOP (so
 "GFLOPs" are GMACs); attention matmuls are counted (fused attention is switched off while
@@ -84,7 +84,7 @@ def block_macs(
         mlp_hidden: int,
         match_macs: float = 0.0,
 ) -> float:
-    """MACs of one pre-norm encoder block (methods.md §7.1).
+    """MACs of one pre-norm encoder block (docs/methods.md §7.1).
 
     ``n_in`` tokens enter LN1 and attention; a merge between attention and MLP (ToMe, ALGM) leaves
     ``n_out`` tokens for LN2 and the MLP; ``match_macs`` is the merge's own counted cost.
@@ -130,7 +130,7 @@ def analytic_gmacs(
         embed_patches: float | None = None,
         extra_macs: float = 0.0,
 ) -> float:
-    """Closed form of :func:`count_gmacs` for a Segmenter, in G (methods.md §7.1).
+    """Closed form of :func:`count_gmacs` for a Segmenter, in G (docs/methods.md §7.1).
 
     Token counts include the class token; all defaults describe the dense model, so
     ``analytic_gmacs(spec)`` is the dense count.

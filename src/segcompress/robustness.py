@@ -5,7 +5,7 @@ Every function takes the long table (one row per variant x corruption x severity
 columns (``VARIANT_KEYS`` that are present). Missing keys are fine; NaN keys (e.g. a dense row's
 ``target_fraction``) form their own group.
 
-Aggregation (methods.md §8):
+Aggregation (docs/methods.md §8):
 
 * per corruption: mean mIoU over its severities;
 * per category: mean over its corruptions of the per-corruption means;
@@ -21,7 +21,7 @@ backbone), after Kamann & Rother, with D = 1 - mIoU (mIoU as a fraction):
 summed over the severities s the variant was evaluated at (the reference must have all of them).
 mCD / mrCD are the means over corruptions. These are the formulas used here; they follow
 Hendrycks & Dietterich's CE / relative CE with error = 1 - mIoU and are [UNCONFIRMED] against the
-IJCV paper (methods.md §12, item 9). A denominator <= 0 (a reference that does not degrade) gives
+IJCV paper (docs/methods.md §12, item 9). A denominator <= 0 (a reference that does not degrade) gives
 NaN, not a meaningless ratio.
 """
 

@@ -35,7 +35,7 @@ rule rank:
     shell:
         "segcompress rank --model {input.model} {params.method} --layout {params.layout}"
         " --root {params.root} {params.conditions} --split val --crop {params.crop}"
-        " {params.stride} --img-scale {params.img_scale} {params.options}"
+        " {params.stride} --img-scale {params.img_scale} {params.options} --reference-model {input.reference}"
         " {params.tags} --no-progress > {log} 2>&1"
 
 

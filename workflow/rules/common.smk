@@ -522,8 +522,10 @@ def evaluate_inputs(wildcards):
 
 
 def rank_inputs(wildcards):
-    """A variant's inputs and the corrupted sets of the job's ranked conditions."""
-    return {**variant_inputs(wildcards), "images": _corrupted_manifests(wildcards, rank_conditions())}
+    """A variant's inputs, the corrupted sets of the job's ranked conditions, and the dense model
+    (its width normalises every variant's effective rank alike)."""
+    return {**variant_inputs(wildcards), "images": _corrupted_manifests(wildcards, rank_conditions()),
+            "reference": model_path(wildcards.ds, wildcards.arch, parse_variant(wildcards.variant)[2], "dense")}
 
 
 def _condition_options(wildcards, conds, paths):

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from segcompress.models.spec import SegmenterSpec
@@ -28,7 +27,7 @@ class Variant:
         spec: its architecture.
         method: method name (``dense`` for none).
         knob: the method's knob.
-        source: where the weights came from (a checkpoint path, or ``random init``).
+        source: where the weights came from (a checkpoint path, or ``random init (seed S)``).
     """
 
     model: nn.Module
@@ -113,14 +112,21 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) 
     cal.add_argument("--calib-layout", default="ade20k", metavar="L", help="dataset layout (ade20k, cityscapes)")
     cal.add_argument("--calib-split", default="val", help="split to draw from (default: val)")
     cal.add_argument("--calib-images", type=int, default=16, metavar="N", help="number of calibration images")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random input when no images are given")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random weights of --arch/--backbone and of the random input when no "
+                             "images are given (default: 0), so repeated calls count the same model")
 
 
 def spec_and_model(args: argparse.Namespace) -> tuple[SegmenterSpec, nn.Module, str]:
-    """The dense model the options select: (spec, model, weights source)."""
+    """The dense model the options select: (spec, model, weights source).
+
+    ``--arch``/``--backbone`` models get random weights drawn from ``--seed`` (the global torch
+    generator is left as it was), so an input-dependent method's FLOPs are repeatable.
+    """
     from segcompress.models.checkpoint import load_model
     from segcompress.models.segmenter import build_segmenter
     from segcompress.models.spec import spec_from_arch, spec_from_timm
+    from segcompress.seeding import preserved_global_rng
 
     if args.model is not None:
         model = load_model(args.model)
@@ -136,7 +142,10 @@ def spec_and_model(args: argparse.Namespace) -> tuple[SegmenterSpec, nn.Module, 
         spec, _pretrained = spec_from_arch(parse_json_arg(args.arch, "--arch"), args.num_classes, args.crop)
     else:
         spec = spec_from_timm(args.backbone, args.num_classes, args.crop)
-    return spec, build_segmenter(spec), "random init"
+    with preserved_global_rng():
+        torch.manual_seed(args.seed)
+        model = build_segmenter(spec)
+    return spec, model, f"random init (seed {args.seed})"
 
 
 def variant_from_args(args: argparse.Namespace) -> Variant:
@@ -164,13 +173,9 @@ def random_image(spec: SegmenterSpec, batch: int = 1, seed: int = 0) -> torch.Te
 def calibration_images(args: argparse.Namespace, spec: SegmenterSpec) -> Iterator[torch.Tensor]:
     """Up to ``--calib-images`` normalised images (1, 3, H, W), each resized to the crop.
 
-    As ALGM's FLOPs script: every image is resized (aspect distorted) to crop×crop, batch 1.
+    As ALGM's FLOPs script: every image is resized (aspect distorted) to crop×crop, batch 1
+    (:func:`segcompress.tokens.cost.image_crops`, which evaluation uses on each condition's images).
     """
-    from segcompress.data.datasets import build_dataset  # the data stage's reader
+    from segcompress.tokens.cost import image_crops
 
-    h, w = spec.crop
-    ds = build_dataset(args.calib_layout, args.calib_root, args.calib_split, mode="test", crop=spec.crop,
-                       img_scale=(4 * max(h, w), min(h, w)), max_images=args.calib_images)
-    for i in range(min(len(ds), args.calib_images)):
-        img = ds[i]["image"]
-        yield F.interpolate(img[None].float(), size=spec.crop, mode="bilinear", align_corners=False)
+    yield from image_crops(args.calib_layout, args.calib_root, args.calib_split, spec.crop, args.calib_images)

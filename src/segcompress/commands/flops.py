@@ -7,7 +7,9 @@ description.
 
 Without ``--calib-root`` one seeded random crop is counted (enough for input-independent methods);
 with it, every calibration image (resized to the crop) is counted and the mean and standard
-deviation are reported, as input-dependent methods (ALGM) need.
+deviation are reported, as input-dependent methods (ALGM) need. ``--arch``/``--backbone`` models
+have random weights drawn from ``--seed`` (default 0), so an input-dependent method's count is the
+same on every call.
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ def analytic_for(variant: Variant, images: list[Any] | None = None) -> float | N
     if variant.method == "dense":
         return analytic_gmacs(variant.spec)
     if variant.method in ("tome", "cts", "algm"):
-        from segcompress.tokens.cost import method_cost
+        from segcompress.tokens.cost import is_input_dependent, method_cost
 
-        if variant.method == "algm" and not images:
+        if is_input_dependent(variant.method) and not images:
             return None
         return method_cost(variant.method, variant.knob, variant.spec, variant.model, images).mean
     return None

@@ -11,6 +11,8 @@ method's achievable range) and ``message`` (why a target is out of reach). ToMe 
 solved exactly in closed form; ALGM by bisection of τ on calibration images (each image counted
 as batch 1). ``--target-fraction`` is relative to ``--reference-model`` when given (prune-then-merge
 solves ToMe on a pruned model for a fraction of the dense model), else to the model itself.
+``--arch``/``--backbone`` models have random weights drawn from ``--seed`` (default 0), so ALGM's
+threshold and GFLOPs are the same on every call.
 Exit status 0 even when the target is out of reach (the nearest knob is written), unless
 ``--strict``.
 """

@@ -10,6 +10,13 @@ weight decay 1e-3), batch 8, cross-entropy with ignore 255 on targets derived fr
 (1 if a 2p×2p region holds one class; ADE20K ignores border regions with one class plus ignore).
 Inputs are Segmenter's training crops (``build_dataset(mode="train")``), a superset of the
 reference's flip-only augmentation. ``--model`` only supplies the crop and patch size.
+
+The backbone starts from ``--pretrained`` (or the recipe's ``pretrained``, the config's
+``methods.cts.policy.pretrained``): ``timm`` (timm's ImageNet ``efficientnet_lite0`` weights, as
+the reference; needs the network or a cache), a local ``.safetensors``/``.pth`` state dict of that
+model, or null/``none`` (random init, the default: nothing can be downloaded offline). The policy
+file's metadata records it as ``policy_init`` (``random``, ``timm:efficientnet_lite0`` or
+``file:<path>``), so a report can say whether the policy was random-initialised.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ log = logging.getLogger("segcompress.policy")
 
 RECIPE_DEFAULTS: dict[str, Any] = {
     "iters": 50000, "batch_size": 8, "lr": 5e-5, "weight_decay": 1e-3, "num_workers": 0, "log_every": 50,
+    "pretrained": None,
 }
 
 
@@ -39,8 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=None, help="optimisation steps (overrides the recipe)")
     parser.add_argument("--border-ignore", action=argparse.BooleanOptionalAction, default=None,
                         help="ignore border regions with one class plus ignore (default: ADE20K yes, Cityscapes no)")
-    parser.add_argument("--pretrained-backbone", action="store_true",
-                        help="start from timm's ImageNet efficientnet_lite0 (needs the network or a cache)")
+    parser.add_argument("--pretrained", metavar="SOURCE",
+                        help="initial backbone weights (overrides the recipe's 'pretrained'): timm (timm's "
+                             "ImageNet efficientnet_lite0; needs the network or a cache), a local "
+                             ".safetensors/.pth file, or none (random init; the default)")
     parser.add_argument("--max-images", type=int, default=None, help="train on the first N images only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
@@ -75,6 +85,10 @@ def main(args: argparse.Namespace) -> int:
     recipe.update(overrides)
     if args.iters is not None:
         recipe["iters"] = args.iters
+    if args.pretrained is not None:
+        recipe["pretrained"] = None if args.pretrained.lower() in ("none", "null") else args.pretrained
+    if recipe["pretrained"] is not None and not isinstance(recipe["pretrained"], str):
+        raise ValueError(f"--recipe: 'pretrained' must be \"timm\", a file path or null, got {recipe['pretrained']!r}")
     if args.model is not None:
         from segcompress.models.checkpoint import spec_path
         from segcompress.models.spec import SegmenterSpec
@@ -93,6 +107,7 @@ def main(args: argparse.Namespace) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
 
     seed_everything(args.seed)
+    policy = PolicyNet(pretrained=recipe["pretrained"])  # first: a bad weights file fails before any work
     ds = build_dataset(args.layout, args.root, args.split, mode="train", crop=list(crop), img_scale=img_scale,
                        max_images=args.max_images)
     loader = torch.utils.data.DataLoader(
@@ -100,15 +115,14 @@ def main(args: argparse.Namespace) -> int:
         collate_fn=collate_train, num_workers=int(recipe["num_workers"]), worker_init_fn=seed_worker,
         generator=torch.Generator().manual_seed(args.seed),
     )
-    policy = PolicyNet(pretrained=args.pretrained_backbone)
     every = max(1, int(recipe["log_every"]))
 
     def on_step(step: int, loss: float) -> None:
         if step % every == 0 or step + 1 == recipe["iters"]:
             log.info("step %d/%d loss %.4f", step + 1, recipe["iters"], loss)
 
-    log.info("training the CTS policy net: %d steps, crop %s, patch %d, %d images on %s",
-             recipe["iters"], list(crop), patch, len(ds), device)
+    log.info("training the CTS policy net (%s init): %d steps, crop %s, patch %d, %d images on %s",
+             policy.init, recipe["iters"], list(crop), patch, len(ds), device)
     losses = train_policy(policy, loader, int(recipe["iters"]), patch_size=patch, border_ignore=border_ignore,
                           lr=float(recipe["lr"]), weight_decay=float(recipe["weight_decay"]), device=device,
                           on_step=on_step)

@@ -1,4 +1,4 @@
-"""Settings of NViT-style structural pruning (methods.md §5), with the reference values documented.
+"""Settings of NViT-style structural pruning (docs/methods.md §5), with the reference values documented.
 
 Every knob has a default that is either the NViT reference value (``NVlabs/NViT``, DeiT-B with 12
 blocks of width 768) or its generalisation to any ViT, and every default is stated here, in one
@@ -15,6 +15,9 @@ from typing import Any
 #: Kinds of prunable structure, in the order they are listed and tie-broken.
 #: ``emb`` is global (the residual width E shared by every block); the others are per block.
 KINDS: tuple[str, ...] = ("emb", "heads", "qk", "v", "mlp")
+
+#: What an EMB channel's saliency sums over (:class:`PruneConfig` ``emb_saliency``).
+EMB_SALIENCY: tuple[str, ...] = ("reference", "group")
 
 #: Recommended ``prune_share`` for prune-then-merge (NViT, then ToMe): prune to sqrt(target).
 PTM_PRUNE_SHARE = 0.5
@@ -37,6 +40,15 @@ class PruneConfig:
     Saliency (NViT method 23): per unit ``(Σ_{w in unit} w·∂L/∂w / c)²`` per mini-batch, averaged
     over the ``interval`` batches of a pruning step, then smoothed across steps with an EMA.
         momentum: EMA coefficient (reference ``pruning_momentum`` 0.9; 0 = no smoothing).
+        reset_saliency: zero the EMA right after the first pruning step, so the later steps rank
+            by saliency measured on the pruned network only (reference: NViT's training loop
+            zeroes it when the student turns to eval mode after the first prune). ``false``
+            keeps the first step's average in the EMA.
+        emb_saliency: which slices of the E group an EMB channel's ``Σ w·∂L/∂w`` runs over.
+            ``"reference"`` (default, NViT's ``compute_criteria_from``): the patch embedding's
+            output, every block's ``proj`` and ``fc2`` output rows and ``qkv`` and ``fc1`` input
+            columns. ``"group"``: every slice pruned with the channel, i.e. also every LayerNorm
+            weight and bias, the class and position tokens and the decoder's input projection.
         scale_emb, scale_heads, scale_qk, scale_v, scale_mlp: the divisors ``c`` (applied before
             squaring), which make the kinds comparable. Reference: EMB 12, heads 12 (6 for the
             head flag times 2 for the Q/V slices), QK 2, V 2, MLP 1. The reference EMB divisor is
@@ -78,7 +90,7 @@ class PruneConfig:
             NViT style; 0 switches it off. Before the first pruning step the student equals the
             teacher, so the term is ~0, as NViT's switched-off KD.
 
-    Prune-then-merge (methods.md §6):
+    Prune-then-merge (docs/methods.md §6):
         prune_share: the share ``s`` of the log-FLOPs reduction done by pruning: for an overall
             target fraction ``F`` the model is pruned to ``F**s`` of the dense FLOPs, and ToMe's
             ``r`` is then solved on the pruned model for the overall target (``segcompress match
@@ -100,6 +112,8 @@ class PruneConfig:
     group_clamp: int = 4
 
     momentum: float = 0.9
+    reset_saliency: bool = True
+    emb_saliency: str = "reference"
     scale_emb: float | None = None
     scale_heads: float = 12.0
     scale_qk: float = 2.0
@@ -135,6 +149,7 @@ class PruneConfig:
             (all(self.group_size(k) >= 1 for k in KINDS), "group_*", ">= 1"),
             (self.group_clamp >= 1, "group_clamp", ">= 1"),
             (0.0 <= self.momentum < 1.0, "momentum", "in [0, 1)"),
+            (self.emb_saliency in EMB_SALIENCY, "emb_saliency", " or ".join(repr(v) for v in EMB_SALIENCY)),
             (all(s > 0 for s in (self.scale_heads, self.scale_qk, self.scale_v, self.scale_mlp)), "scale_*", "> 0"),
             (self.scale_emb is None or self.scale_emb > 0, "scale_emb", "> 0 or null"),
             (self.flops_mode in ("ratio", "subtract"), "flops_mode", "'ratio' or 'subtract'"),

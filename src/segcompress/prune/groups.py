@@ -1,6 +1,6 @@
 """The prunable structures of a Segmenter encoder and the parameter slices each unit owns.
 
-Five kinds of structure (NViT, methods.md §5.1):
+Five kinds of structure (NViT, docs/methods.md §5.1):
 
 * ``emb``: the residual width E, one structure shared by every block. A unit is one channel of
   the patch embedding's output, the class token and position embedding, every LayerNorm of the
@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -58,7 +58,9 @@ class ParamSlice:
     Args:
         name: parameter name in ``model.named_parameters()``.
         dim: the dimension that runs over the units.
-        source: whether the slice counts in the unit's saliency (NViT's ``compute_criteria_from``).
+        source: whether the slice counts in the unit's saliency as NViT's ``compute_criteria_from``
+            has it (for ``emb``: the patch embedding's output and the Linear layers of the encoder
+            blocks; ``PruneConfig.emb_saliency: group`` counts every ``emb`` slice instead).
     """
 
     name: str
@@ -237,8 +239,11 @@ def _trace_channel_groups(model: Segmenter) -> tuple[list[ParamSlice], list[list
 
     The E group is the dependency group of the patch embedding's output channels; the class and
     position tokens are declared to DepGraph as parameters pruned along their last dimension.
-    Saliency sources: every slice of the E group (NViT sums the patch embedding and all linked
-    rows/columns); for the MLP, the ``fc1`` rows and bias (NViT: "fc1 rows and bias").
+    Saliency sources (NViT's ``compute_criteria_from``): for E, the patch embedding's output
+    (weight and bias) and the slices of the encoder blocks' Linear layers: the ``proj`` and ``fc2``
+    output rows (and biases), the ``qkv`` and ``fc1`` input columns; not the LayerNorms, the
+    class and position tokens or the decoder's input projection, which are only pruned with it.
+    For the MLP, the ``fc1`` rows and bias (NViT: "fc1 rows and bias").
     """
     import torch_pruning as tp
 
@@ -257,12 +262,22 @@ def _trace_channel_groups(model: Segmenter) -> tuple[list[ParamSlice], list[list
     finally:
         model.train(was_training)
     names = _Names(model)
-    emb = names.slices(graph.get_pruning_group(enc.patch_embed.proj, tp.prune_conv_out_channels, idxs=[0]), all_sources=True)
+    emb = names.slices(graph.get_pruning_group(enc.patch_embed.proj, tp.prune_conv_out_channels, idxs=[0]),
+                       _nvit_emb_source)
     mlps = [
-        names.slices(graph.get_pruning_group(blk.mlp.fc1, tp.prune_linear_out_channels, idxs=[0]), all_sources=False)
+        names.slices(graph.get_pruning_group(blk.mlp.fc1, tp.prune_linear_out_channels, idxs=[0]),
+                     lambda name, module, produces: produces)
         for blk in enc.blocks
     ]
     return emb, mlps
+
+
+def _nvit_emb_source(name: str, module: nn.Module | None, produces: bool) -> bool:
+    """Whether a slice of the E group counts in NViT's EMB saliency: the patch embedding's
+    output and the Linear layers of the encoder blocks (``qkv``, ``proj``, ``fc1``, ``fc2``)."""
+    if isinstance(module, nn.Conv2d):
+        return produces and name == "encoder.patch_embed.proj"
+    return isinstance(module, nn.Linear) and name.startswith("encoder.blocks.")
 
 
 class _Names:
@@ -273,7 +288,9 @@ class _Names:
         self.params = {id(p): n for n, p in model.named_parameters()}
         self.unwrapped_dims = {id(p): p.ndim - 1 for p in model.parameters()}
 
-    def slices(self, group: object, all_sources: bool) -> list[ParamSlice]:
+    def slices(self, group: object, source: Callable[[str, nn.Module | None, bool], bool]) -> list[ParamSlice]:
+        """The group's slices; ``source(module name, module, produces)`` says which count in the
+        saliency (``module`` is None for a bare parameter such as the class token)."""
         out: list[ParamSlice] = []
         for dep, _idxs in group:  # type: ignore[attr-defined]
             target = dep.target.module
@@ -282,7 +299,8 @@ class _Names:
                 raise NotImplementedError(f"unexpected pruning function {fn} in a dependency group")
             produces = fn == "prune_out_channels"
             if isinstance(target, nn.Parameter):
-                out.append(ParamSlice(self.params[id(target)], self.unwrapped_dims[id(target)], True))
+                name = self.params[id(target)]
+                out.append(ParamSlice(name, self.unwrapped_dims[id(target)], source(name, None, produces)))
                 continue
             if target not in self.modules:  # a functional op of the trace (add, reshape, concat)
                 continue
@@ -293,9 +311,9 @@ class _Names:
             if not isinstance(target, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
                 raise NotImplementedError(f"{name} ({type(target).__name__}) is coupled to a pruned channel; "
                                           "only Linear, Conv2d and LayerNorm layers are supported")
-            source = all_sources or produces
+            counts = source(name, target, produces)
             if produces:
-                out.extend(ParamSlice(f"{name}.{p}", 0, source) for p in own)
+                out.extend(ParamSlice(f"{name}.{p}", 0, counts) for p in own)
             else:
-                out.append(ParamSlice(f"{name}.weight", 1, source))
+                out.append(ParamSlice(f"{name}.weight", 1, counts))
         return out

@@ -1,4 +1,4 @@
-"""NViT-style global structural pruning of a Segmenter encoder to a FLOPs target (methods.md §5).
+"""NViT-style global structural pruning of a Segmenter encoder to a FLOPs target (docs/methods.md §5).
 
 :class:`NViTPruner` holds the masks, the saliency and the global, FLOPs-aware ranking;
 :func:`prune` runs it interleaved with training through :func:`segcompress.train.fit` and returns
@@ -6,7 +6,8 @@ the physically smaller model.
 
 One pruning step (every ``interval`` training iterations):
 
-1. the saliency of every unit, averaged over the step's batches, is folded into its EMA;
+1. the saliency of every unit, averaged over the step's batches, is folded into its EMA (zeroed
+   right after the first step unless ``reset_saliency`` is false, as NViT does);
 2. every structure offers its next group: its ``g`` lowest-scored alive units (``g`` = the kind's
    group size, never touching its floor: the best ``min_keep`` units, by default one group);
 3. each group's summed saliency ``I`` is weighed against the FLOPs ``ΔF`` its removal saves
@@ -120,7 +121,8 @@ class NViTPruner:
         self.saliency.accumulate()
 
     def step(self, step_target: float, final_target: float) -> dict[str, Any]:
-        """End of a pruning step: update the saliency, then prune down to ``step_target`` GMACs."""
+        """End of a pruning step: update the saliency, then prune down to ``step_target`` GMACs
+        (after the first step, the saliency's running average is zeroed if ``reset_saliency``)."""
         self.saliency.update(self.masks)
         before = self.gmacs()
         pruned = self.prune_to(step_target, final_target * (1.0 - self.config.tolerance))
@@ -135,6 +137,8 @@ class NViTPruner:
             "blocks": [dataclasses.asdict(b) for b in blocks],
         }
         self.history.append(record)
+        if record["step"] == 1 and self.config.reset_saliency:
+            self.saliency.reset()  # NViT: the average restarts on the pruned network
         log.info("prune step %d: %.4f -> %.4f GFLOPs (target %.4f), pruned %s", record["step"], before,
                  record["gflops"], step_target, pruned or "nothing")
         return record

@@ -1,4 +1,4 @@
-"""NViT's Hessian-aware saliency of every prunable unit (methods.md §5.2, NViT method 23).
+"""NViT's Hessian-aware saliency of every prunable unit (docs/methods.md §5.2, NViT method 23).
 
 For a unit S (a channel, head or dim), after a backward pass::
 
@@ -7,12 +7,15 @@ For a unit S (a channel, head or dim), after a backward pass::
 the squared first-order change of the loss when S is removed, i.e. the Fisher approximation of the
 second-order (Hessian) term ½·E[(gᵀw_S)²] (the first-order term vanishes at convergence). It is
 averaged over the mini-batches of one pruning step and smoothed across steps with an EMA
-(momentum 0.9); pruned units score 0.
+(momentum 0.9), which NViT zeroes once, right after the first prune (:meth:`Saliency.reset`);
+pruned units score 0.
 
 Which parameters a unit sums over follows NViT's ``compute_criteria_from``:
 
-* ``emb``: every slice of the E group (patch embedding, tokens, LayerNorms, qkv/fc1 inputs,
-  proj/fc2 outputs, decoder input), as found by DepGraph;
+* ``emb``: NViT's slices of the E group (found by DepGraph): the patch embedding's output, the
+  ``proj`` and ``fc2`` output rows and the ``qkv`` and ``fc1`` input columns of every block; with
+  ``emb_saliency: group``, every slice of the group (also the LayerNorms, the class and position
+  tokens and the decoder's input projection);
 * ``heads``: the head's Q, K and V rows of ``qkv`` (weights and biases);
 * ``qk``: the Q rows of that dim in every head;
 * ``v``: the V rows of that dim in every head;
@@ -44,6 +47,7 @@ class Saliency:
         self.params = dict(model.named_parameters())
         self.divisor = {k: config.scale(k.kind, space.depth) for k in self.keys}
         self.momentum = config.momentum
+        self.all_emb_slices = config.emb_saliency == "group"
         self._sum: dict[Key, torch.Tensor] = {}
         self._batches = 0
         self.scores: dict[Key, torch.Tensor] | None = None
@@ -53,7 +57,7 @@ class Saliency:
         out: dict[Key, torch.Tensor] = {}
         wanted = set(self.keys)
         if Key("emb") in wanted:
-            out[Key("emb")] = self._sum_slices(self.space.emb_slices, self.space.spec.embed_dim)
+            out[Key("emb")] = self._sum_slices(self.space.emb_slices, self.space.spec.embed_dim, self.all_emb_slices)
         for i, d in enumerate(self.space.dims):
             if Key("mlp", i) in wanted:
                 out[Key("mlp", i)] = self._sum_slices(self.space.mlp_slices[i], d.mlp_hidden)
@@ -92,6 +96,12 @@ class Saliency:
         self._sum, self._batches = {}, 0
         return scores
 
+    def reset(self) -> None:
+        """Zero the running average (NViT, right after the first prune): the next :meth:`update`
+        is ``(1 - momentum)`` times its batch mean, so the ranking restarts from the pruned network."""
+        if self.scores is not None:
+            self.scores = {k: torch.zeros_like(v) for k, v in self.scores.items()}
+
     # ----------------------------------------------------------------------------- helpers
 
     @staticmethod
@@ -100,10 +110,11 @@ class Saliency:
             return torch.zeros_like(p, dtype=torch.float32)
         return p.detach().float() * p.grad.detach().float()
 
-    def _sum_slices(self, slices: list[ParamSlice], units: int) -> torch.Tensor:
+    def _sum_slices(self, slices: list[ParamSlice], units: int, every: bool = False) -> torch.Tensor:
+        """Σ w·g per unit over the saliency sources among ``slices`` (``every``: all of them)."""
         total: torch.Tensor | None = None
         for s in slices:
-            if not s.source:
+            if not (s.source or every):
                 continue
             wg = self._wg(self.params[s.name])
             part = wg.movedim(s.dim, 0).reshape(units, -1).sum(dim=1)

@@ -2,13 +2,23 @@
 
 A small policy net (timm ``efficientnet_lite0`` features, then a 1×1 conv to 2 logits at stride
 32) predicts, for each superpatch of 2×2 patches, whether it holds a single class. Before the
-encoder, the K superpatches with the highest P(uniform) in each image *share* one token: their
+encoder, the K superpatches most likely uniform in each image *share* one token: their
 32×32 pixels are 2×2-averaged to one 16×16 patch and embedded with the same patch embedding; its
 position embedding is the average of the four. The other patches are embedded as usual. Sequence:
 [class token, unshared patches (row-major), shared superpatches (row-major)], N − 3K tokens.
 
 The policy net is trained separately, before the segmenter, on targets derived from the labels
-(:func:`policy_targets`, :func:`train_policy`).
+(:func:`policy_targets`, :func:`train_policy`). The reference starts it from ImageNet-pretrained
+``efficientnet_lite0`` weights; here its initial weights are a setting (``pretrained``: random,
+timm's ImageNet weights, or a local file, :class:`PolicyNet`), recorded in the policy file's
+metadata as ``policy_init`` (:func:`policy_init_of`).
+
+Ranking. The reference softmaxes the two logits and takes the top K of P(uniform). In float32
+P(uniform) saturates at 1.0 once the logit difference exceeds about 17, so confident superpatches
+tie and which of them are shared depends on how top-k happens to break ties. Here superpatches
+are ranked by the logit difference l_uniform − l_mixed, the same order as P(uniform) wherever P
+is not saturated, and equal scores are broken by the superpatch's row-major index (lowest first,
+a stable sort), so the chosen set is deterministic (:func:`top_superpatches`).
 """
 
 from __future__ import annotations
@@ -32,19 +42,80 @@ _warned_untrained = False
 IGNORE_INDEX = 255
 
 
+#: Metadata key of a policy file that says how its backbone was initialised (:func:`policy_init_label`).
+POLICY_INIT_KEY = "policy_init"
+#: Suffixes of a local pretrained backbone file.
+PRETRAINED_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth")
+
+
+def policy_init_label(pretrained: str | None) -> str:
+    """How a policy backbone is initialised, as recorded: ``random``, ``timm:<name>`` or ``file:<path>``."""
+    if pretrained is None:
+        return "random"
+    if pretrained == "timm":
+        return f"timm:{POLICY_BACKBONE}"
+    return f"file:{pretrained}"
+
+
+def _policy_backbone(pretrained: str | None) -> nn.Module:
+    """timm's ``efficientnet_lite0`` feature extractor (stride-32 map), initialised as ``pretrained`` says."""
+    import timm
+
+    def create(overlay: dict[str, str] | None = None, weights: bool = True) -> nn.Module:
+        return timm.create_model(POLICY_BACKBONE, pretrained=weights, pretrained_cfg_overlay=overlay,
+                                 features_only=True, out_indices=(4,))
+
+    if pretrained is None:
+        return create(weights=False)
+    if pretrained == "timm":
+        try:
+            return create()
+        except Exception as e:  # offline, no cache, hub errors: one line that says what to do
+            raise ValueError(
+                f"CTS policy: timm's ImageNet weights for {POLICY_BACKBONE} could not be loaded "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); give a local "
+                ".safetensors/.pth file or null (random init) as methods.cts.policy.pretrained / --pretrained"
+            ) from None
+    path = Path(pretrained)
+    if path.suffix not in PRETRAINED_SUFFIXES:
+        raise ValueError(f"{path}: CTS policy pretrained weights must be a {' or '.join(PRETRAINED_SUFFIXES)} "
+                         "file, \"timm\" or null")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: CTS policy pretrained weights not found (methods.cts.policy.pretrained / "
+                                "--pretrained: a local .safetensors/.pth file, \"timm\" or null)")
+    backbone = create({"file": str(path)})
+    _check_complete(backbone, path)
+    return backbone
+
+
+def _check_complete(backbone: nn.Module, path: Path) -> None:
+    """timm loads a file non-strictly: fail when it did not hold every backbone tensor."""
+    from timm.models import load_state_dict
+
+    state = load_state_dict(str(path))
+    own = backbone.state_dict()
+    bad = [k for k, v in own.items() if k not in state or tuple(state[k].shape) != tuple(v.shape)]
+    if bad:
+        raise ValueError(f"{path}: not {POLICY_BACKBONE} weights ({len(bad)} of {len(own)} backbone tensors missing "
+                         f"or of another shape, e.g. {bad[0]!r})")
+
+
 class PolicyNet(nn.Module):
     """CTS policy: ``efficientnet_lite0`` (features only) + 1×1 conv to 2 logits per 32×32 region.
 
     Args:
-        pretrained: load timm's ImageNet weights (needs the network or a warm cache); the default
-            ``False`` builds a randomly initialised net, the only option on offline machines.
+        pretrained: the backbone's initial weights: ``None`` (random init, the only option on
+            offline machines without a file), ``"timm"`` (timm's ImageNet weights, through its
+            own pretrained mechanism: needs the network or a warm cache) or the path of a local
+            ``.safetensors``/``.pth`` state dict of timm's ``efficientnet_lite0`` (loaded through
+            the same mechanism; a file that lacks any backbone tensor is an error). The head is
+            always randomly initialised. ``init`` records the choice (:func:`policy_init_label`).
     """
 
-    def __init__(self, pretrained: bool = False) -> None:
+    def __init__(self, pretrained: str | None = None) -> None:
         super().__init__()
-        import timm
-
-        self.backbone = timm.create_model(POLICY_BACKBONE, pretrained=pretrained, features_only=True, out_indices=(4,))
+        self.backbone = _policy_backbone(pretrained)
+        self.init = policy_init_label(pretrained)
         channels = self.backbone.feature_info.channels()[-1]
         self.head = nn.Conv2d(channels, 2, 1)
 
@@ -67,14 +138,14 @@ def save_policy(policy: PolicyNet, path: str | Path, metadata: dict[str, str] | 
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: policy path must end in .safetensors")
     state = {k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}
-    meta = {"backbone": POLICY_BACKBONE, **(metadata or {})}
+    meta = {"backbone": POLICY_BACKBONE, POLICY_INIT_KEY: policy.init, **(metadata or {})}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={k: str(v) for k, v in meta.items()})
 
 
 def load_policy(path: str | Path | None, map_location: str | torch.device = "cpu") -> PolicyNet:
     """A frozen policy net in eval mode from ``path`` (safetensors); ``None``: untrained (warns)."""
-    policy = PolicyNet(pretrained=False)
+    policy = PolicyNet()
     if path is None:
         global _warned_untrained
         if not _warned_untrained:
@@ -92,6 +163,14 @@ def load_policy(path: str | Path | None, map_location: str | torch.device = "cpu
             raise ValueError(f"{path}: not a CTS policy net (missing {missing[:3]}, unexpected {unexpected[:3]})")
     policy.requires_grad_(False)
     return policy.eval().to(map_location).fast()
+
+
+def policy_init_of(path: str | Path) -> str | None:
+    """How the policy in ``path`` was initialised before training (``random``, ``timm:<name>``,
+    ``file:<path>``), from its metadata; None for a file written before this was recorded."""
+    from segcompress.models.checkpoint import read_metadata
+
+    return read_metadata(path).get(POLICY_INIT_KEY)
 
 
 def superpatch_grid(grid: tuple[int, int]) -> tuple[int, int]:
@@ -198,9 +277,15 @@ def policy_logits(policy: nn.Module, img: torch.Tensor, shape: tuple[int, int]) 
 
 
 def uniform_scores(policy: nn.Module, img: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """P(uniform) of each superpatch, (B, Sh·Sw) row-major, from the policy net."""
+    """Uniformity score of each superpatch, (B, Sh·Sw) row-major: the policy's logit difference
+    l_uniform − l_mixed (P(uniform) is its sigmoid; unlike P it does not saturate)."""
     logits = policy_logits(policy, img, superpatch_grid(grid))
-    return logits.softmax(dim=1)[:, 1].reshape(img.shape[0], -1)
+    return (logits[:, 1] - logits[:, 0]).reshape(img.shape[0], -1)
+
+
+def top_superpatches(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (B, k) of the ``k`` highest scores per row; equal scores: the lowest index first."""
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
 
 
 def share_tokens(encoder: nn.Module, img: torch.Tensor, scores: torch.Tensor, k: int) -> TokenState:
@@ -212,7 +297,8 @@ def share_tokens(encoder: nn.Module, img: torch.Tensor, scores: torch.Tensor, k:
     Args:
         encoder: the timm ViT (class token, position embedding with a class entry, no registers).
         img: normalised crops (B, 3, H, W) at the encoder's size.
-        scores: (B, Sh·Sw) P(uniform) per superpatch.
+        scores: (B, Sh·Sw) uniformity score per superpatch (:func:`uniform_scores`; higher is
+            shared first, ties by index).
         k: superpatches to share per image, 0 ≤ k ≤ Sh·Sw.
     """
     pe = encoder.patch_embed
@@ -238,7 +324,7 @@ def share_tokens(encoder: nn.Module, img: torch.Tensor, scores: torch.Tensor, k:
     pos_super = pos_grid[:, :2 * sh, :2 * sw].reshape(1, sh, 2, sw, 2, E).mean(dim=(2, 4)).reshape(1, ns, E)
     pos_grid = pos_grid.reshape(1, n, E)
     # Which superpatches are shared, and which patches that covers.
-    top = scores.topk(k, dim=1).indices
+    top = top_superpatches(scores, k)
     shared_super = torch.zeros(B, ns, dtype=torch.bool, device=img.device).scatter_(1, top, torch.ones_like(top, dtype=torch.bool))
     rows = torch.arange(gh, device=img.device)[:, None]
     cols = torch.arange(gw, device=img.device)[None, :]
@@ -288,7 +374,7 @@ def policy_gmacs(height: int, width: int, patch_size: int = 16) -> float:
     from segcompress.flops import count_gmacs
 
     grid = (height // patch_size, width // patch_size)
-    return count_gmacs(_Scores(PolicyNet(pretrained=False), grid), torch.zeros(1, 3, height, width))
+    return count_gmacs(_Scores(PolicyNet(), grid), torch.zeros(1, 3, height, width))
 
 
 def policy_metadata(**fields: object) -> dict[str, str]:
