@@ -129,18 +129,15 @@ class PolicyNet(nn.Module):
 
 
 def save_policy(policy: PolicyNet, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write the policy weights as safetensors (atomically)."""
-    from safetensors.torch import save_file
-
-    from segcompress.io import atomic_path
+    """Write the policy weights as safetensors (atomically; the same weights give the same bytes)."""
+    from segcompress.io import write_safetensors
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: policy path must end in .safetensors")
     state = {k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}
     meta = {"backbone": POLICY_BACKBONE, POLICY_INIT_KEY: policy.init, **(metadata or {})}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+    write_safetensors(path, state, {k: str(v) for k, v in meta.items()})
 
 
 def load_policy(path: str | Path | None, map_location: str | torch.device = "cpu") -> PolicyNet:
