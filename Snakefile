@@ -5,7 +5,9 @@
 #   snakemake --configfile .test/config.yaml --cores 2    another study
 #
 # Rules live in workflow/rules/<phase>.smk, helpers in workflow/rules/common.smk, the config
-# schema in workflow/schemas/config.schema.yaml, local defaults in workflow/profiles/default/.
+# schema in workflow/schemas/config.schema.yaml, local defaults in workflow/profiles/default/
+# (profiles/default links there, so a plain `snakemake` in this folder loads them).
+# After a crash or a kill, Snakemake keeps the folder locked: `snakemake --unlock`, then rerun.
 
 from snakemake.utils import min_version, validate
 

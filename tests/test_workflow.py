@@ -207,6 +207,10 @@ def test_workflow_profile_loads() -> None:
     result = snakemake("-n", "--workflow-profile", "workflow/profiles/default", "--quiet", "rules")
     assert result.returncode == 0, result.stderr
     assert "Using workflow specific profile workflow/profiles/default" in result.stdout + result.stderr
+    # a plain `snakemake` in the project finds it too (profiles/default links to it)
+    result = snakemake("-n", "--quiet", "rules")
+    assert result.returncode == 0, result.stderr
+    assert "Using workflow specific profile profiles/default" in result.stdout + result.stderr
 
 
 def test_lint_is_clean() -> None:
