@@ -1,9 +1,10 @@
-"""Throughput (images/s) of a model at a fixed batch, as methods.md §7.3 recommends.
+"""Throughput (images/s) of a model at a fixed batch, as docs/methods.md §7.3 recommends.
 
 Fixed batch and dtype (fp32), untimed warm-up batches, then ``repeats`` timed batches under
 ``torch.inference_mode``; on CUDA each batch is timed with CUDA events after a synchronise. The
 median is the headline number, min and max show the spread (timings on a shared machine are
-noisy). The device name and software versions are recorded with the numbers.
+noisy). The device name, the software versions and the code's provenance are recorded with the
+numbers, in the columns evaluation rows use (:func:`segcompress.evaluate.environment`).
 """
 
 from __future__ import annotations
@@ -85,11 +86,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def software_versions() -> dict[str, str]:
-    """torch and timm versions (and CUDA where present)."""
-    import timm
+def software_versions(device: torch.device) -> dict[str, Any]:
+    """The software and provenance columns of evaluation rows (:func:`segcompress.evaluate.environment`:
+    torch, timm, python, segcompress_version, source_revision, source_dirty) and CUDA's version
+    where present; the device column is bench's own (:func:`device_name`: the CPU model too)."""
+    from segcompress.evaluate import environment
 
-    out = {"torch": torch.__version__, "timm": timm.__version__}
+    out = {k: v for k, v in environment(device).items() if k != "device"}
     if torch.version.cuda:
         out["cuda"] = str(torch.version.cuda)
     return out
@@ -127,7 +130,8 @@ def measure_throughput(
 
     Returns:
         ``images_per_s`` (median over repeats), ``images_per_s_min``/``_max``, ``batch_time_s``
-        median/min/max, the settings, the device name, thread count and software versions.
+        median/min/max, the settings, the device name, thread count, software versions and the
+        code's provenance (:func:`software_versions`).
     """
     if batch < 1 or repeats < 1 or warmup < 0:
         raise ValueError("batch and repeats must be >= 1 and warmup >= 0")
@@ -179,5 +183,5 @@ def measure_throughput(
         "device": device_name(dev),
         "device_type": dev.type,
         "threads": torch.get_num_threads(),
-        **software_versions(),
+        **software_versions(dev),
     }

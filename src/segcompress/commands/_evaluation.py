@@ -6,6 +6,10 @@ windows the same way: a checkpoint (``--model``), a token method with its knob (
 ``--knob`` or the ``knob`` of a ``--match`` result), a dataset root with an optional folder of
 corrupted images (``--img-root``) and the evaluation's window size and stride. This module holds
 that one definition so the verbs cannot drift apart.
+
+The images and labels are checked against their manifests' sha256 as they are read
+(``build_dataset(verify=True)``), and a condition's corruption and severity against the folder
+its images come from (:func:`check_condition`).
 """
 
 from __future__ import annotations
@@ -95,7 +99,8 @@ class Condition:
 
 
 def conditions_of(args: argparse.Namespace) -> list[Condition]:
-    """The conditions to run: every ``--condition``, or the one of ``--img-root``/``--out``."""
+    """The conditions to run: every ``--condition``, or the one of ``--img-root``/``--out``; each
+    checked against its image folder (:func:`check_condition`)."""
     if args.condition:
         if args.out is not None or args.img_root is not None:
             raise ValueError("--condition replaces --img-root and --out: give one form or the other")
@@ -105,11 +110,61 @@ def conditions_of(args: argparse.Namespace) -> list[Condition]:
                 level = int(severity)
             except ValueError:
                 raise ValueError(f"--condition {corruption} {severity}: the severity must be an integer") from None
-            out.append(Condition(corruption, level, None if img_root == "-" else Path(img_root), Path(path)))
+            folder = None if img_root == "-" else Path(img_root)
+            check_condition(f"--condition {corruption} {severity} {img_root}", corruption, level, folder)
+            out.append(Condition(corruption, level, folder, Path(path)))
         return out
     if args.out is None:
         raise ValueError("give --out (or one --condition per image condition)")
+    tags = parse_tags(args.tag, frozenset())  # the verb checks its reserved columns when it loads the run
+    if "corruption" in tags or "severity" in tags:
+        given = " ".join(f"--tag {k}={tags[k]}" for k in ("corruption", "severity") if k in tags)
+        check_condition(given, tags.get("corruption"), tags.get("severity"), args.img_root)
     return [Condition(None, None, args.img_root, args.out)]
+
+
+def folder_condition(img_root: Path) -> tuple[str, Any, str] | None:
+    """The (corruption, severity, source) of the images in ``img_root``: its corrupted-set
+    manifest's (``segcompress corrupt`` records both), else its path's when it has the layout's
+    ``<dataset>-c/<corruption>/<severity>`` form, else None (an ad-hoc folder)."""
+    from segcompress.data.datasets import MANIFEST
+    from segcompress.io import read_json
+
+    manifest_path = img_root / MANIFEST
+    if manifest_path.is_file():
+        manifest = read_json(manifest_path)
+        if isinstance(manifest, dict) and "corruption" in manifest:
+            return manifest["corruption"], manifest.get("severity"), f"its {MANIFEST}"
+    parts = img_root.resolve().parts
+    if len(parts) >= 3 and parts[-3].endswith("-c") and parts[-1].isdigit():
+        return parts[-2], int(parts[-1]), "by its path <dataset>-c/<corruption>/<severity>"
+    return None
+
+
+def check_condition(given: str, corruption: str | None, severity: Any, img_root: Path | None) -> None:
+    """Raise ValueError naming both when a condition's corruption or severity (None: not given)
+    disagrees with its images: the dataset's own (``img_root`` None) are clean, severity 0; a
+    corrupted set's are what :func:`folder_condition` finds (unchecked for an ad-hoc folder).
+
+    Args:
+        given: how the user gave the condition (``--condition fog 6 FOLDER``), for the message.
+    """
+    if img_root is None:
+        held, source = ("clean", 0), "- (the dataset's own images) holds"
+    else:
+        found = folder_condition(img_root)
+        if found is None:
+            return
+        held, source = found[:2], f"{img_root} holds ({found[2]})"
+    if corruption == "clean" and severity not in (None, 0):
+        raise ValueError(f"{given}: clean images have severity 0, not {severity}")
+    if (corruption is not None and corruption != held[0]) or (severity is not None and severity != held[1]):
+        want = f"{corruption or held[0]} {held[1] if severity is None else severity}"
+        folder = "- (the dataset's own images)" if corruption == "clean" else f"the folder of {want}"
+        raise ValueError(
+            f"{given}: {source} {held[0]} severity {held[1]}, not {want}; "
+            f"name the condition {held[0]} {held[1]} or give {folder}"
+        )
 
 
 def parse_tags(tags: list[str], reserved: frozenset[str] | set[str] = RESERVED) -> dict[str, Any]:
@@ -186,6 +241,14 @@ def resolve_device(name: str) -> str:
 def default_stride(crop: tuple[int, int]) -> int:
     """The sliding-window stride when none is given: max(crop - 32, crop // 2) (Segmenter's)."""
     return max(min(crop) - 32, min(crop) // 2)
+
+
+def model_sha256(model_path: Path) -> dict[str, str]:
+    """sha256 of a checkpoint's weights and of its spec file (part of a row's settings hash)."""
+    from segcompress.models.checkpoint import spec_path
+    from segcompress.provenance import file_sha256
+
+    return {"weights": file_sha256(model_path), "spec": file_sha256(spec_path(model_path))}
 
 
 def load_variant(model_path: Path, method: str, knob: dict[str, Any], layout_name: str,
@@ -350,8 +413,6 @@ def load_variant_run(args: argparse.Namespace, reserved: frozenset[str] | set[st
             ``--crop``, a batch size below 1.
     """
     from segcompress.data.datasets import build_dataset
-    from segcompress.models.checkpoint import spec_path
-    from segcompress.provenance import file_sha256
 
     tags = parse_tags(args.tag, reserved)
     match = read_match(args.match)
@@ -367,9 +428,9 @@ def load_variant_run(args: argparse.Namespace, reserved: frozenset[str] | set[st
     stride = default_stride(crop) if args.stride is None else args.stride
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     dataset_args = dict(layout=args.layout, root=args.root, split=args.split, mode="test", crop=crop,
-                        img_scale=args.img_scale, img_root=args.img_root, max_images=args.max_images)
+                        img_scale=args.img_scale, img_root=args.img_root, max_images=args.max_images,
+                        verify=True)
     dataset = build_dataset(**dataset_args)
-    model_sha256 = {"weights": file_sha256(args.model), "spec": file_sha256(spec_path(args.model))}
     return VariantRun(model=model, spec=spec, method=args.method, knob=knob, match=match, tags=tags,
                       num_classes=num_classes, device=device, crop=crop, stride=stride, params_m=params_m,
-                      model_sha256=model_sha256, dataset=dataset, dataset_args=dataset_args)
+                      model_sha256=model_sha256(args.model), dataset=dataset, dataset_args=dataset_args)

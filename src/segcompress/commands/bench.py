@@ -1,7 +1,9 @@
 """``segcompress bench``: throughput (images/s) of a model variant at a fixed batch.
 
 Selects the model as ``segcompress flops`` does; prints (and with ``--out`` writes) a JSON object
-with the median/min/max images per second, the settings, the device and software versions. With
+with the median/min/max images per second, the settings, the device and software versions and,
+as evaluation rows, the code's provenance (``segcompress_version``, ``source_revision``,
+``source_dirty``) and a ``settings_hash`` of what the timing depends on besides the machine. With
 ``--calib-root`` the first calibration image, repeated ``--batch`` times, is the input (as ALGM
 times input-dependent methods); otherwise a seeded random batch. ``--match FILE`` takes the knob
 from a ``segcompress match`` result (its ``knob`` entry), as ``segcompress evaluate`` does;
@@ -24,14 +26,18 @@ from pathlib import Path
 import torch
 
 from segcompress.bench import add_allocator_argument, measure_throughput, use_allocator
-from segcompress.commands._evaluation import knob_of, parse_tags, read_match
+from segcompress.commands._evaluation import knob_of, model_sha256, parse_tags, read_match
 from segcompress.commands._model_options import add_model_arguments, calibration_images, variant_from_args
 from segcompress.io import write_json
 
 # Columns bench measures itself: a tag may not set them.
 MEASURED = frozenset({"images_per_s", "images_per_s_min", "images_per_s_max", "batch_time_s", "batch_time_s_min",
                       "batch_time_s_max", "batch", "crop", "warmup", "repeats", "dtype", "device", "device_type",
-                      "threads", "torch", "timm", "cuda", "images", "allocator"})
+                      "threads", "torch", "timm", "cuda", "images", "allocator", "python", "segcompress_version",
+                      "source_revision", "source_dirty", "settings_hash"})
+# What a timing depends on besides the machine (with the checkpoint's content and the input's seed).
+HASHED = ("method", "knob", "backbone", "num_classes", "crop", "batch", "warmup", "repeats", "dtype", "images",
+          "allocator", "threads")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,5 +100,16 @@ def _time_variant(args: argparse.Namespace) -> dict:
         inputs = first.expand(args.batch, -1, -1, -1).contiguous()
     result = measure_throughput(variant.model, args.batch, variant.spec.crop, args.warmup, args.repeats,
                                 args.device, inputs=inputs, seed=args.seed)
-    return {**result, **variant.describe(), "images": "calibration" if inputs is not None else "random",
-            "allocator": args.allocator}
+    row = {**result, **variant.describe(), "images": "calibration" if inputs is not None else "random",
+           "allocator": args.allocator}
+    return {**row, "settings_hash": _settings_hash(args, row)}
+
+
+def _settings_hash(args: argparse.Namespace, row: dict) -> str:
+    """:func:`segcompress.provenance.settings_hash` of the row's :data:`HASHED` settings, the
+    checkpoint's content (sha256 of weights and spec; None for a randomly initialised
+    architecture) and the seed of the input batch."""
+    from segcompress.provenance import settings_hash
+
+    return settings_hash({**{k: row[k] for k in HASHED}, "seed": args.seed,
+                          "model_sha256": None if args.model is None else model_sha256(args.model)})

@@ -1,8 +1,9 @@
 """``segcompress data``: generate a synthetic dataset or verify a real one, then write its manifest.
 
-The manifest (``ROOT/manifest.json``: layout, image counts per split, every file with its size,
-and one content digest) is the stage's output. It is removed first and written last, atomically,
-so a crash never leaves a manifest beside a half-written or unverified dataset.
+The manifest (``ROOT/manifest.json``: layout, image counts per split, every file with its size
+and sha256, and one content digest) is the stage's output; evaluation checks each image and
+label against its sha256 as it reads it. It is removed first and written last, atomically, so a
+crash never leaves a manifest beside a half-written or unverified dataset.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def build_manifest(layout: str, root: Path, decode: bool = True, progress: bool 
         "checked": "decoded" if decode else "hashed",
         "segcompress": __version__,
         "digest": dataset_digest(records),
-        "files": [{"path": r.path, "bytes": r.bytes} for r in sorted(records, key=lambda r: r.path)],
+        "files": [{"path": r.path, "bytes": r.bytes, "sha256": r.sha256}
+                  for r in sorted(records, key=lambda r: r.path)],
     }
 
 

@@ -11,6 +11,11 @@ as JSON when they can be, so ``severity=3`` is a number), the measured metrics, 
 fractions in [0, 1]. ``--match FILE`` (a ``segcompress match`` result) supplies the knob and the
 target / achieved GFLOPs columns; an input-dependent method (ALGM) gets its achieved GFLOPs
 measured on each condition's own images instead (``gflops_source``).
+
+Every image and label is checked against the sha256 its folder's manifest records as it is read
+(a file changed since ``segcompress data`` or ``segcompress corrupt`` stops the run with one line
+naming it), and each condition's corruption and severity against its image folder, before the
+model loads (``segcompress.commands._evaluation.check_condition``).
 """
 
 from __future__ import annotations

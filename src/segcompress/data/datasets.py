@@ -8,14 +8,21 @@ read or holds labels outside the class range, and converts mmseg's BGR uint8 out
 tensors of ``docs/contracts.md``: normalised RGB (mean 127.5, std 127.5) and int64 labels with
 255 = ignore.
 
+``build_dataset(..., verify=True)`` (evaluation) checks every image and label it reads against
+the sha256 its folder's ``manifest.json`` records (``segcompress data`` for the dataset root,
+``segcompress corrupt`` for a corrupted set): each file is hashed as the loader reads its bytes,
+so a file changed after the stage that verified it stops the run with one line naming it.
+
 mmseg's random transforms draw from numpy's global generator: seed it (``np.random.seed``) in
 the training process and use :func:`seed_worker` as the DataLoader's ``worker_init_fn``.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -29,10 +36,17 @@ import torch.nn.functional as F
 from segcompress.data import cityscapes as cs
 from segcompress.data.layouts import IGNORE_INDEX, get_layout
 
+log = logging.getLogger(__name__)
+
 MEAN = 127.5
 STD = 127.5
 RATIO_RANGE = (0.5, 2.0)
 CAT_MAX_RATIO = 0.75
+#: The manifest ``segcompress data`` (dataset root) and ``segcompress corrupt`` (each corrupted
+#: set's folder) write: every file's path relative to the folder, size and sha256.
+MANIFEST = "manifest.json"
+#: Names of skipped files a warning shows.
+SHOWN_SKIPPED = 3
 
 
 @dataclass(frozen=True)
@@ -117,7 +131,9 @@ def list_samples(layout: str, root: str | Path, split: str, require_labels: bool
     for d in (image_dir, label_dir):
         if not d.is_dir():
             raise _root_error(layout, root, d)
-    images = sorted(p for p in image_dir.rglob(f"*{files.image_suffix}") if p.is_file())
+    found = sorted(p for p in image_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    images = [p for p in found if p.name.endswith(files.image_suffix)]
+    _warn_skipped(image_dir, [p for p in found if not p.name.endswith(files.image_suffix)], files.image_suffix)
     if not images:
         raise FileNotFoundError(f"{image_dir}: no *{files.image_suffix} images; expected the {files.expected}")
     samples = []
@@ -137,6 +153,22 @@ def list_samples(layout: str, root: str | Path, split: str, require_labels: bool
                 raise FileNotFoundError(f"{label}: label missing for {img}; expected the {files.expected}")
         samples.append(Sample(rel, img, label, source))
     return samples
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    """Log ``message`` as a warning the first time only (a verb builds a split once per condition)."""
+    log.warning(message)
+
+
+def _warn_skipped(image_dir: Path, skipped: list[Path], suffix: str) -> None:
+    """One warning line for the files of a split's image folder that are not ``*suffix`` images."""
+    if not skipped:
+        return
+    names = ", ".join(p.relative_to(image_dir).as_posix() for p in skipped[:SHOWN_SKIPPED])
+    more = f" and {len(skipped) - SHOWN_SKIPPED} more" if len(skipped) > SHOWN_SKIPPED else ""
+    _warn_once(f"{image_dir}: skipped {len(skipped)} file(s) not named *{suffix} ({names}{more}); "
+               f"convert or rename them to *{suffix} to use them, or remove them")
 
 
 def check_layout(layout: str, root: str | Path, splits: Sequence[str] = ("train", "val")) -> dict[str, list[Sample]]:
@@ -237,6 +269,137 @@ def dataset_digest(records: Iterable[FileRecord]) -> str:
     return "sha256:" + h.hexdigest()
 
 
+# -- verification against a manifest (evaluation) -----------------------------------------------
+
+#: The loaders' ``backend_args`` when reads are verified: mmengine's local file backend, which also
+#: records the sha256 of the bytes it returns (:func:`_register_hashing_backend`).
+HASHING_BACKEND = {"backend": "segcompress-hashing"}
+#: sha256 of files the hashing backend read in this process that no dataset has checked yet.
+_READ_SHA256: dict[str, str] = {}
+#: What each stage did to the files its manifest lists, for messages.
+_STAGE_VERB = {"data": "verified", "corrupt": "wrote"}
+
+
+class ChangedFileError(ValueError):
+    """A dataset file whose content differs from the sha256 its folder's manifest records."""
+
+
+@dataclass(frozen=True)
+class Expected:
+    """The sha256 a manifest records for one file, and which manifest (and stage) recorded it."""
+
+    sha256: str
+    manifest: str
+    stage: str  # "data" (segcompress data) or "corrupt" (segcompress corrupt)
+
+    def check(self, path: str | Path, actual: str) -> None:
+        """Raise :class:`ChangedFileError` naming ``path`` when ``actual`` (the sha256 of the bytes
+        read) is not the manifest's."""
+        if actual != self.sha256:
+            raise ChangedFileError(
+                f"{path}: changed since the {self.stage} stage {_STAGE_VERB[self.stage]} it (sha256 {actual[:16]}..., "
+                f"{self.manifest} records {self.sha256[:16]}...); rerun the {self.stage} stage "
+                f"(snakemake --forcerun {self.stage}) or restore the file"
+            )
+
+
+@dataclass(frozen=True)
+class ManifestHashes:
+    """The sha256 of every file a folder's ``manifest.json`` lists (paths relative to the folder)."""
+
+    folder: Path
+    manifest: Path
+    stage: str
+    sha256: dict[str, str]
+
+    def expected(self, path: str | Path) -> Expected:
+        """What ``path`` (a file under the folder) must hash to.
+
+        Raises:
+            ChangedFileError: the manifest does not list the file (added after the stage ran).
+        """
+        rel = Path(os.path.relpath(path, self.folder)).as_posix()
+        if rel not in self.sha256:
+            raise ChangedFileError(
+                f"{path}: not in {self.manifest} (added after the {self.stage} stage {_STAGE_VERB[self.stage]} "
+                f"the folder); rerun the {self.stage} stage (snakemake --forcerun {self.stage}) or remove the file"
+            )
+        return Expected(self.sha256[rel], str(self.manifest), self.stage)
+
+    def check_listed(self, image_dir: Path, suffix: str, images: Sequence[Path]) -> None:
+        """Raise naming the manifest if an image it lists under ``image_dir`` is no longer there."""
+        prefix = Path(os.path.relpath(image_dir, self.folder)).as_posix() + "/"
+        present = {Path(os.path.relpath(p, self.folder)).as_posix() for p in images}
+        gone = sorted(r for r in self.sha256 if r.startswith(prefix) and r.endswith(suffix) and r not in present)
+        if gone:
+            raise ChangedFileError(
+                f"{self.manifest}: {len(gone)} image(s) it lists are gone (first: {gone[0]}); restore them or "
+                f"rerun the {self.stage} stage (snakemake --forcerun {self.stage})"
+            )
+
+
+def read_manifest_hashes(folder: str | Path) -> ManifestHashes | None:
+    """The per-file sha256 of ``folder/manifest.json`` (None when there is none).
+
+    A dataset root's manifest (``segcompress data``) lists its files under ``files``; a corrupted
+    set's (``segcompress corrupt``, which also records the corruption) under ``images``.
+
+    Raises:
+        ValueError: the manifest is not JSON or lists no sha256 per file (an older format).
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return _read_manifest_hashes(folder, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_manifest_hashes(folder: Path, mtime_ns: int, size: int) -> ManifestHashes:
+    """:func:`read_manifest_hashes` of a manifest as of its (mtime, size): parsed once per
+    process, though a verb builds the split once per condition."""
+    from segcompress.io import read_json
+
+    path = folder / MANIFEST
+    manifest = read_json(path)
+    stage = "corrupt" if isinstance(manifest, dict) and "corruption" in manifest else "data"
+    try:
+        sha256 = {e["path"]: e["sha256"] for e in manifest["images" if stage == "corrupt" else "files"]}
+    except (TypeError, KeyError):
+        raise ValueError(
+            f"{path}: lists no sha256 per file (an older or foreign manifest); rerun the {stage} stage "
+            f"(snakemake --forcerun {stage}) to rewrite it"
+        ) from None
+    return ManifestHashes(folder, path, stage, sha256)
+
+
+def _manifest_or_warn(folder: Path, what: str) -> ManifestHashes | None:
+    """:func:`read_manifest_hashes`, logging one warning when the folder has no manifest."""
+    hashes = read_manifest_hashes(folder)
+    if hashes is None:
+        _warn_once(f"{folder / MANIFEST}: not found; reading the {what} without checking their content "
+                   "(a folder that `segcompress data` or `segcompress corrupt` did not write)")
+    return hashes
+
+
+@functools.cache
+def _register_hashing_backend() -> None:
+    """Register :data:`HASHING_BACKEND` with mmengine (once per process, workers included): its
+    local file backend, recording the sha256 of each file's bytes in ``_READ_SHA256`` as it
+    returns them, so the file is read once."""
+    from mmengine.fileio import LocalBackend, register_backend
+
+    class HashingBackend(LocalBackend):
+        def get(self, filepath: str | Path) -> bytes:
+            data = super().get(filepath)
+            _READ_SHA256[os.path.normpath(filepath)] = hashlib.sha256(data).hexdigest()
+            return data
+
+    register_backend(HASHING_BACKEND["backend"], HashingBackend, force=True)
+
+
 # -- readers -------------------------------------------------------------------------------------
 
 def normalize(img_bgr: torch.Tensor) -> torch.Tensor:
@@ -253,8 +416,9 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return v  # type: ignore[return-value]
 
 
-def build_pipeline(mode: str, crop: int | Sequence[int], img_scale: Sequence[int]) -> list:
-    """mmseg transforms of Segmenter's recipe (``mode``: ``train`` or ``test``)."""
+def build_pipeline(mode: str, crop: int | Sequence[int], img_scale: Sequence[int], hashed: bool = False) -> list:
+    """mmseg transforms of Segmenter's recipe (``mode``: ``train`` or ``test``); with ``hashed``
+    the loaders read through :data:`HASHING_BACKEND`."""
     from mmcv.transforms import LoadImageFromFile, RandomResize
     from mmseg.datasets.transforms import (
         LoadAnnotations, PackSegInputs, PhotoMetricDistortion, RandomCrop, RandomFlip, Resize,
@@ -263,10 +427,14 @@ def build_pipeline(mode: str, crop: int | Sequence[int], img_scale: Sequence[int
     scale = tuple(int(s) for s in img_scale)
     if len(scale) != 2:
         raise ValueError(f"img_scale must be (long, short), got {img_scale}")
+    backend_args = None
+    if hashed:
+        _register_hashing_backend()
+        backend_args = dict(HASHING_BACKEND)
     if mode == "train":
         return [
-            LoadImageFromFile(),
-            LoadAnnotations(),
+            LoadImageFromFile(backend_args=backend_args),
+            LoadAnnotations(backend_args=backend_args),
             RandomResize(scale=scale, ratio_range=RATIO_RANGE, resize_type="mmseg.Resize", keep_ratio=True),
             RandomCrop(crop_size=_pair(crop), cat_max_ratio=CAT_MAX_RATIO),
             RandomFlip(prob=0.5),
@@ -274,7 +442,8 @@ def build_pipeline(mode: str, crop: int | Sequence[int], img_scale: Sequence[int
             PackSegInputs(),
         ]
     if mode == "test":
-        return [LoadImageFromFile(), Resize(scale=scale, keep_ratio=True), LoadAnnotations(), PackSegInputs()]
+        return [LoadImageFromFile(backend_args=backend_args), Resize(scale=scale, keep_ratio=True),
+                LoadAnnotations(backend_args=backend_args), PackSegInputs()]
     raise ValueError(f"unknown dataset mode {mode!r}; choose train or test")
 
 
@@ -284,14 +453,20 @@ class SegDataset(torch.utils.data.Dataset):
     ``mode="train"``: ``(image (3, cH, cW) float32, label (cH, cW) int64)`` after augmentation,
     padded to the crop with 0 (the normalised mean) and 255. ``mode="test"``: ``{"image": (3, h, w)
     resized keep-ratio to img_scale, "label": (H0, W0) original size, "name": str}``.
+
+    ``expected`` (files by normalised path -> their manifest's sha256; the pipeline's loaders read
+    through :data:`HASHING_BACKEND`): each image and label is checked as it is read, and a changed
+    one raises :class:`ChangedFileError`. None: nothing is checked.
     """
 
-    def __init__(self, mm_dataset: Any, layout: str, mode: str, crop: int | Sequence[int]) -> None:
+    def __init__(self, mm_dataset: Any, layout: str, mode: str, crop: int | Sequence[int],
+                 expected: dict[str, Expected] | None = None) -> None:
         self.mm = mm_dataset
         self.layout = layout
         self.mode = mode
         self.crop = _pair(crop)
         self.num_classes = get_layout(layout).num_classes
+        self.expected = expected
 
     def __len__(self) -> int:
         return len(self.mm)
@@ -312,6 +487,7 @@ class SegDataset(torch.utils.data.Dataset):
             except FileNotFoundError:
                 raise FileNotFoundError(f"{culprit}: file not found") from None
             except Exception as e:  # decoders raise many types; name the file
+                self._verify(culprit, read=False)  # a changed file explains a failed decode best
                 what = "label" if culprit == seg_path else "image"
                 raise ValueError(
                     f"{culprit}: cannot read {what} ({type(e).__name__}: {e}); "
@@ -320,7 +496,23 @@ class SegDataset(torch.utils.data.Dataset):
             if out is None:
                 raise ValueError(f"{img_path}: {type(t).__name__} returned nothing")
             results = out
+        self._verify(img_path)
+        self._verify(seg_path)
         return results
+
+    def _verify(self, path: str, read: bool = True) -> None:
+        """Check the sha256 the hashing backend recorded for ``path`` against its manifest (a no-op
+        for an unverified dataset or a folder without a manifest); ``read``: the loader has read it."""
+        if self.expected is None:
+            return
+        key = os.path.normpath(path)
+        actual = _READ_SHA256.pop(key, None)
+        expected = self.expected.get(key)
+        if expected is None or (actual is None and not read):
+            return
+        if actual is None:
+            raise RuntimeError(f"{path}: read without its sha256; build the dataset with build_dataset(verify=True)")
+        expected.check(path, actual)
 
     def _check_label(self, label: torch.Tensor, path: str) -> None:
         bad = (label >= self.num_classes) & (label != IGNORE_INDEX)
@@ -333,6 +525,8 @@ class SegDataset(torch.utils.data.Dataset):
             raise ValueError(f"{path}: label value {shown} outside the class range")
 
     def __getitem__(self, idx: int):
+        if self.expected is not None:
+            _register_hashing_backend()  # once per process: a worker started by spawn has not yet
         info = self.mm.get_data_info(idx)
         results = self._run_pipeline(info)
         image = normalize(results["inputs"])
@@ -375,6 +569,7 @@ def build_dataset(
         img_scale: Sequence[int],
         img_root: str | Path | None = None,
         max_images: int | None = None,
+        verify: bool = False,
 ) -> SegDataset:
     """A dataset of ``layout`` under ``root`` (real or synthetic; see :class:`SegDataset` for items).
 
@@ -388,6 +583,14 @@ def build_dataset(
         img_root: read images from this folder instead (corrupted sets): same paths relative to
             the root, ``.png`` suffix; labels still from ``root``.
         max_images: use only the first N images (sorted by path).
+        verify: check every image and label as it is read against its folder's manifest
+            (``root``'s, and ``img_root``'s for the images), and up front that each file is listed
+            and that no listed image is gone; a folder without a manifest is read unchecked, with
+            one warning.
+
+    Raises:
+        ChangedFileError: (``verify``) a file the manifest does not list, a listed image that is
+            gone, or (when read) a file whose content changed.
     """
     from mmseg.datasets import ADE20KDataset, CityscapesDataset
 
@@ -396,6 +599,9 @@ def build_dataset(
     root = Path(root)
     folder = split_folder(layout, split)
     samples = list_samples(layout, root, split)  # layout check with clear messages
+    clean = _manifest_or_warn(root, "dataset's images and labels") if verify else None
+    if clean is not None:
+        clean.check_listed(root / files.image_dir.format(split=folder), files.image_suffix, [s.image for s in samples])
     if max_images is not None:
         if max_images < 1:
             raise ValueError(f"max_images must be >= 1, got {max_images}")
@@ -406,7 +612,7 @@ def build_dataset(
         data_prefix=dict(
             img_path=files.image_dir.format(split=folder), seg_map_path=files.label_dir.format(split=folder),
         ),
-        pipeline=build_pipeline(mode, crop, img_scale),
+        pipeline=build_pipeline(mode, crop, img_scale, hashed=verify),
         indices=max_images,
         serialize_data=False,
         test_mode=False,
@@ -428,4 +634,12 @@ def build_dataset(
                 f"{missing[0]}: corrupted image not found ({len(missing)} of {len(mm)} missing under {img_root}); "
                 "expected the clean images' paths relative to the dataset root with a .png suffix"
             )
-    return SegDataset(mm, layout, mode, crop)
+    expected = None
+    if verify:
+        images = clean if img_root is None else _manifest_or_warn(Path(img_root), "images")
+        expected = {}
+        for info in mm.data_list:
+            for path, hashes in ((info["img_path"], images), (info["seg_map_path"], clean)):
+                if hashes is not None:
+                    expected[os.path.normpath(path)] = hashes.expected(path)
+    return SegDataset(mm, layout, mode, crop, expected)
