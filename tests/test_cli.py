@@ -51,3 +51,10 @@ def test_unwritable_output_is_one_line_naming_the_path(tmp_path):
                           "flops")
     assert str(blocker) in line
     assert blocker.read_text() == "a file where a folder should be" and not list(tmp_path.glob(".*tmp"))
+
+
+def test_report_never_overwrites_the_pipelines_table_unless_told(tmp_path):
+    """`segcompress report` needs --csv: run bare, it stops before writing anything."""
+    result = run("report", str(tmp_path))
+    assert result.returncode == 2 and "--csv" in result.stderr
+    assert not list(tmp_path.iterdir())

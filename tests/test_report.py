@@ -14,11 +14,15 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from segcompress.cli import VERBS, main
-from segcompress.report import COLUMNS, FIGURES, load_rows, write_report
-from segcompress.report.aggregate import per_corruption, per_seed, points, read_benchmark
+from segcompress.report import COLUMNS, FIGURES, load_rows, stats, write_report
+from segcompress.report.aggregate import (
+    collapse_targets, per_corruption, per_seed, points, read_benchmark, unreached_points,
+)
+from segcompress.report.figures import curve_points
 from segcompress.report.tables import format_value
 
 
@@ -345,9 +349,233 @@ def test_report_verb(raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_clean_only_study_still_writes_every_output(tmp_path: Path) -> None:
     root = tmp_path / "raw"
     _write(root, _row())
-    _write(root, _row(method="tome", target=0.5, knob={"r": 2}, miou=0.4, gflops=0.5))
+    _write(root, _row(method="tome", target=0.5, knob={"r": 2}, miou=0.4, gflops=1.0))
     _report(root, tmp_path, html=tmp_path / "report.html")
     for stem in FIGURES.values():
         assert (tmp_path / "figures" / f"{stem}.png").is_file()
     md = (tmp_path / "tables" / "summary.md").read_text()
-    assert "| ToMe | 0.5 | 0.500 | 5.000 | – | 40.0 | – | – | 1 |" in md
+    assert "| ToMe | 0.5 | 1.000 | 5.000 | – | 40.0 | – | – | 1 |" in md
+
+
+# ------------------------------------------------------------------------------ uncertainty (item 5)
+
+def _image(name: str, inter: list[int], union: list[int]) -> dict:
+    """One per_image entry on classes 0..len-1 (classes with zero union left out, as evaluate does)."""
+    classes = [c for c, u in enumerate(union) if u > 0]
+    return {"name": name, "classes": classes, "intersect": [inter[c] for c in classes],
+            "union": [union[c] for c in classes], "label": [union[c] for c in classes],
+            "pred": [inter[c] for c in classes]}
+
+
+def _replicates(images: list[dict], counts: np.ndarray) -> np.ndarray:
+    inter, union = stats.dense_areas(images, 3)
+    return stats.miou_replicates(counts, inter, union)
+
+
+def test_bootstrap_of_identical_images_has_zero_width() -> None:
+    images = [_image(f"i{k}", [30, 10, 0], [40, 20, 0]) for k in range(12)]
+    reps = _replicates(images, stats.bootstrap_counts(12))
+    low, high = stats.interval(reps)
+    assert low == pytest.approx(high) == pytest.approx((30 / 40 + 10 / 20) / 2)
+    # the replicate with every image once is the evaluation's own mIoU (class 2: no union, not counted)
+    assert _replicates(images, np.ones((1, 12)))[0] == pytest.approx(0.625)
+
+
+def test_bootstrap_known_two_image_case() -> None:
+    # image a: IoU 1, image b: IoU 0 (same union); a replicate draws (2,0), (1,1) or (0,2)
+    # with probabilities 1/4, 1/2, 1/4: mIoU 1, 0.5, 0
+    images = [_image("a", [10, 0, 0], [10, 0, 0]), _image("b", [0, 0, 0], [10, 0, 0])]
+    counts = stats.bootstrap_counts(2, 4000, seed=3)
+    assert (counts.sum(axis=1) == 2).all()
+    assert np.array_equal(counts, stats.bootstrap_counts(2, 4000, seed=3))  # seeded
+    reps = _replicates(images, counts)
+    assert set(np.round(reps, 9)) == {0.0, 0.5, 1.0}
+    assert np.mean(reps == 0.5) == pytest.approx(0.5, abs=0.03)
+    assert stats.interval(reps) == (0.0, 1.0)
+
+
+def test_corrupted_replicates_average_severities_then_corruptions() -> None:
+    ones = np.ones((1, 1))
+    cond = {("fog", 1): ([[8.0]], [[10.0]]), ("fog", 3): ([[4.0]], [[10.0]]), ("snow", 3): ([[1.0]], [[10.0]])}
+    got = stats.corrupted_replicates(ones, {k: (np.array(i), np.array(u)) for k, (i, u) in cond.items()})
+    assert got[0] == pytest.approx(((0.8 + 0.4) / 2 + 0.1) / 2)
+
+
+def test_paired_comparison_significant_and_not() -> None:
+    counts = stats.bootstrap_counts(30)
+    base = [_image(f"i{k}", [50 + k % 7, 20, 0], [100, 40, 0]) for k in range(30)]
+    better = [_image(f"i{k}", [58 + k % 7, 20, 0], [100, 40, 0]) for k in range(30)]  # +8 on every image
+    # + or - 6 alternately: the same total, the difference only noise
+    swapped = [_image(f"i{k}", [50 + k % 7 + (6 if k % 2 else -6), 20, 0], [100, 40, 0]) for k in range(30)]
+    a, b, c = (_replicates(x, counts) for x in (base, better, swapped))
+    full = [_replicates(x, np.ones((1, 30)))[0] for x in (base, better, swapped)]
+    win = stats.paired(b, a, full[1] - full[0])
+    assert win.significant and win.low > 0 and win.diff == pytest.approx(0.04)
+    assert win.p == pytest.approx(2 / (len(counts) + 1))  # no replicate at or below 0
+    tie = stats.paired(c, a, full[2] - full[0])
+    assert not tie.significant and tie.low < 0 < tie.high and tie.p > 0.5
+    with pytest.raises(ValueError, match="same draws"):
+        stats.paired(a, b[:10], 0.0)
+
+
+# ------------------------------------------------------------------------------ honest points (items 4, 5, 7)
+
+
+def _study(root: Path, n: int = 20) -> None:
+    """A study with per-image areas (classes 0, 1 of 3): dense, dense control, NViT/ToMe tied at 0.75
+    and 0.5, CTS 0.5 and 0.35 the same model (0.35 not reached), ALGM 0.35 not reached."""
+    def rows(method, target, i0, gflops, knob=None, **extra):
+        for corruption, severity, drop in (("clean", 0, 0), ("fog", 3, 10)):
+            images = [_image(f"img{k:02d}", [i0(k) - drop, 40, 0], [100, 50, 0]) for k in range(n)]
+            inter = sum(im["intersect"][0] for im in images)
+            miou = (inter / (100 * n) + 40 / 50) / 2
+            _write(root, _row(method=method, target=target, knob=knob, corruption=corruption, severity=severity,
+                              miou=miou, gflops=gflops, num_images=n, per_image=images, **extra))
+
+    prov = {"segcompress_version": "0.3.0", "source_revision": "r1", "source_dirty": False, "settings_hash": "aaaa"}
+    rows("dense", None, lambda k: 90, 2.0, post_train_iters=0, **prov)
+    rows("dense_control", None, lambda k: 89, 2.0, post_train_iters=24, **prov)
+    for target, base in ((0.75, 70), (0.5, 60)):
+        rows("tome", target, lambda k, b=base: b + 2 * (k % 2), 2.0 * target, {"r": int(10 * target)},
+             post_train_iters=0, **prov)
+        rows("nvit", target, lambda k, b=base: b + 2 * ((k + 1) % 2), 2.0 * target, post_train_iters=24,
+             **{**prov, "source_revision": "r2", "source_dirty": True})
+    for target in (0.5, 0.35):  # one knob, one model: 1.0 GFLOPs, i.e. 0.5 of dense
+        rows("cts", target, lambda k: 80, 1.0, {"k": 4}, post_train_iters=0, **prov)
+    rows("algm", 0.35, lambda k: 75, 0.9, {"threshold": 0.9}, post_train_iters=0, **prov)
+
+
+def test_unreached_target_is_flagged_end_to_end(tmp_path: Path, caplog) -> None:
+    root = tmp_path / "raw"
+    _study(root)
+    out = tmp_path / "results"
+    summary = _report(root, out, html=out / "report.html")
+    # CSV: achieved fraction and the verdict on every row with a target; per-row intervals
+    with (out / "benchmark.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    flags = {(r["method"], r["target_fraction"]): (r["target_reached"], r["achieved_fraction"]) for r in rows}
+    assert flags[("cts", "0.35")] == ("false", repr(1.0 / 2.0))
+    assert flags[("cts", "0.5")] == ("true", repr(0.5))
+    assert flags[("algm", "0.35")] == ("false", repr(0.9 / 2.0))
+    assert flags[("dense", "")] == ("", "")
+    dense = next(r for r in rows if r["method"] == "dense" and r["corruption"] == "clean")
+    low, high = float(dense["miou_ci_low"]), float(dense["miou_ci_high"])
+    assert low == pytest.approx(high) == pytest.approx(float(dense["miou"]))
+    tome = next(r for r in rows if r["method"] == "tome" and r["corruption"] == "clean")
+    assert float(tome["miou_ci_low"]) < float(tome["miou"]) < float(tome["miou_ci_high"])
+    # one line per unreached target, logged and returned for the workflow to print
+    lines = summary["unreached"]
+    assert lines == unreached_points(read_benchmark(out / "benchmark.csv"))
+    assert len(lines) == 2 and lines[0].startswith("ade20k / tiny / ALGM: target 0.35 of dense not reached, "
+                                                   "achieved 0.450 of dense")
+    assert "CTS: target 0.35" in lines[1] and "1% tolerance" in lines[1]
+    assert "target not reached: ade20k / tiny / CTS" in caplog.text
+    # tables: CTS once, labelled with both targets, the unreached one marked and footnoted
+    md = (out / "tables" / "summary.md").read_text()
+    assert md.count("| CTS |") == 1 and "| CTS | 0.5, 0.35† |" in md and "| ALGM | 0.35† |" in md
+    assert "† CTS 0.35: target not reached, achieved 0.500 of dense (same model as target 0.5, reported once)." in md
+    assert "† ALGM 0.35: target not reached, achieved 0.450 of dense." in md
+    assert r"0.5, 0.35$^\dagger$" in (out / "tables" / "summary.tex").read_text()
+    page = (out / "report.html").read_text()
+    assert "0.5, 0.35†" in page and "FLOPs targets not reached" in page and lines[0] in page
+    # figure data: ALGM 0.35 hollow and off its line; CTS 0.5 (reached) on it
+    pts = points(per_seed(collapse_targets(read_benchmark(out / "benchmark.csv"))))
+    curves = {c.method: c for c in curve_points(pts, "clean_miou_mean")}
+    assert curves["algm"].hollow.tolist() == [True] and curves["algm"].joined.tolist() == [False]
+    assert curves["cts"].hollow.tolist() == [False] and curves["cts"].joined.tolist() == [True]
+    assert curves["tome"].joined.tolist() == [True, True]
+    assert not curves["dense"].joined.any() and not curves["dense_control"].joined.any()
+    with (out / "tables" / "summary.csv").open() as f:
+        table = list(csv.DictReader(f))
+    cts = [t for t in table if t["method"] == "cts"]
+    assert [(t["target"], t["targets"], t["target_reached"]) for t in cts] == [("0.5", "0.5, 0.35", "True")]
+
+
+def test_intervals_verdict_and_classes(tmp_path: Path) -> None:
+    root = tmp_path / "raw"
+    _study(root)
+    out = tmp_path / "results"
+    _report(root, out, html=out / "report.html")
+    md = (out / "tables" / "summary.md").read_text()
+    # dense: identical images -> a zero-width interval; the dense control beside it; post-train iterations shown
+    assert "| Dense | – | 2.000 | 5.000 | – | 0 | 85.0 [85.0, 85.0] | 80.0 [80.0, 80.0] |" in md
+    assert "| Dense control | – | 2.000 | 5.000 | – | 24 |" in md
+    with (out / "tables" / "verdict.csv").open() as f:
+        verdict = {(r["target"], r["metric"]): r for r in csv.DictReader(f)}
+    assert set(verdict) == {(t, m) for t in ("0.75", "0.5", "0.35") for m in ("clean", "corrupted")}
+    # 0.75: NViT and ToMe have the same total on alternating images: not significantly different
+    tie = verdict[("0.75", "clean")]
+    assert {tie["best"], tie["runner_up"]} == {"NViT", "ToMe"} and tie["vs_runner_up_significant"] == "False"
+    assert float(tie["vs_runner_up_ci_low"]) < 0 < float(tie["vs_runner_up_ci_high"])
+    assert "not significantly different from" in tie["verdict"] and "better than" not in tie["verdict"]
+    # it is worse than the dense control on every image: significant, and said so
+    assert tie["vs_dense_control_significant"] == "True" and float(tie["vs_dense_control_diff"]) < 0
+    assert "worse than Dense control" in tie["verdict"]
+    # 0.5: CTS (reached at 0.5) beats the runner-up on every image
+    win = verdict[("0.5", "clean")]
+    assert win["best"] == "CTS" and win["vs_runner_up_significant"] == "True"
+    assert float(win["vs_runner_up_diff"]) == pytest.approx((0.80 - 0.61) / 2)
+    assert float(win["vs_runner_up_p"]) < 0.01 and "better than" in win["verdict"]
+    # 0.35: nothing reached it
+    none = verdict[("0.35", "clean")]
+    assert none["best"] == "" and none["excluded"] == "ALGM, CTS"
+    vmd = (out / "tables" / "verdict.md").read_text()
+    assert "| 0.5 | clean | CTS 80.0 [80.0, 80.0] |" in vmd
+    # the dense model's per-class IoU, from the per-image areas
+    with (out / "tables" / "dense_classes.csv").open() as f:
+        classes = list(csv.DictReader(f))
+    assert [(c["class"], c["kind"], float(c["iou"])) for c in classes] == [("0", "largest", 0.9), ("1", "largest", 0.8)]
+    page = (out / "report.html").read_text()
+    assert "Verdict per FLOPs target" in page and "per-class IoU" in page and "<td>80.0 [80.0, 80.0]</td>" in page
+
+
+def test_provenance_is_kept_and_shown(tmp_path: Path) -> None:
+    root = tmp_path / "raw"
+    _study(root, n=4)
+    fog = root / "ade20k" / "tiny" / "dense-seed0" / "fog" / "3.json"  # one condition of one model rerun
+    fog.write_text(json.dumps({**json.loads(fog.read_text()), "settings_hash": "bbbb"}))
+    out = tmp_path / "results"
+    _report(root, out, html=out / "report.html")
+    header = (out / "benchmark.csv").read_text().splitlines()[0].split(",")
+    assert {"segcompress_version", "source_revision", "source_dirty", "settings_hash", "per_image"} <= set(header)
+    md = (out / "tables" / "summary.md").read_text()
+    assert "- segcompress version: 0.3.0" in md and "- settings hash: aaaa, bbbb" in md
+    assert "- source revision: r1, r2+dirty" in md
+    assert "WARNING: the rows come from 2 different source revisions" in md
+    assert "WARNING: rows of one model carry different settings hashes (mixed runs): ade20k / tiny / Dense seed 0" in md
+    page = (out / "report.html").read_text()
+    assert "source revision: r1, r2+dirty" in page and "<li class='warn'>WARNING" in page
+    # old rows (no per_image, no provenance): empty intervals, "not recorded", no error
+    old = tmp_path / "old"
+    _write(old, _row())
+    _report(old, tmp_path / "o")
+    assert "- source revision: not recorded" in (tmp_path / "o" / "tables" / "summary.md").read_text()
+    with (tmp_path / "o" / "benchmark.csv").open() as f:
+        row = next(csv.DictReader(f))
+    assert row["miou_ci_low"] == row["miou_ci_high"] == ""
+
+
+def test_qualitative_title_flags_an_unreached_target() -> None:
+    from segcompress.commands.qualitative import _gflops_text
+
+    missed = {"achieved_gflops": 0.214, "within_tolerance": False, "achieved_fraction": 0.6}
+    assert _gflops_text(missed) == "\n0.214 GFLOPs\ntarget not reached (0.60 of dense)"
+    assert _gflops_text({"achieved_gflops": 0.2, "within_tolerance": True}) == "\n0.2 GFLOPs"
+
+
+def test_target_verdict_uses_the_match_and_the_calibration_cost() -> None:
+    from segcompress.report.rows import mark_targets
+
+    dense = {"dataset": "d", "backbone": "b", "method": "dense", "target_fraction": None, "achieved_gflops": 2.0}
+    algm_noise = {"dataset": "d", "backbone": "b", "method": "algm", "target_fraction": 0.5, "target_gflops": 1.0,
+                  "achieved_gflops": 1.3, "calibration_gflops": 1.004}  # its own cost on noisy images
+    tome = {"dataset": "d", "backbone": "b", "method": "tome", "target_fraction": 0.5, "target_gflops": 1.0,
+            "achieved_gflops": 1.0, "within_tolerance": False}  # the match file's word wins
+    nvit = {"dataset": "d", "backbone": "b", "method": "nvit", "target_fraction": 0.25, "achieved_gflops": 0.6}
+    rows = [dense, algm_noise, tome, nvit]
+    assert mark_targets(rows, tolerance=0.01) == 2
+    assert algm_noise["target_reached"] is True and algm_noise["achieved_fraction"] == pytest.approx(0.65)
+    assert tome["target_reached"] is False and "tolerance" not in tome
+    # no target_gflops: the dense row's cost is the reference
+    assert nvit["target_reached"] is False and nvit["achieved_fraction"] == pytest.approx(0.3)
+    assert nvit["tolerance"] == 0.01 and "target_reached" not in dense

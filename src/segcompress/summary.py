@@ -53,8 +53,11 @@ def _value(v: Any) -> Any:
 
 
 def point_name(method: str, target_fraction: float) -> str:
-    """``dense``, or ``<method>-<target>`` (``tome-0.5``), as in the workflow's variant names."""
-    return "dense" if method == "dense" else f"{method}-{float(target_fraction):g}"
+    """``dense`` / ``dense_control``, or ``<method>-<target>`` (``tome-0.5``), as in the workflow's
+    variant names."""
+    from segcompress.report.aggregate import is_reference
+
+    return method if is_reference(method) else f"{method}-{float(target_fraction):g}"
 
 
 def write_summary(

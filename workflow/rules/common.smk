@@ -46,7 +46,7 @@ def _check_names(kind, names, defined, key=None):
     unknown = [n for n in names if n not in defined]
     if unknown:
         raise WorkflowError(
-            f"config: {key or 'study.' + kind} names {', '.join(unknown)}, not defined under `{kind}:` "
+            f"config: {key or f'study.{kind}'} names {', '.join(unknown)}, not defined under `{kind}:` "
             f"(defined: {', '.join(defined) or 'none'})"
         )
 
@@ -418,6 +418,10 @@ REPORT_OUTPUTS = {
     "tex": "results/tables/summary.tex",
     "table_csv": "results/tables/summary.csv",
     "per_corruption": "results/tables/per_corruption.csv",
+    "verdict": "results/tables/verdict.md",
+    "verdict_csv": "results/tables/verdict.csv",
+    "dense_classes": "results/tables/dense_classes.md",
+    "dense_classes_csv": "results/tables/dense_classes.csv",
     "html": "results/report.html",
     # written beside the CSV by the report verb (segcompress.summary): DVC's metrics and plots
     "metrics": "results/metrics.json",
@@ -677,11 +681,34 @@ def report_options(wildcards):
     return " ".join(out)
 
 
-def report_config(wildcards):
-    """The config the report page describes (its header and open-question choices), as JSON."""
+def report_config():
+    """The config the report page describes (its header and open-question choices)."""
     sub = {k: config[k] for k in ("study", "finetune", "flops", "matching", "methods", "report", "analysis")}
     sub["datasets"] = {ds: {"eval": config["datasets"][ds]["eval"]} for ds in STUDY["datasets"]}
-    return json.dumps(sub, sort_keys=True, separators=(",", ":"))
+    return sub
+
+
+def print_unreached(csv):
+    """One line per FLOPs target not reached in the table `csv` (nothing when it does not exist)."""
+    if not Path(csv).is_file():
+        return
+    from segcompress.report.aggregate import read_benchmark, unreached_points
+
+    lines = unreached_points(read_benchmark(csv))
+    if lines:
+        print(f"{len(lines)} FLOPs target(s) not reached (flagged in the tables and figures):")
+        for line in lines:
+            print(f"  {line}")
+
+
+REPORT_INPUTS = "results/report-inputs.json"
+
+
+def report_inputs():
+    """What `segcompress report --inputs` reads: the rows of the configured grid and the config (a
+    file, so that no command line runs to kilobytes)."""
+    return {"rows": evaluate_targets(), "rank": rank_targets(), "bench": bench_targets(),
+            "qualitative": qualitative_targets(), "config": report_config()}
 
 
 def applied_method(variant):

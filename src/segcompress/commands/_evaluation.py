@@ -38,7 +38,7 @@ RESERVED = frozenset({
     "device", "torch", "timm", "python", "split", "crop", "stride", "img_scale", "model", "img_root",
     "gflops_source", "calibration_gflops", "segcompress_version", "source_revision", "source_dirty", "settings_hash",
 })
-MATCH_COLUMNS = ("target_fraction", "target_gflops", "achieved_gflops", "gflops_std")
+MATCH_COLUMNS = ("target_fraction", "target_gflops", "achieved_gflops", "gflops_std", "within_tolerance", "tolerance")
 # Where a row's achieved_gflops / gflops_std come from: measured on the row's own images (an
 # input-dependent method), or the variant's match file (the same on every condition).
 GFLOPS_SOURCES = ("condition", "match")
@@ -326,6 +326,8 @@ class VariantRun:
             corruption="clean" if clean else None, severity=0 if clean else None,
         )
         row.update({k: self.match[k] for k in MATCH_COLUMNS if k in self.match})
+        if self.match.get("message"):  # why a target was not reached, in the matcher's words
+            row["match_message"] = self.match["message"]
         row.update(self.tags)
         row.update(condition.columns())
         row["params_m"] = self.params_m

@@ -38,8 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _gflops_text(match: dict) -> str:
+    """The title's cost line: the achieved GFLOPs, and a flag when the match missed its target."""
     g = match.get("achieved_gflops")
-    return f"\n{g:.3g} GFLOPs" if isinstance(g, (int, float)) else ""
+    text = f"\n{g:.3g} GFLOPs" if isinstance(g, (int, float)) else ""
+    if match.get("within_tolerance") is False:
+        frac = match.get("achieved_fraction")
+        text += "\ntarget not reached" + (f" ({frac:.2f} of dense)" if isinstance(frac, (int, float)) else "")
+    return text
 
 
 def main(args: argparse.Namespace) -> int:

@@ -3,7 +3,10 @@
 Positional arguments are the raw evaluation rows (files, or folders searched for ``*.json``);
 ``--rank`` and ``--bench`` add the effective-rank and throughput rows, joined onto the evaluation
 rows as columns (:mod:`segcompress.report.rows`). Everything after the CSV is computed from the
-CSV alone (:mod:`segcompress.report`).
+CSV alone (:mod:`segcompress.report`): the summary tables with 95 % image-bootstrap intervals,
+the verdict per FLOPs target (``verdict.{md,csv}``), the dense model's per-class IoU
+(``dense_classes.{md,csv}``), the figures and the page. Every FLOPs target that was not reached is
+logged as a warning, one line each; the JSON summary printed last lists them under ``unreached``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 from pathlib import Path
 
 from segcompress.report import CATEGORIES, write_report
+from segcompress.report.stats import REPLICATES
 from segcompress.summary import write_summary
 
 log = logging.getLogger(__name__)
@@ -30,9 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="effective-rank rows (segcompress rank): files or folders")
     parser.add_argument("--bench", nargs="*", default=[], metavar="ROW",
                         help="throughput rows (segcompress bench): files or folders")
-    parser.add_argument("--csv", default="results/benchmark.csv", help="long-format table to write")
-    parser.add_argument("--figures", default="results/figures", help="folder for the figures")
-    parser.add_argument("--tables", default="results/tables", help="folder for the tables")
+    parser.add_argument("--inputs", default=None, metavar="JSON",
+                        help="a JSON object (inline or a file) with any of rows, rank, bench, qualitative (lists "
+                             "of paths) and config: what the workflow passes instead of a long command line")
+    parser.add_argument("--csv", required=True, type=Path,
+                        help="long-format table to write (required, so the pipeline's results/benchmark.csv is "
+                             "only replaced when asked for)")
+    parser.add_argument("--figures", default=None, help="folder for the figures (default: figures/ beside --csv)")
+    parser.add_argument("--tables", default=None, help="folder for the tables (default: tables/ beside --csv)")
     parser.add_argument("--html", type=Path, default=None, help="also write the report page (e.g. results/report.html)")
     parser.add_argument("--qualitative", nargs="*", default=[], metavar="PNG",
                         help="qualitative panels (segcompress qualitative) for the page to show")
@@ -56,39 +65,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--heatmap", choices=["miou", "relative"], default="miou",
                         help="per-corruption heatmap of mIoU (default) or relative robustness (corrupted / clean)")
+    parser.add_argument("--replicates", type=int, default=REPLICATES, metavar="B",
+                        help=f"bootstrap resamples of the val images behind every interval and comparison "
+                             f"(default: {REPLICATES})")
 
 
-def _config(text: str | None) -> dict | None:
-    if text is None:
-        return None
-    path = Path(text)
-    if not text.lstrip().startswith("{") and path.suffix == ".json":
-        text = path.read_text()
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--config-json is not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError("--config-json must be a JSON object")
-    return value
+INPUT_KEYS = ("rows", "rank", "bench", "qualitative", "config")
+
+
+def read_inputs(value: str | None) -> dict:
+    """``--inputs``: the lists of row files and the config, checked key by key."""
+    from segcompress.commands._model_options import parse_json_arg
+
+    data = parse_json_arg(value, "--inputs")
+    unknown = sorted(set(data) - set(INPUT_KEYS))
+    if unknown:
+        raise ValueError(f"--inputs: unknown key(s) {', '.join(unknown)} (known: {', '.join(INPUT_KEYS)})")
+    for key in INPUT_KEYS[:-1]:
+        if not isinstance(data.get(key, []), list):
+            raise ValueError(f"--inputs: {key!r} must be a list of paths")
+    return data
 
 
 def main(args: argparse.Namespace) -> int:
+    from segcompress.commands._model_options import parse_json_arg
+
+    inputs = read_inputs(args.inputs)
+    config = inputs.get("config") or parse_json_arg(args.config_json, "--config-json") or None
     summary = write_report(
-        args.rows,
+        inputs.get("rows", args.rows),
         csv_path=args.csv,
-        figures=args.figures,
-        tables=args.tables,
+        figures=args.figures or args.csv.parent / "figures",
+        tables=args.tables or args.csv.parent / "tables",
         categories=args.corrupted_categories,
         severities=args.corrupted_severities,
-        rank=args.rank,
-        bench=args.bench,
+        rank=inputs.get("rank", args.rank),
+        bench=inputs.get("bench", args.bench),
         html=args.html,
-        qualitative=args.qualitative,
-        config=_config(args.config_json),
+        qualitative=inputs.get("qualitative", args.qualitative),
+        config=config,
         heatmap=args.heatmap,
+        replicates=args.replicates,
     )
     log.info("wrote %s rows to %s", summary["rows"], summary["csv"])
+    if summary["unreached"]:
+        log.warning("%d FLOPs target(s) not reached; flagged in the tables and figures", len(summary["unreached"]))
     # metrics.json and curves.csv beside the CSV, for `dvc metrics show` / `dvc plots show`
     write_summary(args.csv, args.corrupted_categories, args.corrupted_severities)
     print(json.dumps(summary))

@@ -1,9 +1,12 @@
 """Figures of the report, drawn from the points and per-corruption tables (benchmark.csv alone).
 
 * :func:`accuracy_compute` — the study's Fig. 2: one column per (dataset, backbone), top row clean
-  mIoU, bottom row corrupted mIoU, against achieved GFLOPs; one line per method (points sorted by
-  GFLOPs), the dense model as a star; with several seeds a shaded band of ± one std over seeds
-  (an error bar for a method with a single point).
+  mIoU, bottom row corrupted mIoU, against achieved GFLOPs (the corrupted row at each point's
+  measured cost on corrupted images); one line per method (points sorted by GFLOPs), the dense
+  model as a star and the dense control as a diamond; error bars: the 95 % image-bootstrap
+  interval (± one std over seeds where the rows have no per-image areas). A point whose FLOPs
+  target was not reached is drawn hollow and not joined to its method's line
+  (:func:`curve_points` holds what decides it).
 * :func:`effective_rank` — Fig. 4: normalised effective rank against GFLOPs (x axis decreasing,
   as the paper draws it), band of ± one std over images (pooled over seeds; dense: error bar); top row clean, a
   bottom row for corrupted images when the rank stage ran on any.
@@ -18,6 +21,7 @@ outputs do not depend on which analyses ran.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from segcompress.io import atomic_path
-from segcompress.report.aggregate import METHOD_LABELS, method_label, method_rank
+from segcompress.report.aggregate import METHOD_LABELS, is_reference, method_label, method_rank
 
 X_LABEL = "achieved GFLOPs (GMACs, one crop)"
 
@@ -64,37 +68,103 @@ def _colours(methods: Sequence[str]) -> dict[str, str]:
             for m in set(methods)}
 
 
+UNREACHED_LABEL = "target not reached"
+
+
 def _legend(fig: Any, axes: np.ndarray) -> None:
-    handles, labels = [], []
+    """One legend below the panels: methods in drawing order, the unreached-target marker last."""
+    entries: dict[str, Any] = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3 * axes.shape[1]))
+            entries.setdefault(lab, h)
+    if UNREACHED_LABEL in entries:
+        entries[UNREACHED_LABEL] = entries.pop(UNREACHED_LABEL)
+    if entries:
+        fig.legend(list(entries.values()), list(entries), loc="outside lower center",
+                   ncols=min(len(entries), 2 * axes.shape[1]))
 
 
-def _curves(ax: Any, pts: pd.DataFrame, value: str, std: str, colours: dict[str, str], scale: float) -> bool:
-    """One line (with a ± std band) per method and a star for dense; False if nothing was drawn."""
-    drawn = False
+@dataclass(frozen=True)
+class Curve:
+    """What one method's points look like in a panel: coordinates (sorted by x), error-bar
+    bounds (NaN: none), which points are hollow (target not reached: drawn apart, not joined)."""
+
+    method: str
+    x: np.ndarray
+    y: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    hollow: np.ndarray
+
+    @property
+    def joined(self) -> np.ndarray:
+        """The points on the method's line: the reached ones of a compressed method."""
+        return ~self.hollow if not is_reference(self.method) else np.zeros_like(self.hollow)
+
+
+def curve_points(pts: pd.DataFrame, value: str, x: str = "gflops_mean", spread: str | None = None,
+                 interval: tuple[str, str] | None = None, scale: float = 1.0) -> list[Curve]:
+    """One :class:`Curve` per method with a value (known methods first). Error bars come from the
+    ``interval`` columns where they are numbers, else ``value`` ± the ``spread`` column."""
+    out = []
     for method, g in sorted(pts.groupby("method"), key=lambda kv: method_rank(kv[0])):
-        g = g[g["gflops_mean"].notna() & g[value].notna()].sort_values("gflops_mean")
+        xs = g[x] if x in g.columns else g["gflops_mean"]
+        xs = xs.where(xs.notna(), g["gflops_mean"])
+        g = g.assign(_x=xs)[xs.notna() & g[value].notna()].sort_values("_x")
         if g.empty:
             continue
-        x = g["gflops_mean"].to_numpy(float)
-        y = g[value].to_numpy(float) * scale
-        e = g[std].to_numpy(float) * scale
-        colour, label = colours[method], method_label(method)
-        if method == "dense" or len(x) == 1:  # a lone point: an error bar, as a band needs two
-            style = {"marker": "*", "markersize": 13} if method == "dense" else {"marker": "o", "markersize": 4}
-            ax.errorbar(x, y, yerr=None if np.isnan(e).all() else np.nan_to_num(e), color=colour, linestyle="none",
-                        capsize=3, label=label, zorder=3, **style)
-        else:
-            ax.plot(x, y, marker="o", markersize=4, color=colour, label=label)
-            if not np.isnan(e).all():
-                e = np.nan_to_num(e)
-                ax.fill_between(x, y - e, y + e, color=colour, alpha=0.2, linewidth=0)
+        y = g[value].to_numpy(float)
+        e = g[spread].to_numpy(float) if spread and spread in g.columns else np.full(len(g), np.nan)
+        low, high = y - e, y + e
+        if interval and interval[0] in g.columns:
+            lo, hi = g[interval[0]].to_numpy(float), g[interval[1]].to_numpy(float)
+            has = ~(np.isnan(lo) | np.isnan(hi))
+            low, high = np.where(has, lo, low), np.where(has, hi, high)
+        reached = g["target_reached"] if "target_reached" in g.columns else pd.Series(pd.NA, g.index)
+        hollow = np.array([pd.notna(r) and not bool(r) for r in reached], dtype=bool)
+        out.append(Curve(str(method), g["_x"].to_numpy(float), y * scale, low * scale, high * scale, hollow))
+    return out
+
+
+REFERENCE_MARKERS: dict[str, dict[str, Any]] = {"dense": {"marker": "*", "markersize": 13},
+                                                 "dense_control": {"marker": "D", "markersize": 7}}
+
+
+def _errorbar(ax: Any, c: Curve, sel: np.ndarray, colour: str, label: str | None, **style: Any) -> None:
+    """Markers (``style``; ``marker="none"`` for bars only) and one vertical bar per point from
+    ``low`` to ``high`` where both are numbers, as a single collection (cheap to lay out)."""
+    x, y, low, high = c.x[sel], c.y[sel], c.low[sel], c.high[sel]
+    if style.get("marker") != "none":
+        ax.plot(x, y, color=colour, linestyle="none", label=label, zorder=3, **style)
+    bars = ~(np.isnan(low) | np.isnan(high))
+    if bars.any():
+        ax.vlines(x[bars], low[bars], high[bars], color=colour, linewidth=1.2, zorder=2)
+
+
+def _curves(ax: Any, pts: pd.DataFrame, value: str, std: str, colours: dict[str, str], scale: float,
+            x: str = "gflops_mean", interval: tuple[str, str] | None = None, band: bool = False) -> bool:
+    """One line per method (error bars, or a ± std band with ``band``), a marker per reference,
+    hollow unjoined markers for unreached targets; False if nothing was drawn."""
+    drawn = False
+    for c in curve_points(pts, value, x, std, interval, scale):
+        colour, label = colours[c.method], method_label(c.method)
+        if is_reference(c.method):
+            _errorbar(ax, c, np.ones(len(c.x), bool), colour, label, **REFERENCE_MARKERS.get(c.method, {"marker": "s"}))
+            drawn = True
+            continue
+        on = c.joined
+        if on.any():
+            ax.plot(c.x[on], c.y[on], marker="o", markersize=4, color=colour, label=label)
+            if band and on.sum() > 1 and not np.isnan(c.low[on]).all():
+                ax.fill_between(c.x[on], np.nan_to_num(c.low[on]), np.nan_to_num(c.high[on]), color=colour, alpha=0.2,
+                                linewidth=0)
+            else:
+                _errorbar(ax, c, on, colour, None, marker="none")
+        if c.hollow.any():
+            _errorbar(ax, c, c.hollow, colour, None if on.any() else label, marker="o", markersize=6,
+                      markerfacecolor="none")
+            ax.plot([], [], marker="o", markerfacecolor="none", color="grey", linestyle="none",
+                    label=UNREACHED_LABEL)
         drawn = True
     return drawn
 
@@ -107,12 +177,14 @@ def accuracy_compute(pts: pd.DataFrame, png: str | Path, pdf: str | Path) -> Non
         return
     fig, axes = _figure(len(panels), 2)
     colours = _colours(pts["method"])
-    rows = (("clean_miou", "mIoU clean (%)"), ("corrupted_miou", "mIoU corrupted (%)"))
+    rows = (("clean_miou", "gflops_mean", "mIoU clean (%)"),
+            ("corrupted_miou", "gflops_corrupted_mean", "mIoU corrupted (%)"))
     for j, (ds, bb) in enumerate(panels):
         sub = pts[(pts["dataset"] == ds) & (pts["backbone"] == bb)]
-        for i, (metric, ylabel) in enumerate(rows):
+        for i, (metric, x, ylabel) in enumerate(rows):
             ax = axes[i][j]
-            if not _curves(ax, sub, f"{metric}_mean", f"{metric}_std", colours, 100.0):
+            if not _curves(ax, sub, f"{metric}_mean", f"{metric}_std", colours, 100.0, x,
+                           (f"{metric}_ci_low", f"{metric}_ci_high")):
                 ax.text(0.5, 0.5, "not evaluated", ha="center", va="center", transform=ax.transAxes)
             _label_panel(ax, f"{ds} ({bb})" if i == 0 else "", ylabel)
     _legend(fig, axes)
@@ -143,7 +215,7 @@ def effective_rank(pts: pd.DataFrame, png: str | Path, pdf: str | Path) -> None:
         sub = has[(has["dataset"] == ds) & (has["backbone"] == bb)]
         for i, (value, std, ylabel) in enumerate(rows):
             ax = axes[i][j]
-            _curves(ax, sub, value, std, colours, 1.0)
+            _curves(ax, sub, value, std, colours, 1.0, band=True)
             ax.invert_xaxis()
             _label_panel(ax, f"{ds} ({bb})" if i == 0 else "", ylabel)
     _legend(fig, axes)
@@ -153,7 +225,8 @@ def effective_rank(pts: pd.DataFrame, png: str | Path, pdf: str | Path) -> None:
 def heatmap_matrix(pc: pd.DataFrame, value: str) -> pd.DataFrame:
     """Rows "Method target" (dense first, then by method and decreasing target), columns corruptions."""
     pc = pc.copy()
-    pc["row"] = [method_label(m) if m == "dense" else f"{method_label(m)} {t:g}" for m, t in zip(pc["method"], pc["target"])]
+    texts = pc["target_text"] if "target_text" in pc.columns else pd.Series([f"{t:g}" for t in pc["target"]], pc.index)
+    pc["row"] = [method_label(m) if is_reference(m) else f"{method_label(m)} {t}" for m, t in zip(pc["method"], texts)]
     order = (pc.drop_duplicates("row")
              .assign(rank=lambda d: [method_rank(m) for m in d["method"]])
              .sort_values(["rank", "target"], ascending=[True, False])["row"].tolist())

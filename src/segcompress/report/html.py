@@ -1,10 +1,12 @@
 """``results/report.html``: one self-contained page gathering the figures and tables.
 
 The page links the figures by paths relative to itself (open it from anywhere inside a copy of
-``results/``), shows the summary tables inline (the same cells as ``summary.md``), and starts with
-what the numbers were computed on: datasets, methods, targets, seeds, the corruptions and
-severities evaluated and the ones the corrupted mIoU aggregates, how many images every number
-rests on (read from ``benchmark.csv``), and the config's choices for the paper's open questions
+``results/``), shows the summary tables inline (the same cells as ``summary.md``), the verdict per
+FLOPs target, the dense model's per-class IoU and the targets that were not reached, and starts
+with the code that produced the rows (segcompress version, source revision(s), settings hash(es);
+a warning when the rows disagree) and what the numbers were computed on: datasets, methods,
+targets, seeds, the corruptions and severities evaluated and the ones the corrupted mIoU
+aggregates, how many images every number rests on (read from ``benchmark.csv``), and the config's choices for the paper's open questions
 (passed in as the config's JSON; the page says so when it was not).
 """
 
@@ -18,10 +20,12 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from segcompress.report.aggregate import method_label, method_rank
-from segcompress.report.tables import NOTE, html_tables
+from segcompress.report.aggregate import is_reference, method_label, method_rank
+from segcompress.report.tables import (
+    CLASSES_NOTE, NOTE, VERDICT_NOTE, classes_html, html_tables, provenance_lines, verdict_html,
+)
 
-#: (config path, question) shown in the "choices" table: methods.md §12's open questions.
+#: (config path, question) shown in the "choices" table: docs/methods.md §12's open questions.
 OPEN_QUESTIONS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("finetune", "pruned"), "1. pruned models are fine-tuned"),
     (("finetune", "token_methods"), "1. token-method points are fine-tuned"),
@@ -47,6 +51,7 @@ th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th:first-child,td:first-child,td:nth-child(2){text-align:left}
 img{max-width:100%;border:1px solid #eee}
 .note{color:#555;font-size:.9em}
+.warn{color:#a00;font-weight:bold}
 code{background:#f4f4f4;padding:0 .2em}
 """
 
@@ -76,7 +81,7 @@ def setup_items(df: pd.DataFrame, categories: Sequence[str] | None, severities: 
                 config: Mapping[str, Any] | None) -> list[str]:
     """The header's bullet points (HTML), from the benchmark table and the config."""
     methods = sorted(df["method"].unique(), key=method_rank)
-    targets = sorted({t for m, t in zip(df["method"], df["target"]) if m != "dense"}, reverse=True)
+    targets = sorted({t for m, t in zip(df["method"], df["target"]) if not is_reference(m)}, reverse=True)
     corrupted = df[df["corruption"] != "clean"]
     corr = sorted({(c, k) for c, k in zip(corrupted["corruption"], corrupted["category"])}, key=lambda x: (x[1], x[0]))
     items = [
@@ -131,6 +136,22 @@ def choices_table(config: Mapping[str, Any] | None) -> str:
             + "".join(rows) + "</tbody></table>")
 
 
+def provenance_html(prov: Mapping[str, Sequence[str]]) -> str:
+    """The provenance lines as a list; warnings (rows from several revisions or settings) in red."""
+    items = [f"<li class='warn'>{_e(line)}</li>" if line.startswith("WARNING") else f"<li>{_e(line)}</li>"
+             for line in provenance_lines(prov)]
+    return "<h2>Code and settings</h2><ul>" + "".join(items) + "</ul>"
+
+
+def unreached_html(lines: Sequence[str]) -> str:
+    """The targets not reached, one item each (or a sentence saying every target was reached)."""
+    if not lines:
+        return "<h2>FLOPs targets</h2><p class='note'>Every point reached its FLOPs target.</p>"
+    return ("<h2>FLOPs targets not reached</h2><p class='note'>Flagged † in the tables, hollow and off the line in "
+            "the figures; a target that gave the same model as another is reported once.</p><ul>"
+            + "".join(f"<li>{_e(line)}</li>" for line in lines) + "</ul>")
+
+
 def _figure(title: str, png: str | Path, pdf: str | Path | None, page: Path, caption: str) -> str:
     links = f" (<a href='{_e(_rel(pdf, page))}'>PDF</a>)" if pdf else ""
     return (f"<h2>{_e(title)}</h2>\n<p class='note'>{_e(caption)}{links}</p>\n"
@@ -140,7 +161,9 @@ def _figure(title: str, png: str | Path, pdf: str | Path | None, page: Path, cap
 def render(page: str | Path, df: pd.DataFrame, pts: pd.DataFrame, figures: Mapping[str, tuple[Path, Path]],
            tables: Mapping[str, Path], csv_path: str | Path, qualitative: Sequence[str | Path] = (),
            categories: Sequence[str] | None = None, severities: Sequence[int] | None = None,
-           config: Mapping[str, Any] | None = None, heatmap_value: str = "miou") -> str:
+           config: Mapping[str, Any] | None = None, heatmap_value: str = "miou",
+           verdict: pd.DataFrame | None = None, classes: pd.DataFrame | None = None,
+           provenance: Mapping[str, Sequence[str]] | None = None, unreached: Sequence[str] = ()) -> str:
     """The page's HTML text (the caller writes it to ``page``)."""
     page = Path(page)
     items = "".join(f"<li>{i}</li>" for i in setup_items(df, categories, severities, config))
@@ -151,12 +174,20 @@ def render(page: str | Path, df: pd.DataFrame, pts: pd.DataFrame, figures: Mappi
         "<h1>segcompress: token compression vs structural pruning at matched FLOPs</h1>",
         f"<p class='note'>Every number below is computed from <a href='{_e(_rel(csv_path, page))}'>"
         f"{_e(Path(csv_path).name)}</a> ({len(df)} rows, one per variant and condition).</p>",
+        provenance_html(provenance or {}),
         f"<h2>What was run</h2><ul>{items}</ul>",
         "<h2>Choices for the open questions (config)</h2>", choices_table(config),
         _figure("Accuracy vs compute (Fig. 2)", *figures["accuracy"], page,
-                "mIoU against achieved GFLOPs; top clean, bottom corrupted; dense as a star; bands: ± std over seeds."),
+                "mIoU against achieved GFLOPs (corrupted: the cost measured on corrupted images); top clean, bottom "
+                "corrupted; dense as a star, dense control as a diamond; error bars: 95 % image-bootstrap interval "
+                "(± std over seeds without per-image areas); hollow, off the line: FLOPs target not reached."),
         f"<h2>Summary tables</h2><p class='note'>{_e(NOTE)} Also as {table_links}.</p>",
         html_tables(pts),
+        unreached_html(unreached),
+        f"<h2>Verdict per FLOPs target</h2><p class='note'>{_e(VERDICT_NOTE)}</p>",
+        verdict_html(verdict if verdict is not None else pd.DataFrame(columns=["dataset", "backbone"])),
+        f"<h2>Dense model: per-class IoU</h2><p class='note'>{_e(CLASSES_NOTE)}</p>",
+        classes_html(classes if classes is not None else pd.DataFrame(columns=["dataset", "backbone"])),
         _figure("Per-corruption robustness", *figures["heatmap"], page,
                 ("mIoU (%)" if heatmap_value == "miou" else "corrupted / clean mIoU")
                 + " per corruption (mean over the selected severities and seeds)."),

@@ -13,7 +13,22 @@ as columns, never as rows of their own:
   ``erank_std`` and ``erank_images`` on the row of the same variant *and* condition; conditions
   the rank stage did not run on stay empty.
 
-A side row is matched to a variant by (dataset, backbone, method, target_fraction, seed). Columns:
+A side row is matched to a variant by (dataset, backbone, method, target_fraction, seed).
+
+Two columns say whether a point reached its FLOPs target (:func:`mark_targets`), on every row
+with a target: ``achieved_fraction`` = the row's ``achieved_gflops`` / the dense model's GFLOPs
+(``target_gflops / target_fraction``, else the dense row's achieved GFLOPs of the same dataset and
+backbone), i.e. where the row's point sits; ``target_reached`` = the match's verdict: the row's
+``within_tolerance`` when it carries one, else ``|cost − target_gflops| ≤ tolerance·target_gflops``
+with cost the ``calibration_gflops`` the knob was matched on (input-dependent methods, whose
+per-condition cost may move away from it) or ``achieved_gflops``, and the row's ``tolerance``
+(else the study's, 1 % by default, then written to the row's ``tolerance`` column).
+``miou_ci_low`` / ``miou_ci_high`` are the row's 95 % image-level bootstrap interval
+(:mod:`segcompress.report.stats`) when it has ``per_image`` areas; older rows without them get
+empty cells. ``per_image`` itself stays in the table (compact JSON),
+so the report's intervals and paired comparisons can be recomputed from ``benchmark.csv`` alone.
+
+Columns:
 the contract's (:data:`COLUMNS`) first in a fixed order, then any further columns alphabetically;
 rows sorted by dataset, backbone, method, target (least compressed first), seed, corruption
 (clean first), severity.
@@ -30,6 +45,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from segcompress.corrupt import CATEGORY_OF
+from segcompress.report import stats
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +59,16 @@ COLUMNS: tuple[str, ...] = (
     "target_gflops",
     "achieved_gflops",
     "gflops_std",
+    "achieved_fraction",
+    "target_reached",
     "params_m",
     "corruption",
     "category",
     "severity",
     "seed",
     "miou",
+    "miou_ci_low",
+    "miou_ci_high",
     "aacc",
     "macc",
     "num_images",
@@ -63,6 +83,9 @@ COLUMNS: tuple[str, ...] = (
 REQUIRED: tuple[str, ...] = ("dataset", "backbone", "method", "corruption", "severity", "seed", "miou")
 # A side row (rank, bench) without these cannot be matched to a variant.
 SIDE_REQUIRED: tuple[str, ...] = ("dataset", "backbone", "method", "seed")
+#: Relative FLOPs tolerance of a target when neither the row nor the caller gives one (the
+#: default of the config's ``matching.tolerance``).
+TOLERANCE = 0.01
 
 # Corruption -> category (noise, blur, weather, digital): the corruption stage's own table.
 CORRUPTION_CATEGORIES: dict[str, str] = dict(CATEGORY_OF)
@@ -102,7 +125,7 @@ def _knob_text(knob: Any) -> str:
             return knob
     if knob is None or knob == {}:
         return ""
-    return json.dumps(knob, sort_keys=True, separators=(",", ":"))
+    return _json(knob)
 
 
 def num(v: Any) -> float:
@@ -119,7 +142,8 @@ def normalise_row(row: Mapping[str, Any], source: str | Path = "<row>") -> dict[
     """Check one raw row and bring it to the table's conventions.
 
     ``knob`` becomes a compact JSON string (empty for none), ``category`` is filled from the
-    corruption name when missing, clean rows get severity 0, nested values become JSON strings.
+    corruption name when missing, clean rows get severity 0, nested values become JSON strings
+    (except ``per_image``, kept as a list for :func:`add_intervals` and written as compact JSON).
     """
     if not isinstance(row, Mapping):
         raise ValueError(f"{source}: a raw result row must be a JSON object, got {type(row).__name__}")
@@ -137,9 +161,14 @@ def normalise_row(row: Mapping[str, Any], source: str | Path = "<row>") -> dict[
     if not out.get("category"):
         out["category"] = category_of(out["corruption"])
     for k, v in out.items():
-        if isinstance(v, (dict, list, tuple)):
-            out[k] = json.dumps(v, sort_keys=True, separators=(",", ":"))
+        if isinstance(v, (dict, list, tuple)) and k != "per_image":
+            out[k] = _json(v)
     return out
+
+
+def _json(v: Any) -> str:
+    """Compact JSON with sorted keys: the table's one spelling of a nested value."""
+    return json.dumps(v, sort_keys=True, separators=(",", ":"))
 
 
 def _identity(row: Mapping[str, Any]) -> tuple:
@@ -252,7 +281,8 @@ def join_throughput(rows: list[dict[str, Any]], bench: Mapping[tuple, Mapping[st
 
 
 def join_rank(rows: list[dict[str, Any]], ranks: Mapping[tuple, Mapping[str, Any]]) -> int:
-    """Set ``erank_mean``, ``erank_std``, ``erank_images`` on the row of the same variant and condition.
+    """Set ``erank_mean``, ``erank_std`` (the selected normalisation), ``erank_raw_mean``,
+    ``erank_raw_std`` and ``erank_images`` on the row of the same variant and condition.
 
     Returns the number of rank rows that matched no result row (left out, with a warning).
     """
@@ -263,11 +293,91 @@ def join_rank(rows: list[dict[str, Any]], ranks: Mapping[tuple, Mapping[str, Any
         if k is None:
             continue
         used.add(key)
-        r.update(erank_mean=k.get("erank_mean"), erank_std=k.get("erank_std"), erank_images=k.get("num_images"))
+        r.update(erank_mean=k.get("erank_mean"), erank_std=k.get("erank_std"), erank_images=k.get("num_images"),
+                 erank_raw_mean=k.get("erank_raw_mean"), erank_raw_std=k.get("erank_raw_std"))
     unused = len(set(ranks) - used)
     if unused:
         log.warning("%d effective-rank row(s) match no result row (condition not evaluated); left out", unused)
     return unused
+
+
+# --------------------------------------------------------------------------------------------
+# Targets reached and per-row intervals
+
+
+def _dense_gflops(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], float]:
+    """Mean achieved GFLOPs of the dense model's rows per (dataset, backbone)."""
+    found: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        g = num(r.get("achieved_gflops"))
+        if r["method"] == "dense" and not math.isnan(g):
+            found.setdefault((str(r["dataset"]), str(r["backbone"])), []).append(g)
+    return {k: sum(v) / len(v) for k, v in found.items()}
+
+
+def _flag(v: Any) -> bool | None:
+    """A boolean cell (bool, or the CSV/JSON spellings true/false/1/0); None when missing."""
+    if isinstance(v, bool) or v is None:
+        return v
+    text = str(v).strip().lower()
+    return {"true": True, "1": True, "1.0": True, "false": False, "0": False, "0.0": False}.get(text)
+
+
+def mark_targets(rows: list[dict[str, Any]], tolerance: float = TOLERANCE) -> int:
+    """Set ``achieved_fraction`` and ``target_reached`` on every row with a target (see the module
+    docstring); returns the number of rows that did not reach theirs. A row whose verdict had to
+    be computed also gets the ``tolerance`` it was computed with."""
+    dense = _dense_gflops(rows)
+    missed = 0
+    for r in rows:
+        target = num(r.get("target_fraction"))
+        if math.isnan(target) or target <= 0:
+            continue
+        target_g, achieved = num(r.get("target_gflops")), num(r.get("achieved_gflops"))
+        reference = target_g / target if not math.isnan(target_g) else \
+            dense.get((str(r["dataset"]), str(r["backbone"])), math.nan)
+        if math.isnan(target_g):
+            target_g = target * reference
+        if reference > 0 and not math.isnan(achieved):
+            r["achieved_fraction"] = achieved / reference
+        reached = _flag(r.get("within_tolerance"))
+        if reached is None:
+            cost = num(r.get("calibration_gflops"))
+            cost = achieved if math.isnan(cost) else cost
+            tol = num(r.get("tolerance"))
+            if math.isnan(tol):
+                tol = r["tolerance"] = tolerance
+            reached = None if math.isnan(cost - target_g) else abs(cost - target_g) <= tol * target_g
+        r["target_reached"] = reached
+        missed += reached is False
+    return missed
+
+
+def per_image_of(row: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """A row's ``per_image`` list (from the list or its JSON text); None when absent or empty."""
+    v = row.get("per_image")
+    if isinstance(v, str):
+        v = json.loads(v) if v.strip() else None
+    return v or None
+
+
+def add_intervals(rows: list[dict[str, Any]], replicates: int = stats.REPLICATES, seed: int = stats.SEED) -> int:
+    """Set ``miou_ci_low`` / ``miou_ci_high`` (95 % image bootstrap) on every row with ``per_image``;
+    returns how many rows got one. Rows of one dataset share the image draws."""
+    done = 0
+    counts: dict[int, Any] = {}
+    for r in rows:
+        per_image = per_image_of(r)
+        if per_image is None:
+            continue
+        n = len(per_image)
+        if n not in counts:
+            counts[n] = stats.bootstrap_counts(n, replicates, seed)
+        k = 1 + max((max(p["classes"], default=-1) for p in per_image), default=-1)
+        inter, union = stats.dense_areas(per_image, max(k, 1))
+        r["miou_ci_low"], r["miou_ci_high"] = stats.interval(stats.miou_replicates(counts[n], inter, union))
+        done += 1
+    return done
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,6 +397,8 @@ def _cell(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, float):
         return "" if math.isnan(v) else repr(v)
+    if isinstance(v, (dict, list, tuple)):
+        return _json(v)
     return str(v)
 
 
