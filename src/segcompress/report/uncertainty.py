@@ -194,12 +194,13 @@ def verdict(pts: pd.DataFrame, boot: Bootstrap) -> pd.DataFrame:
     for (ds, bb), g in pts.groupby(["dataset", "backbone"], sort=True):
         comp = g[[not is_reference(m) for m in g["method"]]]
         refs = {m: _reference(g, m) for m in ("dense_control", "dense")}
+        evaluated = [w for w in VERDICT_METRICS if g[f"{w}_miou_mean"].notna().any()]  # no corruptions: clean only
         for target in sorted(set(comp["target"]), reverse=True):
             at = comp[comp["target"] == target]
             ok = at[at["target_reached"].fillna(True).astype(bool)]
             excluded = ", ".join(method_label(m) for m in at["method"][~at.index.isin(ok.index)])
             excluded = ", ".join(x for x in (excluded, _also_unreached(comp, target)) if x)
-            for which in VERDICT_METRICS:
+            for which in evaluated:
                 out.append(_verdict_row(ds, bb, target, which, ok, refs, boot, excluded))
     return pd.DataFrame(out, columns=_VERDICT_COLUMNS)
 
