@@ -537,7 +537,12 @@ def test_provenance_is_kept_and_shown(tmp_path: Path) -> None:
     out = tmp_path / "results"
     _report(root, out, html=out / "report.html")
     header = (out / "benchmark.csv").read_text().splitlines()[0].split(",")
-    assert {"segcompress_version", "source_revision", "source_dirty", "settings_hash", "per_image"} <= set(header)
+    assert {"segcompress_version", "source_revision", "source_dirty", "settings_hash"} <= set(header)
+    # the per-image areas sit beside the table, one line per row, not in it
+    assert "per_image" not in header
+    sidecar = (out / "benchmark.per_image.jsonl").read_text().splitlines()
+    assert len(sidecar) == len((out / "benchmark.csv").read_text().splitlines()) - 1
+    assert all(json.loads(line)[0]["classes"] for line in sidecar)
     md = (out / "tables" / "summary.md").read_text()
     assert "- segcompress version: 0.3.0" in md and "- settings hash: aaaa, bbbb" in md
     assert "- source revision: r1, r2+dirty" in md

@@ -408,6 +408,7 @@ def analyse_targets():
 
 REPORT_OUTPUTS = {
     "csv": "results/benchmark.csv",
+    "per_image": "results/benchmark.per_image.jsonl",  # each row's per-image class areas (intervals)
     "png": "results/figures/miou_vs_gflops.png",
     "pdf": "results/figures/miou_vs_gflops.pdf",
     "erank_png": "results/figures/erank_vs_gflops.png",

@@ -41,7 +41,7 @@ from segcompress.report.aggregate import (
 )
 from segcompress.report.rows import (
     CATEGORIES, COLUMNS, REQUIRED, TOLERANCE, add_intervals, category_of, columns_of, find_row_files, join_rank,
-    join_throughput, load_rows, load_side_rows, mark_targets, normalise_row, to_csv,
+    join_throughput, load_rows, load_side_rows, mark_targets, normalise_row, per_image_jsonl, per_image_path, to_csv,
 )
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ def build_csv(inputs: Iterable[str | Path], csv_path: str | Path, rank: Iterable
     if with_areas < len(rows):
         log.info("%d of %d rows have no per-image areas (older evaluate): no interval for them",
                  len(rows) - with_areas, len(rows))
+    atomic_write_text(per_image_path(csv_path), per_image_jsonl(rows))  # first: the CSV is the stage's output
     atomic_write_text(csv_path, to_csv(rows))
     return rows
 

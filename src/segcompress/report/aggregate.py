@@ -88,9 +88,20 @@ def is_reference(method: str) -> bool:
 
 
 def read_benchmark(path: str | Path) -> pd.DataFrame:
-    """``benchmark.csv`` as a DataFrame, with ``target`` = target_fraction (1.0 for dense)."""
+    """``benchmark.csv`` as a DataFrame, with ``target`` = target_fraction (1.0 for dense) and, when
+    its sidecar (:func:`segcompress.report.rows.per_image_path`) is beside it, ``per_image`` (JSON
+    text per row) for the intervals."""
+    from segcompress.report.rows import per_image_path
+
     df = pd.read_csv(path, dtype={"knob": str, "corruption": str, "category": str, "method": str,
                                   "dataset": str, "backbone": str})
+    sidecar = per_image_path(path)
+    if sidecar.is_file():
+        lines = sidecar.read_text().splitlines()
+        if len(lines) != len(df):
+            raise ValueError(f"{sidecar}: {len(lines)} lines for the {len(df)} rows of {path}; "
+                             "rebuild both with `segcompress report`")
+        df["per_image"] = [None if line == "null" else line for line in lines]
     return prepare(df)
 
 
