@@ -250,28 +250,43 @@ def _verdict_cells(r: pd.Series) -> list[str]:
 VERDICT_HEAD = ["target", "mIoU on", "best", "runner-up", "verdict", f"not at target ({UNREACHED_MARK})"]
 
 
+def _grouped_markdown(df: pd.DataFrame, title: str, note: str, head: Sequence[str], align: Sequence[str],
+                      cells: Callable[[pd.Series], list[str]], empty: str) -> str:
+    """A Markdown page of one table per (dataset, backbone) of ``df``: ``cells`` makes a row."""
+    lines = [f"# {title}", "", note]
+    for (ds, bb), g in df.groupby(["dataset", "backbone"], sort=True):
+        lines += ["", f"## {ds} / {bb}", "", "| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
+        lines += ["| " + " | ".join(cells(r)) + " |" for _, r in g.iterrows()]
+    if df.empty:
+        lines += ["", empty]
+    return "\n".join(lines) + "\n"
+
+
+def _grouped_html(df: pd.DataFrame, head: Sequence[str], cells: Callable[[pd.Series], list[str]], empty: str,
+                  escape: Callable[[str], str], css: str = "") -> str:
+    """One HTML ``<table>`` per (dataset, backbone) of ``df``; ``empty`` when there is no row."""
+    out = []
+    for (ds, bb), g in df.groupby(["dataset", "backbone"], sort=True):
+        out.append(f"<h3>{escape(ds)} / {escape(bb)}</h3>")
+        out.append(f"<table{css}>\n<thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in head)
+                   + "</tr></thead>\n<tbody>")
+        out += ["<tr>" + "".join(f"<td>{escape(c)}</td>" for c in cells(r)) + "</tr>" for _, r in g.iterrows()]
+        out.append("</tbody>\n</table>")
+    return "\n".join(out) if out else f"<p class='note'>{escape(empty)}</p>"
+
+
+VERDICT_EMPTY = "No compressed point: nothing to compare."
+
+
 def verdict_markdown(v: pd.DataFrame, note: str = VERDICT_NOTE) -> str:
     """The verdict table (:func:`segcompress.report.uncertainty.verdict`) as Markdown."""
-    lines = ["# Verdict per FLOPs target", "", note]
-    for (ds, bb), g in v.groupby(["dataset", "backbone"], sort=True):
-        lines += ["", f"## {ds} / {bb}", "", "| " + " | ".join(VERDICT_HEAD) + " |",
-                  "|" + "|".join(["---"] * len(VERDICT_HEAD)) + "|"]
-        lines += ["| " + " | ".join(_verdict_cells(r)) + " |" for _, r in g.iterrows()]
-    if v.empty:
-        lines += ["", "No compressed point: nothing to compare."]
-    return "\n".join(lines) + "\n"
+    return _grouped_markdown(v, "Verdict per FLOPs target", note, VERDICT_HEAD, ["---"] * len(VERDICT_HEAD),
+                             _verdict_cells, VERDICT_EMPTY)
 
 
 def verdict_html(v: pd.DataFrame, escape: Callable[[str], str] = html.escape) -> str:
     """The verdict table as HTML, one ``<table>`` per (dataset, backbone)."""
-    out = []
-    for (ds, bb), g in v.groupby(["dataset", "backbone"], sort=True):
-        out.append(f"<h3>{escape(ds)} / {escape(bb)}</h3>")
-        out.append("<table class='verdict'>\n<thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in VERDICT_HEAD)
-                   + "</tr></thead>\n<tbody>")
-        out += ["<tr>" + "".join(f"<td>{escape(c)}</td>" for c in _verdict_cells(r)) + "</tr>" for _, r in g.iterrows()]
-        out.append("</tbody>\n</table>")
-    return "\n".join(out) if out else "<p class='note'>No compressed point: nothing to compare.</p>"
+    return _grouped_html(v, VERDICT_HEAD, _verdict_cells, VERDICT_EMPTY, escape, css=" class='verdict'")
 
 
 CLASSES_NOTE = ("The dense model's clean IoU (%) per class [95 % image-bootstrap interval], mean over seeds: the "
@@ -286,25 +301,15 @@ def _class_cells(r: pd.Series) -> list[str]:
                                                   high=_float(r["iou_ci_high"]))]
 
 
+CLASSES_EMPTY = "No per-image areas in the dense model's clean rows: not computed."
+
+
 def classes_markdown(c: pd.DataFrame, note: str = CLASSES_NOTE) -> str:
     """The dense model's per-class IoU (:func:`segcompress.report.uncertainty.dense_classes`) as Markdown."""
-    lines = ["# Dense model: per-class IoU", "", note]
-    for (ds, bb), g in c.groupby(["dataset", "backbone"], sort=True):
-        lines += ["", f"## {ds} / {bb}", "", "| " + " | ".join(CLASSES_HEAD) + " |",
-                  "|" + "|".join(["---:", "---"] + ["---:"] * 4) + "|"]
-        lines += ["| " + " | ".join(_class_cells(r)) + " |" for _, r in g.iterrows()]
-    if c.empty:
-        lines += ["", "No per-image areas in the dense model's clean rows: not computed."]
-    return "\n".join(lines) + "\n"
+    return _grouped_markdown(c, "Dense model: per-class IoU", note, CLASSES_HEAD, ["---:", "---"] + ["---:"] * 4,
+                             _class_cells, CLASSES_EMPTY)
 
 
 def classes_html(c: pd.DataFrame, escape: Callable[[str], str] = html.escape) -> str:
     """The dense model's per-class IoU as HTML."""
-    out = []
-    for (ds, bb), g in c.groupby(["dataset", "backbone"], sort=True):
-        out.append(f"<h3>{escape(ds)} / {escape(bb)}</h3>")
-        out.append("<table>\n<thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in CLASSES_HEAD)
-                   + "</tr></thead>\n<tbody>")
-        out += ["<tr>" + "".join(f"<td>{escape(x)}</td>" for x in _class_cells(r)) + "</tr>" for _, r in g.iterrows()]
-        out.append("</tbody>\n</table>")
-    return "\n".join(out) if out else "<p class='note'>No per-image areas in the dense model's clean rows.</p>"
+    return _grouped_html(c, CLASSES_HEAD, _class_cells, CLASSES_EMPTY, escape)
