@@ -82,6 +82,26 @@ def test_scenes_have_void_small_and_thin_things(ade: Path, city: Path) -> None:
     assert 0 in raw and raw.max() <= 150 and len(np.unique(raw)) > 10
 
 
+def test_every_class_has_its_own_colour() -> None:
+    from segcompress.data.synthetic import ADE_CLASSES, CS_CLASSES, appearance_table
+
+    for classes, layout in ((ADE_CLASSES, "ade20k"), (CS_CLASSES, "cityscapes")):
+        colors = np.array([app.color for app in appearance_table(classes, layout).values()])
+        gaps = np.linalg.norm(colors[:, None] - colors[None], axis=-1) + np.eye(len(colors)) * 1e9
+        assert gaps.min() >= 50  # a grid step: further than any texture or per-image jitter moves a class
+        assert appearance_table(classes, layout) == appearance_table(classes, layout)
+
+
+def test_thin_structures_are_narrower_than_a_patch(city: Path) -> None:
+    runs = []
+    for p in (city / "gtFine").rglob("*_labelIds.png"):
+        pole = np.isin(np.asarray(Image.open(p)), [CS["pole"], CS["polegroup"]])
+        for row in pole:  # horizontal runs of pole pixels
+            edges = np.flatnonzero(np.diff(np.r_[0, row.astype(np.int8), 0]))
+            runs += (edges[1::2] - edges[::2]).tolist()
+    assert 3 <= np.median(runs) <= 6  # thinner than one 8-pixel patch, yet wider than a pixel or two
+
+
 def test_ade_class_ids_match_mmseg() -> None:
     from mmseg.datasets import ADE20KDataset
 

@@ -15,7 +15,9 @@ import torch
 
 from segcompress.models.checkpoint import load_model
 from segcompress.resume import latest_resume
-from segcompress.train import Recipe, WorldBatchSampler, fit, pixel_loss_sums, poly_lr
+from segcompress.train import (
+    Recipe, WorldBatchSampler, build_optimizer, fit, loss_offset, pixel_loss_sums, poly_lr, sampled_logits,
+)
 from toy_training import ToyScenes, tiny_model
 
 torch.set_num_threads(1)
@@ -53,6 +55,17 @@ def test_recipe_defaults_are_segmenter_ade20k():
     r = Recipe()
     assert (r.iters, r.batch_size, r.lr, r.min_lr, r.momentum, r.weight_decay, r.poly_power, r.amp) == (
         160_000, 8, 1e-3, 1e-5, 0.9, 0.0, 0.9, False)
+    assert (r.optimizer, r.warmup_iters, r.loss_stride) == ("sgd", 0, 1)  # SGD, no warm-up, every pixel
+    assert isinstance(build_optimizer(tiny_model(0), r), torch.optim.SGD)
+    adamw = build_optimizer(tiny_model(0), Recipe(optimizer="adamw", lr=2e-3, weight_decay=0.05))
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.05
+
+
+def test_warmup_ramps_linearly_into_the_poly_schedule():
+    r = Recipe(iters=100, lr=1e-2, min_lr=0.0, warmup_iters=10)
+    plain = Recipe(iters=100, lr=1e-2, min_lr=0.0)
+    assert [poly_lr(t, r) for t in (0, 4, 9)] == pytest.approx([poly_lr(t, plain) * (t + 1) / 10 for t in (0, 4, 9)])
+    assert [poly_lr(t, r) for t in range(10, 101)] == [poly_lr(t, plain) for t in range(10, 101)]
 
 
 @pytest.mark.parametrize("data, words", [
@@ -62,6 +75,10 @@ def test_recipe_defaults_are_segmenter_ade20k():
     ({"lr": 1e-3, "min_lr": 1e-2}, ["min_lr"]),
     ({"amp": 1}, ["amp"]),
     ({"batch_size": 0}, ["batch_size"]),
+    ({"optimizer": "adam"}, ["optimizer", "sgd, adamw"]),
+    ({"optimizer": 1}, ["optimizer", "string"]),
+    ({"warmup_iters": -1}, ["warmup_iters"]),
+    ({"loss_stride": 0}, ["loss_stride"]),
 ])
 def test_recipe_rejects_bad_keys_by_name(data, words):
     with pytest.raises(ValueError) as e:
@@ -127,6 +144,36 @@ def test_pixel_loss_sums_do_not_depend_on_memory_layout():
     grad_nchw, = torch.autograd.grad(nchw[0] + nchw[1], logits)
     grad_last, = torch.autograd.grad(last[0] + last[1], logits)
     assert torch.allclose(grad_nchw, grad_last, atol=1e-6)
+
+
+@pytest.mark.parametrize("grid, size, stride", [((4, 4), (32, 32), 4), ((3, 5), (24, 37), 3), ((4, 8), (32, 64), 1)])
+def test_sampled_logits_are_the_upsampled_pixels(grid, size, stride):
+    masks = torch.randn(2, *grid, 6).permute(0, 3, 1, 2)  # channels-last, as Segmenter's
+    full = torch.nn.functional.interpolate(masks, size=size, mode="bilinear", align_corners=False)
+    for oy in range(stride):
+        for ox in range(stride):
+            part = sampled_logits(masks, size, stride, (oy, ox))
+            assert torch.allclose(part, full[..., oy::stride, ox::stride], atol=1e-5)
+
+
+def test_loss_offsets_cover_every_pixel_and_are_seeded():
+    offsets = [loss_offset(3, t, 4) for t in range(200)]
+    assert set(offsets) == {(y, x) for y in range(4) for x in range(4)}
+    assert offsets == [loss_offset(3, t, 4) for t in range(200)] != [loss_offset(4, t, 4) for t in range(200)]
+
+
+def test_strided_loss_trains_and_needs_grid_logits():
+    recipe = Recipe(iters=30, batch_size=4, lr=3e-3, optimizer="adamw", warmup_iters=3, loss_stride=2,
+                    checkpoint_every=0, log_every=0, num_workers=0)
+    teacher = tiny_model(1)
+    res = fit(tiny_model(0), ToyScenes(), recipe, seed=0, device="cpu")
+    assert sum(res.losses[-5:]) < 0.6 * sum(res.losses[:5])
+    kd = fit(tiny_model(0), ToyScenes(), Recipe(**{**recipe.to_dict(), "iters": 2}), seed=0, device="cpu",
+             teacher=teacher, on_step=lambda info: info.kd <= 0)
+    assert kd.step == 2  # the distillation term is taken on the same pixels
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1))
+    with pytest.raises(ValueError, match="loss_stride.*forward_masks"):
+        fit(plain, ToyScenes(), recipe, seed=0, device="cpu")
 
 
 # ------------------------------------------------------------------------------------ training

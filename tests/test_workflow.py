@@ -146,13 +146,18 @@ def test_dry_run_lists_the_study_grid() -> None:
     counts = job_counts(result.stdout)
     study = default_config()["study"]
     ds, bb, seeds = len(study["datasets"]), len(study["backbones"]), len(study["seeds"])
-    conditions = 1 + len(study["corruptions"]) * len(study["severities"])
+    from segcompress.corrupt import CATEGORY_OF
+
+    def severities(c: str) -> list[int]:  # a category's own severities, else study.severities
+        return (study["category_severities"] or {}).get(CATEGORY_OF[c], study["severities"])
+
+    conditions = 1 + sum(len(severities(c)) for c in study["corruptions"])
     finetune = default_config()["finetune"]
     assert finetune["dense_control"]
     variants = 2 + (len(study["methods"]) - 1) * len(study["targets"])  # dense, dense control, the grid
     compressed_token = sum(m in study["methods"] for m in ("tome", "algm", "cts", "nvit_tome"))
     assert counts["data"] == ds
-    assert counts["corrupt"] == ds * len(study["corruptions"]) * len(study["severities"])
+    assert counts["corrupt"] == ds * (conditions - 1)
     assert counts["train"] == ds * bb * seeds
     assert counts["train_policy"] == ds * bb * seeds
     assert counts["match"] == ds * bb * seeds * compressed_token * len(study["targets"])
@@ -167,8 +172,8 @@ def test_dry_run_lists_the_study_grid() -> None:
     # analyse phase: rank on its datasets and conditions, one throughput job per seed, one panel per grid cell
     analysis = default_config()["analysis"]
     rank_ds = sum(d in (analysis["effective_rank"]["datasets"] or study["datasets"]) for d in study["datasets"])
-    ranked = 1 + sum(c in study["corruptions"] for c in analysis["effective_rank"]["corruptions"]) * len(
-        set(analysis["effective_rank"]["severities"]) & set(study["severities"]))
+    ranked = 1 + sum(len(set(analysis["effective_rank"]["severities"]) & set(severities(c)))
+                     for c in analysis["effective_rank"]["corruptions"] if c in study["corruptions"])
     assert ranked > 1
     assert counts["rank"] == rank_ds * bb * seeds * variants  # one job per variant: every ranked condition
     assert counts["bench"] == ds * bb * seeds  # every variant of a seed timed in one job
@@ -207,10 +212,10 @@ def test_workflow_profile_loads() -> None:
     result = snakemake("-n", "--workflow-profile", "workflow/profiles/default", "--quiet", "rules")
     assert result.returncode == 0, result.stderr
     assert "Using workflow specific profile workflow/profiles/default" in result.stdout + result.stderr
-    # a plain `snakemake` in the project finds it too (profiles/default links to it)
+    # not loaded by default: a cluster profile's threads must not be overridden by the local ones
     result = snakemake("-n", "--quiet", "rules")
     assert result.returncode == 0, result.stderr
-    assert "Using workflow specific profile profiles/default" in result.stdout + result.stderr
+    assert "workflow specific profile" not in result.stdout + result.stderr
 
 
 def test_lint_is_clean() -> None:

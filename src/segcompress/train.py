@@ -3,6 +3,9 @@
 The recipe (Strudel et al. 2021, ``segm/train.py``): SGD with momentum 0.9, weight decay 0, a
 per-iteration poly schedule ``lr = (lr0 - min_lr)(1 - t/T)^0.9 + min_lr`` without warm-up,
 pixel-wise cross-entropy that ignores label 255, drop-path as set in the model's spec, AMP off.
+Those are the :class:`Recipe` defaults; its options beyond the reference (AdamW, a linear
+warm-up, the loss on a strided subset of pixels) serve small from-scratch runs such as the
+embedded default study.
 Dense training, NViT fine-tuning (per-pixel KL to a dense ``teacher``) and token-method
 fine-tuning all call :func:`fit`.
 
@@ -31,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,12 +46,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from segcompress import distributed
+from segcompress.progress import Progress
 from segcompress.resume import clear_resume, latest_resume, load_resume, resume_dir_for, save_resume
 from segcompress.seeding import derive_seed, preserved_global_rng, seed_everything
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
+OPTIMIZERS = ("sgd", "adamw")
 
 
 # --------------------------------------------------------------------------------------- recipe
@@ -65,12 +69,20 @@ class Recipe:
         lr: base learning rate lr0 (ADE20K 1e-3, Cityscapes 1e-2).
         min_lr: the poly schedule's floor.
         momentum: SGD momentum.
-        weight_decay: SGD weight decay (not applied to biases, norms, position/class embeddings).
+        weight_decay: weight decay, SGD's or AdamW's decoupled one (not applied to biases, norms,
+            position/class embeddings).
         poly_power: exponent of the poly schedule.
         checkpoint_every: write a resume point every this many iterations (0: never).
         log_every: log loss and lr every this many iterations (0: never).
         num_workers: data-loader worker processes per rank (0: load in the training process).
         amp: mixed precision (float16 + loss scaling on CUDA, bfloat16 on CPU).
+        optimizer: ``sgd`` (Segmenter's) or ``adamw`` (betas 0.9, 0.999; ``momentum`` unused).
+        warmup_iters: linear warm-up of the lr over the first N iterations (0: none, Segmenter).
+        loss_stride: the loss is taken on every ``loss_stride``-th pixel row and column of the
+            crop, at an offset drawn per iteration (seeded), with the logits bilinearly upsampled
+            exactly there; an unbiased estimate of the full-resolution loss at about
+            ``1/loss_stride²`` of its cost. 1 (Segmenter): every pixel. Needs a model with
+            ``forward_masks`` (a :class:`~segcompress.models.segmenter.Segmenter`).
     """
 
     iters: int = 160_000
@@ -84,16 +96,21 @@ class Recipe:
     log_every: int = 50
     num_workers: int = 4
     amp: bool = False
+    optimizer: str = "sgd"
+    warmup_iters: int = 0
+    loss_stride: int = 1
 
     #: settings that do not change the trained weights (may differ between a run and its resume)
     BOOKKEEPING = ("checkpoint_every", "log_every", "num_workers")
 
     def __post_init__(self) -> None:
-        kinds = {"int": "an integer", "float": "a number", "bool": "true or false"}
+        kinds = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.type == "bool":
                 ok = isinstance(value, bool)
+            elif f.type == "str":
+                ok = isinstance(value, str)
             elif f.type == "int":
                 ok = isinstance(value, int) and not isinstance(value, bool)
             else:
@@ -113,6 +130,9 @@ class Recipe:
             (self.checkpoint_every >= 0, "checkpoint_every", ">= 0"),
             (self.log_every >= 0, "log_every", ">= 0"),
             (self.num_workers >= 0, "num_workers", ">= 0"),
+            (self.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}"),
+            (self.warmup_iters >= 0, "warmup_iters", ">= 0"),
+            (self.loss_stride >= 1, "loss_stride", ">= 1"),
         ]
         for ok, key, want in checks:
             if not ok:
@@ -141,9 +161,21 @@ class Recipe:
 
 
 def poly_lr(step: int, recipe: Recipe) -> float:
-    """Learning rate of update ``step`` (0-based): ``(lr0 - min_lr)(1 - step/T)^power + min_lr``."""
+    """Learning rate of update ``step`` (0-based): ``(lr0 - min_lr)(1 - step/T)^power + min_lr``,
+    times ``(step + 1) / warmup_iters`` during the warm-up."""
     frac = min(max(step, 0), recipe.iters) / recipe.iters
-    return (recipe.lr - recipe.min_lr) * (1.0 - frac) ** recipe.poly_power + recipe.min_lr
+    lr = (recipe.lr - recipe.min_lr) * (1.0 - frac) ** recipe.poly_power + recipe.min_lr
+    if step < recipe.warmup_iters:
+        lr *= (max(step, 0) + 1) / recipe.warmup_iters
+    return lr
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """The recipe's optimizer over ``model``'s trainable parameters (:func:`param_groups`)."""
+    groups = param_groups(model, recipe.weight_decay)
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -206,6 +238,69 @@ def _class_last(logits: torch.Tensor) -> torch.Tensor:
     dim 1 of a channels-last tensor (and than over dim 1 of NCHW, which this copies once).
     """
     return logits.movedim(1, -1).reshape(-1, logits.shape[1])
+
+
+def bilinear_rows(out_size: int, in_size: int, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of the (out_size, in_size) matrix of 1-D bilinear upsampling.
+
+    The weights of ``F.interpolate(mode="bilinear", align_corners=False)`` along one axis: output
+    pixel ``i`` samples the input at ``(i + 0.5) * in/out - 0.5``, clamped at the borders.
+    """
+    src = ((index.double() + 0.5) * (in_size / out_size) - 0.5).clamp(min=0.0)
+    lo = src.floor().long().clamp(max=in_size - 1)
+    hi = (lo + 1).clamp(max=in_size - 1)
+    frac = src - lo.double()
+    rows = torch.zeros((len(index), in_size), dtype=torch.float64)
+    rows.scatter_add_(1, lo[:, None], (1.0 - frac)[:, None])
+    rows.scatter_add_(1, hi[:, None], frac[:, None])
+    return rows
+
+
+def sampled_logits(masks: torch.Tensor, size: Sequence[int], stride: int, offset: Sequence[int]) -> torch.Tensor:
+    """The pixels ``offset + stride * (i, j)`` of ``masks`` upsampled bilinearly to ``size``.
+
+    Equal to ``F.interpolate(masks, size, mode="bilinear")[..., oy::stride, ox::stride]`` without
+    computing the other pixels (two small matrix products over the grid).
+
+    Args:
+        masks: grid logits (B, K, gh, gw), e.g. :meth:`Segmenter.forward_masks`.
+        size: the full-resolution (H, W).
+        stride: sampling stride (the recipe's ``loss_stride``).
+        offset: (oy, ox), each in ``[0, stride)``.
+
+    Returns:
+        (B, K, ceil((H - oy) / stride), ceil((W - ox) / stride)) logits, channels-last in memory.
+    """
+    (h, w), (oy, ox) = size, offset
+    gh, gw = masks.shape[-2:]
+    ry = bilinear_rows(h, gh, torch.arange(oy, h, stride)).to(masks.device, masks.dtype)
+    rx = bilinear_rows(w, gw, torch.arange(ox, w, stride)).to(masks.device, masks.dtype)
+    grid = masks.permute(0, 2, 3, 1)  # (B, gh, gw, K)
+    rows = torch.matmul(ry, grid.flatten(2)).unflatten(2, (gw, grid.shape[-1]))  # (B, ny, gw, K)
+    return torch.matmul(rx, rows).permute(0, 3, 1, 2)  # (B, K, ny, nx), channels-last
+
+
+def loss_offset(seed: int, step: int, stride: int) -> tuple[int, int]:
+    """The (row, column) offset of iteration ``step``'s loss pixels (the same on every rank)."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, "loss", step))
+    oy, ox = torch.randint(0, stride, (2,), generator=gen).tolist()
+    return oy, ox
+
+
+class _GridLogits(nn.Module):
+    """A model's grid logits (``forward_masks``) as its forward, for the strided loss."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if not hasattr(model, "forward_masks"):
+            raise ValueError(
+                f"recipe key 'loss_stride' > 1 needs a model with forward_masks (a Segmenter), "
+                f"got {type(model).__name__}; set loss_stride to 1"
+            )
+        self.model = model
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_masks(img)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -347,6 +442,7 @@ def fit(
         stop_at: int | None = None,
         find_unused_parameters: bool = False,
         metadata: dict[str, str] | None = None,
+        progress: str | bool = "auto",
 ) -> FitResult:
     """Train ``model`` on ``dataset`` with Segmenter's recipe; resumable and multi-process.
 
@@ -374,6 +470,8 @@ def fit(
             returning ``completed=False`` (time-limited jobs; tests).
         find_unused_parameters: passed to DistributedDataParallel (models with unused parameters).
         metadata: extra string metadata for the final safetensors file.
+        progress: ``auto``, ``on`` or ``off`` on rank 0 (:mod:`segcompress.progress`); besides the
+            ``log_every`` lines.
     """
     info = distributed.current()
     rank, world = info.rank, info.world_size
@@ -387,10 +485,7 @@ def fit(
     model.to(device)
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
-    optimizer = torch.optim.SGD(
-        param_groups(model, recipe.weight_decay), lr=recipe.lr, momentum=recipe.momentum,
-        weight_decay=recipe.weight_decay,
-    )
+    optimizer = build_optimizer(model, recipe)
     use_scaler = recipe.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -406,12 +501,14 @@ def fit(
             log.info("resuming from %s (iteration %d of %d)", point.path, start, recipe.iters)
     end = recipe.iters if stop_at is None else min(recipe.iters, max(stop_at, start))
 
-    net: nn.Module = model
+    stride = recipe.loss_stride
+    net: nn.Module = model if stride == 1 else _GridLogits(model)
+    teacher_net = teacher if teacher is None or stride == 1 else _GridLogits(teacher)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
+            net, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=find_unused_parameters,
         )
     net.train(train_mode)
@@ -433,7 +530,7 @@ def fit(
     step, stopped_early = start, False
     window: list[float] = []
     t0 = t_log = time.perf_counter()
-    bar = _progress(start, recipe.iters, enabled=info.is_main)
+    bar = Progress(recipe.iters, "train", "it", progress if info.is_main else "off", initial=start)
     for images, labels in loader:
         t = step
         lr = poly_lr(t, recipe)
@@ -445,9 +542,16 @@ def fit(
         with torch.autocast(device.type, dtype=amp_dtype, enabled=recipe.amp):
             logits = net(images)
             teacher_logits = None
-            if teacher is not None:
+            if teacher_net is not None:
                 with torch.no_grad():
-                    teacher_logits = teacher(images).float()
+                    teacher_logits = teacher_net(images).float()
+        if stride > 1:
+            offset = loss_offset(seed, t, stride)
+            size = images.shape[-2:]
+            logits = sampled_logits(logits.float(), size, stride, offset)
+            if teacher_logits is not None:
+                teacher_logits = sampled_logits(teacher_logits, size, stride, offset)
+            labels = labels[:, offset[0]::stride, offset[1]::stride]
         ce_sum, kd_sum, count = pixel_loss_sums(logits.float(), labels, teacher_logits, kd_temperature)
         stats = torch.stack([count, ce_sum.detach().double(), kd_sum.detach().double()])
         if world > 1:
@@ -562,24 +666,7 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-class _NoBar:
-    def update(self, n: int) -> None: ...
-
-    def set_postfix(self, **kwargs: Any) -> None: ...
-
-    def close(self) -> None: ...
-
-
-def _progress(start: int, total: int, enabled: bool) -> Any:
-    """A tqdm bar on an interactive terminal (rank 0 only); log lines otherwise."""
-    if not (enabled and sys.stderr.isatty()):
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, unit="it", dynamic_ncols=True, leave=False)
-
-
 __all__: Sequence[str] = (
-    "FitResult", "Recipe", "SeededItems", "StepInfo", "WorldBatchSampler", "fit", "param_groups",
-    "pixel_loss_sums", "poly_lr",
+    "FitResult", "OPTIMIZERS", "Recipe", "SeededItems", "StepInfo", "WorldBatchSampler", "bilinear_rows",
+    "build_optimizer", "fit", "loss_offset", "param_groups", "pixel_loss_sums", "poly_lr", "sampled_logits",
 )

@@ -208,13 +208,16 @@ class Segmenter(nn.Module):
             return self.token_method.features(self, img)
         return self.encode(self.embed(img))[:, self.num_prefix_tokens:]
 
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        """Per-pixel logits (B, K, H, W), channels-last in memory, for normalised crops (B, 3, H, W)."""
+    def forward_masks(self, img: torch.Tensor) -> torch.Tensor:
+        """Mask logits on the patch grid (B, K, gh, gw), channels-last, before the upsampling."""
         if self.token_method is not None:
-            masks = self.token_method(self, img)
-        else:
-            masks = self.decode(self.forward_features(img), self.grid_of(img))
-        return F.interpolate(masks, size=img.shape[-2:], mode="bilinear", align_corners=False)
+            return self.token_method(self, img)
+        return self.decode(self.forward_features(img), self.grid_of(img))
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        """Per-pixel logits (B, K, H, W), channels-last in memory, for normalised crops (B, 3, H, W):
+        :meth:`forward_masks` upsampled bilinearly to the crop."""
+        return F.interpolate(self.forward_masks(img), size=img.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def grid_view(values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
