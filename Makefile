@@ -1,7 +1,9 @@
 # segcompress: two commands for users (see README.md).
 #   make run   set up .venv if needed, then run the default benchmark (snakemake on config.yaml)
 #   make test  set up .venv if needed, then run the test suite
-# CORES (default: all) and SNAKEMAKE_ARGS pass through to snakemake.
+# CORES (default: all) and SNAKEMAKE_ARGS pass through to snakemake. `make run` prints progress,
+# not every job's block (--quiet rules): each job's command is the first line of its log under
+# logs/, and a failed job's log is printed (the profile's show-failed-logs).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -28,7 +30,7 @@ $(STAMP): envs/requirements.txt envs/constraints.txt pyproject.toml
 	touch $@
 
 run: venv
-	$(SNAKEMAKE) --cores $(CORES) $(SNAKEMAKE_ARGS)
+	$(SNAKEMAKE) --quiet rules --cores $(CORES) $(SNAKEMAKE_ARGS)
 
 dry-run: venv
 	$(SNAKEMAKE) -n --cores $(CORES) $(SNAKEMAKE_ARGS)

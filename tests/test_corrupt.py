@@ -273,7 +273,7 @@ def test_cli_one_folder(ade: Path, tmp_path: Path, ade_c: tuple[Path, C.CorruptR
     ref, _ = ade_c
     out = tmp_path / "cli"
     rc = cli_main(["corrupt", "--layout", "ade20k", "--root", str(ade), "--out", str(out), "--dataset-name", "ade20k",
-                   "--corruption", "impulse_noise", "--severity", "3", "--workers", "1", "--no-progress"])
+                   "--corruption", "impulse_noise", "--severity", "3", "--processes", "1", "--no-progress"])
     assert rc == 0
     assert _tree(out) == {k: v for k, v in _tree(ref).items() if k.startswith("impulse_noise/3/")}
 

@@ -47,7 +47,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
                      "--num-val", "2", "--no-progress"]) == 0
     assert cli_main(["corrupt", "--layout", "cityscapes", "--root", str(top / "city"), "--out", str(top / "city-c"),
                      "--dataset-name", "cityscapes", "--corruption", "gaussian_noise", "--severity", "3",
-                     "--workers", "1", "--no-progress"]) == 0
+                     "--processes", "1", "--no-progress"]) == 0
     torch.manual_seed(0)
     spec = SegmenterSpec(num_classes=19, img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2)
     save_model(build_segmenter(spec).eval(), top / "m.safetensors")

@@ -188,7 +188,7 @@ def rank_dataset(
         settings: RankSettings,
         batch_size: int = 8,
         device: str | torch.device = "cpu",
-        progress: bool = True,
+        progress: str | bool = "auto",
 ) -> dict[str, Any]:
     """Raw and normalised effective rank of ``model``'s restored features on every image of ``dataset``.
 
@@ -201,7 +201,7 @@ def rank_dataset(
         ``erank_per_image``, ``erank_raw_per_image`` and ``names``, the matrix shape of the last
         image (``rows``, ``width``) and ``seconds``.
     """
-    from tqdm import tqdm
+    from segcompress.progress import track
 
     model.eval()
     raw: list[float] = []
@@ -209,7 +209,7 @@ def rank_dataset(
     names: list[str] = []
     rows = width = 0
     start = time.perf_counter()
-    for i in tqdm(range(len(dataset)), desc="rank", unit="img", disable=not progress):
+    for i in track(range(len(dataset)), len(dataset), "rank", "img", progress):
         item = dataset[i]
         feats = window_features(model, item["image"].to(device), crop, stride, batch_size, settings.final_norm)
         rows, width = matrix_rows(feats, settings), feats.shape[2]

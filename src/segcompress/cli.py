@@ -10,7 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import shlex
 import sys
+
+# Set by the workflow (workflow/rules/common.smk): each job's log starts with the job's command, so
+# the command survives a console quietened with `--quiet rules` (`make run`).
+LOG_COMMAND_ENV = "SEGCOMPRESS_LOG_COMMAND"
 
 VERBS: dict[str, str] = {
     "data": "generate (synthetic) or verify a dataset and write its manifest",
@@ -57,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if os.environ.get(LOG_COMMAND_ENV) == "1":
+        logging.getLogger("segcompress").info("command: %s", shlex.join(["segcompress", *argv]))
     try:
         return int(module.main(args) or 0)
     except Exception as e:  # bad input, a full disk, an unwritable folder: one line, no traceback

@@ -43,7 +43,6 @@ import logging
 import multiprocessing as mp
 import os
 import struct
-import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -462,7 +461,7 @@ class CorruptConfig:
         max_images: fixed seeded subset of the val images (None: all).
         max_corruptions: fixed seeded subset of the corruptions, spread over categories.
         compress_level: PNG zlib level 0..9 (lossless at every level; see DEFAULT_COMPRESS_LEVEL).
-        progress: show a progress bar.
+        progress: ``auto``, ``on`` or ``off`` (:mod:`segcompress.progress`).
         start_method: multiprocessing start method (default ``forkserver``; see ``_pool``).
     """
 
@@ -478,7 +477,7 @@ class CorruptConfig:
     max_images: int | None = None
     max_corruptions: int | None = None
     compress_level: int = DEFAULT_COMPRESS_LEVEL
-    progress: bool = True
+    progress: str | bool = "auto"
     start_method: str | None = None
 
     def plan(self) -> dict[str, tuple[int, ...]]:
@@ -623,9 +622,9 @@ def _pool(workers: int, warm: bool, start_method: str | None) -> Any:
 
 
 def _progress(total: int, config: CorruptConfig) -> Any:
-    from tqdm import tqdm
+    from segcompress.progress import Progress
 
-    return tqdm(total=total, desc=f"corrupt {config.dataset}", unit="img", disable=not config.progress, file=sys.stderr)
+    return Progress(total, f"corrupt {config.dataset}", "img", config.progress)
 
 
 def _write_manifest(

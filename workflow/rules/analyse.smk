@@ -36,7 +36,7 @@ rule rank:
         "segcompress rank --model {input.model} {params.method} --layout {params.layout}"
         " --root {params.root} {params.conditions} --split val --crop {params.crop}"
         " {params.stride} --img-scale {params.img_scale} {params.options} --reference-model {input.reference}"
-        " {params.tags} --no-progress > {log} 2>&1"
+        " {params.tags} > {log} 2>&1"
 
 
 rule bench:
@@ -46,24 +46,34 @@ rule bench:
         bench_outputs(),
     params:
         options=bench_options,
+        torch_threads=THROUGHPUT["threads"],
     log:
         "logs/bench/{ds}/{arch}/seed{seed}.log",
     benchmark:
         "results/jobs/analyse/bench/{ds}/{arch}/seed{seed}.tsv"
     conda:
         CONDA_ENV
-    threads: THROUGHPUT["threads"]
+    # Every core Snakemake was given (--cores), so that no other job runs beside the timing: a job
+    # beside it shares the cores and the memory bandwidth and moves images/s by 2x. The timing itself
+    # uses analysis.throughput.threads (--threads). On SLURM the profile asks for a node of its own.
+    threads: workflow.cores
     resources:
         gpu=1,
     shell:
-        "segcompress bench {params.options} --threads {threads} > {log} 2>&1"
+        "segcompress bench {params.options} --threads {params.torch_threads} > {log} 2>&1"
 
 
 rule qualitative:
     input:
         unpack(qualitative_inputs),
     output:
-        png="results/figures/qualitative/{ds}/{arch}.png",
+        png=report(
+            "results/figures/qualitative/{ds}/{arch}.png",
+            caption="../report/qualitative.rst",
+            category="3. Qualitative panels",
+            subcategory="{ds}",
+            labels={"dataset": "{ds}", "backbone": "{arch}"},
+        ),
     params:
         options=qualitative_options,
         layout=lookup(dpath="datasets/{ds}/layout", within=config),

@@ -22,6 +22,28 @@ from snakemake.exceptions import WorkflowError
 
 from segcompress.corrupt import CATEGORY_OF  # corruption -> category, the corruption stage's table
 
+# Every segcompress job logs its own command line first (segcompress.cli), so the job's log keeps
+# it even when the console omits the job blocks (`make run` passes --quiet rules).
+os.environ.update(SEGCOMPRESS_LOG_COMMAND="1")
+
+
+def print_failed_logs(snakemake_logs, out=sys.stderr):
+    """Print the log of every job that failed, found in Snakemake's own logs `snakemake_logs` by the
+    `> {log} 2>&1` of its command. Under `--quiet rules` (make run) Snakemake prints neither the
+    failed job's block nor its log (show-failed-logs); without it, the logs already printed are skipped."""
+    paths = [snakemake_logs] if isinstance(snakemake_logs, (str, Path)) else list(snakemake_logs or [])
+    text = "".join(Path(p).read_text(errors="replace") for p in paths if Path(p).is_file())
+    for job_log in dict.fromkeys(re.findall(r"> (\S+) 2>&1' returned non-zero exit status", text)):
+        if f"Logfile {job_log}:" in text or not Path(job_log).is_file():
+            continue
+        lines = Path(job_log).read_text(errors="replace").splitlines()
+        head = f"Log of the failed job, {job_log} (last {min(len(lines), 40)} lines):"
+        print(head, *lines[-40:], sep="\n  ", file=out)
+
+
+onerror:
+    print_failed_logs(log)
+
 # Rules call the `segcompress` command. Make the one installed beside this Snakemake (the
 # project's .venv) callable without activating the venv; under --sdm conda the rule's own
 # environment comes first on PATH.
@@ -56,6 +78,10 @@ _check_names("backbones", STUDY["backbones"], config["backbones"])
 if config["analysis"]["effective_rank"]["datasets"]:
     _check_names("datasets", config["analysis"]["effective_rank"]["datasets"], config["datasets"],
                  key="analysis.effective_rank.datasets")
+_DENSE_CHECKPOINTS = config["train"].get("dense_checkpoints") or {}
+_check_names("datasets", _DENSE_CHECKPOINTS, config["datasets"], key="train.dense_checkpoints")
+for _ds, _paths in _DENSE_CHECKPOINTS.items():
+    _check_names("backbones", _paths, config["backbones"], key=f"train.dense_checkpoints.{_ds}")
 
 
 def _check_windows():
@@ -429,8 +455,48 @@ REPORT_OUTPUTS = {
     "curves": "results/curves.csv",
 }
 
+# output key of the report rule -> (caption file in workflow/report/, category of `snakemake --report`)
+REPORT_CAPTIONS = {
+    "png": ("miou_vs_gflops.rst", "1. Figures"),
+    "erank_png": ("erank_vs_gflops.rst", "1. Figures"),
+    "heatmap_png": ("corruption_heatmap.rst", "1. Figures"),
+    "table_csv": ("summary.rst", "2. Tables"),
+    "verdict_csv": ("verdict.rst", "2. Tables"),
+    "per_corruption": ("per_corruption.rst", "2. Tables"),
+    "dense_classes_csv": ("dense_classes.rst", "2. Tables"),
+    "csv": ("benchmark.rst", "2. Tables"),
+    "html": ("report_page.rst", "4. Report page"),
+}
+
+
+def report_outputs():
+    """REPORT_OUTPUTS with the figures and tables flagged for `snakemake --report` (same paths)."""
+    outputs = dict(REPORT_OUTPUTS)
+    for key, (caption, category) in REPORT_CAPTIONS.items():
+        outputs[key] = report(outputs[key], caption=f"../report/{caption}", category=category)
+    return outputs
+
 
 # ------------------------------------------------------------------- inputs of the rules
+
+
+def dense_checkpoint(wildcards):
+    """The configured dense checkpoint of (dataset, backbone) that replaces training, or None."""
+    return _DENSE_CHECKPOINTS.get(wildcards.ds, {}).get(wildcards.arch)
+
+
+def train_inputs(wildcards):
+    """The dataset manifest, and the dense checkpoint (with its spec) when one is configured."""
+    inputs = {"manifest": f"data/{wildcards.ds}/manifest.json"}
+    adopted = dense_checkpoint(wildcards)
+    if adopted is not None:
+        inputs.update(adopted=adopted, adopted_spec=str(Path(adopted).with_suffix(".json")))
+    return inputs
+
+
+def adopt_option(wildcards, input):
+    """` --from-checkpoint CKPT` when a dense checkpoint replaces training, else nothing."""
+    return f" --from-checkpoint {input.adopted}" if "adopted" in input.keys() else ""
 
 
 def policy_of(wildcards):

@@ -22,5 +22,5 @@ rule corrupt:
     shell:
         "segcompress corrupt --layout {params.layout} --root {params.root} --out {params.out}"
         " --dataset-name {wildcards.ds} --corruption {wildcards.corruption}"
-        " --severity {wildcards.severity} --seed {params.seed} --workers {threads} --no-progress"
+        " --severity {wildcards.severity} --seed {params.seed} --processes {threads}"
         " > {log} 2>&1"

@@ -18,4 +18,4 @@ rule data:
     threads: 1
     shell:
         "segcompress data --layout {params.layout} --root {params.root} {params.options}"
-        " --no-progress > {log} 2>&1"
+        " > {log} 2>&1"

@@ -33,4 +33,4 @@ rule evaluate:
         "segcompress evaluate --model {input.model} {params.method} --layout {params.layout}"
         " --root {params.root} {params.conditions} --split val --crop {params.crop}"
         " {params.stride} --img-scale {params.img_scale} {params.max_images}"
-        " {params.tags} --no-progress > {log} 2>&1"
+        " {params.tags} > {log} 2>&1"

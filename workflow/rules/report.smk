@@ -20,6 +20,12 @@ rule report_inputs:
         write_json(output[0], params.inputs)
 
 
+# `snakemake --report report.html` (after a run): the workflow's description, then the figures and
+# tables of REPORT_CAPTIONS (common.smk) with their captions from workflow/report/, and the
+# qualitative panels (analyse.smk).
+report: "../report/workflow.rst"
+
+
 rule report:
     input:
         inputs=REPORT_INPUTS,
@@ -28,7 +34,7 @@ rule report:
         bench=bench_targets(),
         qualitative=qualitative_targets(),
     output:
-        **REPORT_OUTPUTS,
+        **report_outputs(),
     params:
         figures=output_dir("png"),
         tables=output_dir("summary"),

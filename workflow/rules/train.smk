@@ -7,11 +7,15 @@
 # it is the plain `segcompress train ...`. The recipe's batch_size is the world batch, split over
 # the processes, so the GPU count changes the speed, not the recipe; and since resources are not
 # params, moving to more GPUs does not rerun a finished training.
+#
+# Released weights: `train.dense_checkpoints: {<dataset>: {<backbone>: path}}` in the config makes
+# this rule adopt that checkpoint (checked against the dataset's classes and crop and the backbone's
+# widths, then copied) instead of training; every seed then starts from it (README.md).
 
 
 rule train:
     input:
-        manifest="data/{ds}/manifest.json",
+        unpack(train_inputs),
     output:
         model="models/{ds}/{arch}/seed{seed}/dense.safetensors",
         spec="models/{ds}/{arch}/seed{seed}/dense.json",
@@ -22,6 +26,7 @@ rule train:
         img_scale=img_scale,
         arch=config_json("backbones/{arch}"),
         recipe=config_json("train/recipe"),
+        adopt=adopt_option,
     log:
         "logs/train/{ds}/{arch}/seed{seed}/dense.log",
     benchmark:
@@ -35,7 +40,7 @@ rule train:
         "$([ {resources.gpu} -gt 1 ] && echo torchrun --standalone --nproc_per_node {resources.gpu} -m)"
         " segcompress train --layout {params.layout} --root {params.root} --crop {params.crop}"
         " --img-scale {params.img_scale} --arch {params.arch:q} --recipe {params.recipe:q}"
-        " --seed {wildcards.seed} --threads {threads} --out {output.model} > {log} 2>&1"
+        " --seed {wildcards.seed} --threads {threads} --out {output.model}{params.adopt} > {log} 2>&1"
 
 
 rule train_policy:

@@ -20,6 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from segcompress.commands._conventions import (
+    add_crop_argument, add_device_argument, crop_hw, read_json_arg, resolve_device,
+)
+from segcompress.progress import add_progress_argument
+
 # Columns of docs/contracts.md ("Results rows"), in order; unknown ones stay None.
 ROW_COLUMNS = (
     "dataset", "backbone", "method", "knob", "target_fraction", "target_gflops", "achieved_gflops", "gflops_std",
@@ -57,7 +62,7 @@ def add_variant_arguments(parser: argparse.ArgumentParser, out_help: str = "resu
     parser.add_argument("--root", required=True, type=Path, help="dataset root (labels, and images unless --img-root)")
     parser.add_argument("--img-root", type=Path, help="read images from here (corrupted set; same paths, .png)")
     parser.add_argument("--split", default="val", help="split (default: val)")
-    parser.add_argument("--crop", type=int, help="window size (default and required: the model's crop)")
+    add_crop_argument(parser, help="window size (default and required: the model's crop)")
     parser.add_argument("--stride", type=int, help="window stride (default: max(crop - 32, crop // 2))")
     parser.add_argument("--img-scale", required=True, type=int, nargs=2, metavar=("LONG", "SHORT"),
                         help="keep-ratio resize scale of test images (ADE20K: 2048 512; Cityscapes: 2048 1024)")
@@ -71,9 +76,9 @@ def add_variant_arguments(parser: argparse.ArgumentParser, out_help: str = "resu
     parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="row column (repeatable)")
     parser.add_argument("--max-images", type=int, help="use the first N images only")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    add_device_argument(parser)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default: 0)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_argument(parser)
 
 
 @dataclass(frozen=True)
@@ -188,23 +193,16 @@ def parse_tags(tags: list[str], reserved: frozenset[str] | set[str] = RESERVED) 
 
 
 def parse_knob(text: str) -> dict[str, Any]:
-    """A knob from JSON text, or from a JSON file (``@FILE`` or a path ending in ``.json``; the
-    file's ``knob`` entry when it has one)."""
-    if text.startswith("@") or (not text.lstrip().startswith("{") and text.endswith(".json")):
-        from segcompress.io import read_json
-
-        path = text[1:] if text.startswith("@") else text
-        data = read_json(path)
-        knob = data.get("knob", data) if isinstance(data, dict) else data
-        where = path
-    else:
-        try:
-            knob = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--knob {text!r}: not valid JSON ({e})") from None
-        where = "--knob"
+    """A knob as inline JSON, or a JSON file (``@FILE`` or a path; the file's ``knob`` entry when it
+    has one, as in a match result)."""
+    knob, where = read_json_arg(text, "--knob")
+    if where != "--knob" and isinstance(knob, dict):
+        knob = knob.get("knob", knob)
     if isinstance(knob, str):  # a knob stored as a JSON string (results rows do this)
-        knob = json.loads(knob)
+        try:
+            knob = json.loads(knob)
+        except json.JSONDecodeError:
+            raise ValueError(f"{where}: the knob {knob!r} is not JSON") from None
     if not isinstance(knob, dict):
         raise ValueError(f"{where}: the knob must be a JSON object, got {type(knob).__name__}")
     return knob
@@ -229,13 +227,6 @@ def knob_of(knob: str | None, match_path: Path | None, match: dict[str, Any]) ->
     if "knob" in match:
         return parse_knob(f"@{match_path}")
     return {}
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; any other name as given."""
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def default_stride(crop: tuple[int, int]) -> int:
@@ -425,7 +416,7 @@ def load_variant_run(args: argparse.Namespace, reserved: frozenset[str] | set[st
     model, num_classes = load_variant(args.model, args.method, knob, args.layout, device)
     spec = model.spec
     crop = tuple(spec.crop)
-    if args.crop is not None and (args.crop, args.crop) != crop:
+    if args.crop is not None and crop_hw(args.crop) != crop:
         raise ValueError(f"--crop {args.crop}: the model {args.model} runs on {crop[0]}x{crop[1]} crops")
     stride = default_stride(crop) if args.stride is None else args.stride
     params_m = sum(p.numel() for p in model.parameters()) / 1e6

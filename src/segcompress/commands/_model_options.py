@@ -7,7 +7,6 @@ token method and its knob, attached through :func:`segcompress.methods.apply_met
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,6 +14,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from segcompress.commands._conventions import add_crop_argument, crop_hw, parse_json_arg  # noqa: F401 (re-export)
 from segcompress.models.spec import SegmenterSpec
 
 
@@ -49,42 +49,6 @@ class Variant:
         }
 
 
-def parse_crop(text: str) -> int | list[int]:
-    """``"512"`` -> 512, ``"512,1024"`` or ``"512x1024"`` -> [512, 1024] (height, width)."""
-    parts = text.replace("x", ",").split(",")
-    try:
-        sizes = [int(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"crop must be S or H,W, got {text!r}") from None
-    if len(sizes) == 1:
-        return sizes[0]
-    if len(sizes) == 2:
-        return sizes
-    raise argparse.ArgumentTypeError(f"crop must be S or H,W, got {text!r}")
-
-
-def parse_json_arg(value: str | None, option: str, what: str = "a JSON object") -> dict[str, Any]:
-    """A JSON object given inline (``'{"r": 8}'``) or as the path of a JSON file; ``None`` or "" is {}.
-
-    Errors are one line that names ``option`` (and the file): not JSON, no such file, not ``what``.
-    """
-    if value is None or value.strip() == "":
-        return {}
-    text, where = value, option
-    if not value.lstrip().startswith(("{", "[")):
-        path = Path(value)
-        if not path.is_file():
-            raise FileNotFoundError(f"{option}: {value!r} is neither inline JSON nor an existing file")
-        text, where = path.read_text(), f"{option} {path}"
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: must be {what}")
-    return data
-
-
 def require_safetensors_out(out: Path) -> None:
     """Fail before any work when ``--out`` does not name a ``.safetensors`` file (the model format)."""
     if out.suffix != ".safetensors":
@@ -103,7 +67,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) 
     which.add_argument("--arch", metavar="JSON", help="a config backbones entry, inline JSON or a .json file")
     which.add_argument("--backbone", metavar="NAME", help="a timm ViT name, e.g. vit_small_patch16_384")
     src.add_argument("--num-classes", type=int, metavar="K", help="classes (with --arch/--backbone)")
-    src.add_argument("--crop", type=parse_crop, metavar="S", help="training crop, S or H,W (with --arch/--backbone)")
+    add_crop_argument(src, help="training crop (with --arch/--backbone)")
     meth = parser.add_argument_group("method")
     meth.add_argument("--method", default="dense", help="token method (default: dense)")
     meth.add_argument("--knob", default=None, metavar="JSON", help='the method\'s knob, e.g. \'{"r": 8}\'')
@@ -133,7 +97,7 @@ def spec_and_model(args: argparse.Namespace) -> tuple[SegmenterSpec, nn.Module, 
         spec = model.spec
         if args.num_classes is not None and args.num_classes != spec.num_classes:
             raise ValueError(f"--num-classes {args.num_classes} but {args.model} has {spec.num_classes} classes")
-        if args.crop is not None and _as_hw(args.crop) != spec.crop:
+        if args.crop is not None and crop_hw(args.crop) != spec.crop:
             raise ValueError(f"--crop {args.crop} but {args.model} was built for crop {list(spec.crop)}")
         return spec, model, str(args.model)
     if args.num_classes is None or args.crop is None:
@@ -156,12 +120,6 @@ def variant_from_args(args: argparse.Namespace) -> Variant:
     knob = parse_json_arg(args.knob, "--knob")
     model = apply_method(model.eval(), args.method, knob).eval()
     return Variant(model=model, spec=spec, method=args.method, knob=knob, source=source)
-
-
-def _as_hw(crop: int | list[int] | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(crop, int):
-        return crop, crop
-    return int(crop[0]), int(crop[1])
 
 
 def random_image(spec: SegmenterSpec, batch: int = 1, seed: int = 0) -> torch.Tensor:

@@ -13,7 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from segcompress.commands._model_options import parse_crop, require_safetensors_out
+from segcompress.commands._conventions import add_crop_argument
+from segcompress.commands._model_options import require_safetensors_out
 from segcompress.convert import FORMATS, import_checkpoint
 from segcompress.flops import count_params
 from segcompress.models.checkpoint import save_model, spec_path
@@ -24,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="the released .pth file")
     parser.add_argument("--variant", type=Path, help="original format: variant.yml (default: beside the checkpoint)")
     parser.add_argument("--num-classes", type=int, metavar="K", help="check the number of classes")
-    parser.add_argument("--crop", type=parse_crop, metavar="S",
-                        help="crop to build the model for (default: the checkpoint's; position embeddings are resized)")
+    add_crop_argument(parser, help="crop to build the model for (default: the checkpoint's; position embeddings "
+                                   "are resized)")
     parser.add_argument("--backbone", metavar="NAME", help="timm name of the encoder architecture (checked)")
     parser.add_argument("--num-heads", type=int, help="encoder heads when not width // 64 (no --variant)")
     parser.add_argument("--decoder-heads", type=int, help="mmseg: decoder heads when not width // 64")

@@ -18,6 +18,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from segcompress.progress import add_progress_argument
+
 log = logging.getLogger("segcompress.corrupt")
 
 
@@ -48,14 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corruption", default=None, help="do exactly one folder: this corruption ...")
     parser.add_argument("--severity", type=int, default=None, help="... at this severity")
     parser.add_argument("--seed", type=int, default=0, help="global seed (default: 0)")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: every usable CPU)")
+    parser.add_argument("--processes", type=int, default=None, help="worker processes (default: every usable CPU)")
     parser.add_argument("--max-images", type=int, default=None, help="fixed seeded subset of N val images")
     parser.add_argument("--max-corruptions", type=int, default=None,
                         help="fixed seeded subset of N corruptions, spread over the categories")
     parser.add_argument("--compress-level", type=int, default=None,
                         help="PNG zlib level 0..9, lossless at every level "
                         "(default 1: fast, files ~10-20%% larger than at 6)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -70,8 +72,8 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError("--corruption and --severity go together (one folder); pass both or neither")
     if args.corruption is not None:
         corruptions, severities, category_severities = [args.corruption], [args.severity], {}
-    if args.workers is not None and args.workers < 1:
-        raise ValueError(f"--workers: {args.workers} must be >= 1")
+    if args.processes is not None and args.processes < 1:
+        raise ValueError(f"--processes: {args.processes} must be >= 1")
 
     config = CorruptConfig(
         layout=args.layout,
@@ -82,11 +84,11 @@ def main(args: argparse.Namespace) -> int:
         severities=severities,
         category_severities=category_severities,
         seed=args.seed,
-        workers=args.workers,
+        workers=args.processes,
         max_images=args.max_images,
         max_corruptions=args.max_corruptions,
         compress_level=DEFAULT_COMPRESS_LEVEL if args.compress_level is None else args.compress_level,
-        progress=not args.no_progress,
+        progress=args.progress,
     )
     report = generate(config)
     log.info(

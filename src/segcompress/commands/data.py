@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from segcompress import __version__
+from segcompress.progress import add_progress_argument, shows_bar
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="with --prepare: rewrite existing trainIds files")
     parser.add_argument("--no-decode", action="store_true",
                         help="only hash the files; skip decoding images and checking label ranges (faster)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_argument(parser)
 
 
 def _clear_synthetic(root: Path, layout: str) -> None:
@@ -53,10 +54,10 @@ def _clear_synthetic(root: Path, layout: str) -> None:
             shutil.rmtree(f)
 
 
-def build_manifest(layout: str, root: Path, decode: bool = True, progress: bool = True,
+def build_manifest(layout: str, root: Path, decode: bool = True, progress: str | bool = "auto",
                    synthetic: dict | None = None) -> dict:
     """Check the dataset (layout, and with ``decode`` every file's content) and describe it."""
-    from tqdm import tqdm
+    from segcompress.progress import track
 
     from segcompress.data.datasets import check_layout, check_sample, dataset_digest, split_folder
     from segcompress.data.layouts import get_layout
@@ -64,7 +65,7 @@ def build_manifest(layout: str, root: Path, decode: bool = True, progress: bool 
     samples = check_layout(layout, root)
     todo = [s for split in samples.values() for s in split]
     records = []
-    for sample in tqdm(todo, desc=f"check {layout}", unit="img", disable=not progress):
+    for sample in track(todo, len(todo), f"check {layout}", "img", progress):
         records.extend(check_sample(layout, root, sample, decode=decode))
     return {
         "layout": layout,
@@ -84,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
     from segcompress.io import write_json
 
     root: Path = args.root
-    progress = not args.no_progress
+    progress = args.progress
     manifest_path = root / MANIFEST
     manifest_path.unlink(missing_ok=True)  # never trust an old manifest while the data may change
     synthetic = None
@@ -99,7 +100,7 @@ def main(args: argparse.Namespace) -> int:
         _clear_synthetic(root, args.layout)
         (root / SYNTHETIC_MARKER).write_text("written by segcompress data --synthetic; safe to regenerate\n")
         synthetic = {"seed": args.seed, "num_train": args.num_train, "num_val": args.num_val}
-        generate(args.layout, root, args.num_train, args.num_val, args.seed, progress=progress)
+        generate(args.layout, root, args.num_train, args.num_val, args.seed, progress=shows_bar(progress))
         log.info("generated %d train + %d val synthetic %s images in %s",
                  args.num_train, args.num_val, args.layout, root)
     if args.prepare:

@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
                  len(dataset), args.split, f" from {condition.img_root}" if condition.img_root else "", run.crop,
                  run.stride)
         result = evaluate(run.model, dataset, run.crop, run.stride, run.num_classes, batch_size=args.batch_size,
-                          device=run.device, num_workers=args.workers, progress=not args.no_progress)
+                          device=run.device, num_workers=args.workers, progress=args.progress)
         row: dict[str, Any] = dict.fromkeys(ROW_COLUMNS)
         row.update(run.identity(args, condition))
         row.update(run.gflops(condition, args.batch_size))

@@ -23,7 +23,9 @@ import json
 import logging
 from pathlib import Path
 
+from segcompress.commands._conventions import add_device_argument, resolve_device
 from segcompress.commands.prune import add_data_arguments, training_dataset
+from segcompress.progress import add_progress_argument
 
 log = logging.getLogger("segcompress.finetune")
 
@@ -43,9 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the method's knob as JSON, or a JSON file (@FILE or *.json; a match result's 'knob')")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order, augmentation, drop-path")
     parser.add_argument("--out", required=True, type=Path, help="fine-tuned checkpoint (.safetensors)")
-    parser.add_argument("--device", default=None, choices=("cpu", "cuda"),
-                        help="default: a GPU per process when there is one, else the CPU (torchrun for several)")
+    add_device_argument(parser)  # auto: a GPU per process (torchrun) when CUDA is available
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    add_progress_argument(parser)
     parser.add_argument("--stop-at", type=int, default=None,
                         help=f"stop after this many iterations, keeping the resume point (exit status {EXIT_STOPPED})")
 
@@ -95,7 +97,8 @@ def main(args: argparse.Namespace) -> int:
     meta = {"finetuned_from": str(args.model), "teacher": str(tpath) if teacher is not None else "none",
             "method": args.method, "knob": json.dumps(knob, sort_keys=True), "kd": json.dumps(extra, sort_keys=True)}
     resume_dir = resume_dir_for(args.out)
-    info = distributed.init_distributed(args.device)  # joins torchrun's process group, if any
+    device = None if args.device == "auto" else resolve_device(args.device)
+    info = distributed.init_distributed(device)  # joins torchrun's process group, if any
     try:
         # with a method attached, fit must not write the checkpoint: the method's own modules
         # would be in it; the bare model is written below instead
@@ -103,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
             net, dataset, recipe, seed=args.seed, out=None if attached else args.out, resume_dir=resume_dir,
             teacher=teacher, kd_weight=float(extra["kd_weight"]), kd_temperature=float(extra["kd_temperature"]),
             collate_fn=collate_train, train_mode=extra["train_mode"], device=info.device, stop_at=args.stop_at,
-            metadata=meta,
+            metadata=meta, progress=args.progress,
         )
         if attached and result.completed and info.is_main:
             bare = apply_method(result.model, "dense", {})

@@ -26,6 +26,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from segcompress.commands._conventions import add_crop_argument, add_device_argument, crop_hw, resolve_device
+
 log = logging.getLogger("segcompress.policy")
 
 RECIPE_DEFAULTS: dict[str, Any] = {
@@ -39,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", required=True, type=Path, help="dataset root folder")
     parser.add_argument("--split", default="train", help="split to train on (default: train)")
     parser.add_argument("--model", type=Path, metavar="CKPT", help="segmenter whose crop and patch size to use")
-    parser.add_argument("--crop", type=int, nargs="+", metavar="S", help="training crop: S or H W (without --model)")
+    add_crop_argument(parser, help="training crop (without --model)")
     parser.add_argument("--patch-size", type=int, default=16, help="ViT patch size (without --model; default 16)")
     parser.add_argument("--img-scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
                         help="resize scale (default: Segmenter's for the layout, scaled to the crop)")
@@ -54,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-images", type=int, default=None, help="train on the first N images only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:i]")
+    add_device_argument(parser)
     parser.add_argument("--out", required=True, type=Path, help="policy weights (.safetensors)")
 
 
@@ -95,16 +97,14 @@ def main(args: argparse.Namespace) -> int:
 
         spec = SegmenterSpec.load(spec_path(args.model))
         crop, patch = spec.crop, spec.patch_size
-    elif args.crop:
-        if len(args.crop) not in (1, 2):
-            raise ValueError("--crop takes S or H W")
-        crop = (args.crop[0], args.crop[-1])
+    elif args.crop is not None:
+        crop = crop_hw(args.crop)
         patch = args.patch_size
     else:
         raise ValueError("give --model or --crop")
     img_scale = tuple(args.img_scale) if args.img_scale else default_img_scale(args.layout, crop)
     border_ignore = args.border_ignore if args.border_ignore is not None else args.layout == "ade20k"
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
 
     seed_everything(args.seed)
     policy = PolicyNet(pretrained=recipe["pretrained"])  # first: a bad weights file fails before any work

@@ -22,6 +22,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from segcompress.commands._conventions import add_crop_argument, add_device_argument, crop_hw, resolve_device
+
 log = logging.getLogger("segcompress.prune")
 
 
@@ -39,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order and augmentation")
     parser.add_argument("--out", required=True, type=Path, help="pruned checkpoint, e.g. models/<ds>/<arch>/nvit-50.safetensors")
     parser.add_argument("--report", type=Path, default=None, help="JSON report (default: <out stem>.report.json)")
-    parser.add_argument("--device", default=None, help="torch device (default: a GPU when there is one, else the CPU)")
+    add_device_argument(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
 
 
@@ -48,8 +50,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", required=True, help="dataset layout: ade20k or cityscapes")
     parser.add_argument("--root", required=True, type=Path, help="dataset root folder")
     parser.add_argument("--split", default="train", help="split to train on (default: train)")
-    parser.add_argument("--crop", type=int, nargs="+", default=None, metavar="S",
-                        help="training crop, S or H W (default and required: the model's)")
+    add_crop_argument(parser, help="training crop (default and required: the model's)")
     parser.add_argument("--img-scale", required=True, type=int, nargs=2, metavar=("LONG", "SHORT"),
                         help="resize scale before the 0.5-2.0 random ratio (ADE20K: 2048 512)")
     parser.add_argument("--max-images", type=int, default=None, help="use the first N images only (smoke tests)")
@@ -60,13 +61,9 @@ def training_dataset(args: argparse.Namespace, spec: Any) -> Any:
     from segcompress.data.datasets import build_dataset
 
     crop = spec.crop
-    if args.crop is not None:
-        if len(args.crop) not in (1, 2):
-            raise ValueError("--crop takes S or H W")
-        given = (args.crop[0], args.crop[-1])
-        if given != tuple(crop):
-            raise ValueError(f"--crop {' '.join(map(str, args.crop))} but {args.model} was built for crop "
-                             f"{crop[0]} {crop[1]} (its position embedding fixes the crop)")
+    if args.crop is not None and crop_hw(args.crop) != tuple(crop):
+        raise ValueError(f"--crop {args.crop} but {args.model} was built for crop "
+                         f"{crop[0]},{crop[1]} (its position embedding fixes the crop)")
     return build_dataset(args.layout, args.root, args.split, mode="train", crop=list(crop),
                          img_scale=tuple(args.img_scale), max_images=args.max_images)
 
@@ -112,7 +109,8 @@ def main(args: argparse.Namespace) -> int:
     log.info("%s: dense %.3f GFLOPs; overall target %.3f, pruning to %.3f (prune_share %.2f); %d training images",
              args.model, dense, overall, target, config.prune_share, len(dataset))
 
-    result = prune(model, dataset, target, config, seed=args.seed, collate_fn=collate_train, device=args.device)
+    device = resolve_device(args.device)
+    result = prune(model, dataset, target, config, seed=args.seed, collate_fn=collate_train, device=device)
     pruned = result.model.cpu().eval()
     img = torch.zeros(1, 3, *pruned.spec.crop)
     report = {

@@ -14,6 +14,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from segcompress.commands._conventions import add_device_argument
+
 log = logging.getLogger(__name__)
 
 
@@ -32,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zoom", type=float, default=0.35, help="zoom box side as a fraction of the short side")
     parser.add_argument("--title", default=None, help="figure title")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    add_device_argument(parser)
     parser.add_argument("--out", required=True, type=Path, help="panel PNG")
     parser.add_argument("--pdf", type=Path, help="also write the panel as PDF")
 
@@ -50,7 +52,8 @@ def _gflops_text(match: dict) -> str:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from segcompress.commands._evaluation import default_stride, knob_of, load_variant, read_match, resolve_device
+    from segcompress.commands._conventions import resolve_device
+    from segcompress.commands._evaluation import default_stride, knob_of, load_variant, read_match
     from segcompress.data.datasets import build_dataset
     from segcompress.evaluate import predict
     from segcompress.qualitative import Example, denormalise, render, zoom_box

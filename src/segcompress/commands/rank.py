@@ -76,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
         log.info("effective rank of %s (%s %s) on %d %s images, crop %s stride %d, %s", args.model, args.method,
                  run.knob, len(dataset), args.split, run.crop, run.stride, settings)
         result = rank_dataset(run.model, dataset, run.crop, run.stride, settings, batch_size=args.batch_size,
-                              device=run.device, progress=not args.no_progress)
+                              device=run.device, progress=args.progress)
         row: dict[str, Any] = run.identity(args, condition)
         row.update(
             erank_mean=result["erank_mean"], erank_std=result["erank_std"], erank_raw_mean=result["erank_raw_mean"],

@@ -17,6 +17,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from segcompress.commands._conventions import add_crop_argument, add_device_argument, resolve_device
+from segcompress.progress import add_progress_argument
+
 log = logging.getLogger("segcompress.train")
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped at --stop-at, rerun to continue
@@ -26,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", required=True, help="dataset layout: ade20k or cityscapes")
     parser.add_argument("--root", required=True, type=Path, help="dataset root folder")
     parser.add_argument("--split", default="train", help="split to train on (default: train)")
-    parser.add_argument("--crop", required=True, type=int, nargs="+", metavar="S", help="training crop: S or H W")
+    add_crop_argument(parser, help="training crop", required=True)
     parser.add_argument("--img-scale", required=True, type=int, nargs=2, metavar=("LONG", "SHORT"),
                         help="resize scale before the 0.5-2.0 random ratio (ADE20K: 2048 512)")
     parser.add_argument("--arch", required=True, help="backbone entry as JSON, inline or a .json file")
@@ -35,12 +38,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path,
                         help="final checkpoint, e.g. models/<ds>/<arch>/dense.safetensors")
     parser.add_argument("--max-images", type=int, default=None, help="train on the first N images only (smoke tests)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="auto: a GPU per process when CUDA is available, else the CPU")
+    add_device_argument(parser)  # auto: a GPU per process (torchrun) when CUDA is available
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads per process (default: torch's)")
     parser.add_argument("--stop-at", type=int, default=None,
                         help=f"stop after this many iterations, keeping the resume point (exit status {EXIT_STOPPED})")
+    add_progress_argument(parser)
+    parser.add_argument("--from-checkpoint", type=Path, metavar="CKPT",
+                        help="adopt this dense checkpoint instead of training (one of this project's, or one made "
+                             "by `segcompress convert`): its classes, crop and widths must match --layout, --crop "
+                             "and --arch; it is copied to --out unchanged")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -56,9 +63,7 @@ def main(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if len(args.crop) not in (1, 2):
-        raise ValueError("--crop takes S or H W")
-    crop: int | list[int] = args.crop[0] if len(args.crop) == 1 else list(args.crop)
+    crop: int | list[int] = args.crop
     require_safetensors_out(args.out)
     layout = get_layout(args.layout)
     recipe = Recipe.from_dict(parse_json_arg(args.recipe, "--recipe"), source="--recipe")
@@ -68,9 +73,13 @@ def main(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as e:
         raise ValueError(f"--arch: {e}") from None
 
+    if args.from_checkpoint is not None:
+        adopt_checkpoint(args.from_checkpoint, spec, args.out)
+        return 0
+
     from segcompress.data.datasets import build_dataset, collate_train
 
-    info = distributed.init_distributed(device=None if args.device == "auto" else args.device)
+    info = distributed.init_distributed(device=None if args.device == "auto" else resolve_device(args.device))
     try:
         dataset = build_dataset(
             args.layout, args.root, args.split, mode="train", crop=crop, img_scale=tuple(args.img_scale),
@@ -84,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
         result = fit(
             model, dataset, recipe, seed=args.seed, out=args.out, collate_fn=collate_train, stop_at=args.stop_at,
             device=info.device,
-            metadata={"layout": args.layout, "arch": json.dumps(arch, sort_keys=True)},
+            metadata={"layout": args.layout, "arch": json.dumps(arch, sort_keys=True)}, progress=args.progress,
         )
     finally:
         distributed.cleanup_distributed()
@@ -93,6 +102,44 @@ def main(args: argparse.Namespace) -> int:
             log.info("stopped at iteration %d of %d; run the same command again to continue", result.step, recipe.iters)
         return EXIT_STOPPED
     return 0
+
+
+# The widths a dense checkpoint must share with its config backbone entry to stand in for it.
+ADOPT_FIELDS = ("num_classes", "img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+
+
+def adopt_checkpoint(source: Path, expected: Any, out: Path) -> None:
+    """Copy the dense checkpoint ``source`` (weights and spec) to ``out`` after checking it is the
+    model ``expected`` (a :class:`~segcompress.models.spec.SegmenterSpec` from the config) describes.
+
+    Raises:
+        FileNotFoundError / ValueError: no such checkpoint, a spec that disagrees with its weights, a
+            pruned model, or classes, crop or widths other than ``expected``'s (one line naming both).
+    """
+    from segcompress.io import atomic_write_bytes
+    from segcompress.models.checkpoint import load_model, spec_path
+    from segcompress.provenance import file_sha256
+
+    given = load_model(source).spec  # checks the spec against the weights and their stored architecture
+    if given.blocks is not None:
+        raise ValueError(f"--from-checkpoint {source}: a pruned model (per-block widths); give a dense checkpoint")
+    want, have = expected.to_dict(), given.to_dict()
+    diffs = [f"{k} {have[k]} (config: {want[k]})" for k in ADOPT_FIELDS if _norm(have[k]) != _norm(want[k])]
+    if diffs:
+        raise ValueError(
+            f"--from-checkpoint {source}: does not fit this study: {'; '.join(diffs)}; choose the checkpoint of "
+            "this dataset and backbone, or convert it again (`segcompress convert --crop S --num-classes K`)"
+        )
+    atomic_write_bytes(spec_path(out), spec_path(source).read_bytes())  # spec first, as save_model
+    atomic_write_bytes(out, source.read_bytes())
+    log.info("%s: adopted %s (sha256 %s) instead of training: %s", out, source, file_sha256(out), _describe(given))
+
+
+def _norm(value: Any) -> Any:
+    """A spec value comparable across ``S`` / ``[S, S]`` crops and int / float ratios."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_norm(v) for v in value) if len(set(value)) > 1 else _norm(value[0])
+    return float(value) if isinstance(value, (int, float)) else value
 
 
 def _describe(spec: Any) -> str:

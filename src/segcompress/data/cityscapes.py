@@ -1,9 +1,10 @@
 """Cityscapes label conversion: ``*_gtFine_labelIds.png`` to ``*_gtFine_labelTrainIds.png``.
 
 The one conversion used for real Cityscapes (``segcompress data --prepare``) and for the
-synthetic scenes, so both go through the same code. The mapping is the official one from
-``cityscapesscripts.helpers.labels``: the 19 evaluated classes get trainIds 0..18, every other
-id (void, and ignored classes such as parking, guard rail, caravan) gets 255.
+synthetic scenes, so both go through the same code. The mapping is the official one (the label
+table of the Cityscapes scripts, ``cityscapesscripts.helpers.labels``, written out below so the
+package and its obsolete dependencies are not installed): the 19 evaluated classes get trainIds
+0..18, every other id (void, and ignored classes such as parking, guard rail, caravan) gets 255.
 """
 
 from __future__ import annotations
@@ -21,24 +22,26 @@ TRAIN_IDS_SUFFIX = "_gtFine_labelTrainIds.png"
 IMAGE_SUFFIX = "_leftImg8bit.png"
 
 
+# labelIds 0..33 of the evaluated classes, in trainId order (road = 0 ... bicycle = 18); every
+# other labelId (0-6 void, 9 parking, 10 rail track, 14 guard rail, 15 bridge, 16 tunnel,
+# 18 polegroup, 29 caravan, 30 trailer) is ignored. License plate (-1) never appears in labelIds.
+EVALUATED_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+NUM_LABEL_IDS = 34
+
+
 @lru_cache(maxsize=1)
 def label_id_lut() -> np.ndarray:
     """(256,) uint8 lookup table labelId -> trainId; ids that are not Cityscapes labels map to 255."""
-    from cityscapesscripts.helpers.labels import labels
-
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-    for label in labels:
-        if label.id >= 0:  # license plate (-1) never appears in labelIds images
-            lut[label.id] = label.trainId if 0 <= label.trainId < IGNORE_INDEX else IGNORE_INDEX
+    for train_id, label_id in enumerate(EVALUATED_LABEL_IDS):
+        lut[label_id] = train_id
     return lut
 
 
 @lru_cache(maxsize=1)
 def valid_label_ids() -> frozenset[int]:
     """The labelIds a ``*_gtFine_labelIds.png`` may contain (0..33)."""
-    from cityscapesscripts.helpers.labels import labels
-
-    return frozenset(label.id for label in labels if label.id >= 0)
+    return frozenset(range(NUM_LABEL_IDS))
 
 
 def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
@@ -105,13 +108,13 @@ def write_train_ids(label_ids_path: str | Path, overwrite: bool = True) -> Path:
     return out
 
 
-def prepare_cityscapes(root: str | Path, overwrite: bool = False, progress: bool = True) -> int:
+def prepare_cityscapes(root: str | Path, overwrite: bool = False, progress: str | bool = "auto") -> int:
     """Write every missing ``*_gtFine_labelTrainIds.png`` under ``root/gtFine``; return how many.
 
     This replaces cityscapesscripts' ``createTrainIdLabelImgs`` (which needs the polygon JSON
     files) by the same id -> trainId mapping applied to the ``*_labelIds.png`` images.
     """
-    from tqdm import tqdm
+    from segcompress.progress import track
 
     gt = Path(root) / "gtFine"
     if not gt.is_dir():
@@ -119,6 +122,6 @@ def prepare_cityscapes(root: str | Path, overwrite: bool = False, progress: bool
             f"{gt}: folder not found; expected a Cityscapes root with gtFine/{{train,val}}/<city>/*{LABEL_IDS_SUFFIX}"
         )
     sources = sorted(p for p in gt.rglob(f"*{LABEL_IDS_SUFFIX}") if overwrite or not train_ids_path(p).exists())
-    for p in tqdm(sources, desc="labelTrainIds", unit="file", disable=not progress or not sources):
+    for p in track(sources, len(sources), "labelTrainIds", "file", progress):
         write_train_ids(p, overwrite=True)
     return len(sources)
