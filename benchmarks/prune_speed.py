@@ -3,6 +3,7 @@
     python benchmarks/prune_speed.py                      # ViT-S/16, 512x512, batch 8, 75/50/30 %
     python benchmarks/prune_speed.py --backbone vit_tiny_patch16_384 --crop 256 --batch 2 --repeats 3
     python benchmarks/prune_speed.py --clock cpu          # CPU time, 1 thread: robust on a shared machine
+    python benchmarks/prune_speed.py --device cuda --batch 32 --dtype bfloat16   # a GPU (CUDA events)
 
 For each FLOPs target the dense model (random weights unless ``--model``: speed does not depend on
 the weights, but the pruned *shapes* do, through the saliency) is pruned with
@@ -27,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from segcompress.bench import add_allocator_argument, use_allocator
+from segcompress.bench import DTYPES, add_allocator_argument, autocast, resolve_device, timed_call, use_allocator
 from segcompress.flops import analytic_gmacs, count_params, decoder_macs
 from segcompress.models.checkpoint import load_model
 from segcompress.models.segmenter import Segmenter, build_segmenter
@@ -59,13 +60,17 @@ def encoder_gmacs(spec: SegmenterSpec) -> float:
     return analytic_gmacs(spec) - dec / 1e9
 
 
-def timed(fn: Callable[[], object], clock: Callable[[], float]) -> float:
-    t0 = clock()
-    fn()
-    return clock() - t0
+def timed(fn: Callable[[], object], clock: Callable[[], float], device: torch.device) -> float:
+    """Seconds of one call: CPU time for ``--clock cpu``, else :func:`segcompress.bench.timed_call`
+    (wall clock on CPU, CUDA events on a GPU)."""
+    if clock is time.process_time:
+        t0 = clock()
+        fn()
+        return clock() - t0
+    return timed_call(fn, device)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="vit_small_patch16_384", help="timm ViT name (random init)")
     parser.add_argument("--model", default=None, help="a dense checkpoint to prune instead of --backbone")
@@ -79,9 +84,15 @@ def main() -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--prune-steps", type=int, default=3, help="pruning steps (one batch each)")
     parser.add_argument("--config-json", default="{}", help="extra PruneConfig keys as inline JSON")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda[:i] or auto (CUDA if available; --clock wall)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                        help="bfloat16: the timed passes under torch.autocast (pruning stays float32)")
     add_allocator_argument(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     allocator = use_allocator(args.allocator)
+    device = resolve_device(args.device)
+    if args.clock == "cpu" and device.type == "cuda":
+        raise ValueError("--clock cpu times this process's CPU; on a GPU use --clock wall (CUDA events)")
 
     if args.clock == "cpu":
         torch.set_num_threads(1)
@@ -105,26 +116,28 @@ def main() -> None:
     models: list[tuple[str, Segmenter]] = [("dense", dense)]
     for f in args.targets:
         t0 = time.perf_counter()
-        pruned = prune(copy.deepcopy(dense), data, f * dense_g, config, seed=0).model.eval()
+        pruned = prune(copy.deepcopy(dense), data, f * dense_g, config, seed=0, device=device).model.eval()
         s = pruned.spec
         print(f"pruned to {f:.0%} in {time.perf_counter() - t0:.1f} s: E={s.embed_dim}, blocks (heads h qk/v m mlp) "
               + " ".join(f"{b.num_heads}h{b.qk_dim}/{b.v_dim}m{b.mlp_hidden}" for b in s.blocks), flush=True)
         models.append((f"{f:.0%}", pruned))
 
-    x = torch.randn(args.batch, 3, *spec.crop, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(args.batch, 3, *spec.crop, generator=torch.Generator().manual_seed(1)).to(device)
+    for _, m in models:
+        m.to(device)
     full: dict[str, list[float]] = {n: [] for n, _ in models}
     enc: dict[str, list[float]] = {n: [] for n, _ in models}
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, args.dtype):
         for _ in range(args.warmup):
             for _, m in models:
                 m(x)
         for _ in range(args.repeats):
             for n, m in models:
-                full[n].append(timed(lambda: m(x), clock))
-                enc[n].append(timed(lambda: m.forward_features(x), clock))
+                full[n].append(timed(lambda: m(x), clock, device))
+                enc[n].append(timed(lambda: m.forward_features(x), clock, device))
 
     print(f"\n{name} {spec.crop[0]}x{spec.crop[1]}, batch {args.batch}, {torch.get_num_threads()} thread(s), "
-          f"{args.clock} clock, median of {args.repeats}, allocator {allocator}")
+          f"{args.clock} clock, median of {args.repeats}, allocator {allocator}, {args.dtype} on {device}")
     print(f"{'model':>6} {'GFLOPs':>7} {'params M':>8} {'img/s':>7} {'speed-up':>8} {'FLOPs red':>9} {'ratio':>5} | "
           f"{'enc GFLOPs':>10} {'enc speed-up':>12} {'enc FLOPs red':>13} {'ratio':>5}")
     base, base_enc, dense_enc = statistics.median(full["dense"]), statistics.median(enc["dense"]), encoder_gmacs(spec)

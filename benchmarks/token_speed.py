@@ -7,9 +7,12 @@ machine hit both alike. Prints one row per point: achieved GFLOPs, FLOPs reducti
 (dense/achieved), images/s (median wall time), speed-up over dense (median over the pairs of
 dense time / method time, wall clock; ``cpu×``: the same with this process's CPU time, less
 sensitive to other processes on a shared machine) and efficiency = speed-up / FLOPs reduction.
+On a GPU (``--device cuda``) the times are CUDA events (:func:`segcompress.bench.timed_call`;
+``cpu×`` then means little); ``--dtype bfloat16`` runs every pass under autocast.
 
     .venv/bin/python benchmarks/token_speed.py                     # ViT-S, 512 crop, batch 8
     .venv/bin/python benchmarks/token_speed.py --backbone vit_tiny_patch16_384 --crop 256 --batch 2
+    .venv/bin/python benchmarks/token_speed.py --device cuda --batch 32 --dtype bfloat16  # a GPU
 
 The model is randomly initialised unless ``--model`` is given (speed does not depend on the
 weights, except ALGM's token counts, which follow the images and the model's features). The
@@ -44,14 +47,17 @@ def scene_images(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
 
 
 def timed(model: torch.nn.Module, img: torch.Tensor) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) of one forward pass."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    model(img)
-    return time.perf_counter() - wall, time.process_time() - cpu
+    """(seconds, CPU seconds of this process) of one forward pass; seconds: wall clock on CPU, CUDA
+    events on a GPU (:func:`segcompress.bench.timed_call`)."""
+    from segcompress.bench import timed_call
+
+    cpu = time.process_time()
+    seconds = timed_call(lambda: model(img), img.device)
+    return seconds, time.process_time() - cpu
 
 
 def main(argv: list[str] | None = None) -> int:
-    from segcompress.bench import add_allocator_argument, use_allocator
+    from segcompress.bench import DTYPES, add_allocator_argument, autocast, resolve_device, use_allocator
     from segcompress.flops import analytic_gmacs
     from segcompress.methods import apply_method
     from segcompress.models import build_segmenter
@@ -71,9 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--knob", default="{}", help="extra method settings as JSON, applied to every method")
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:i] or auto (CUDA if available)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="bfloat16: the forward passes under torch.autocast (weights stay float32)")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     add_allocator_argument(p)
     args = p.parse_args(argv)
+    device = resolve_device(args.device)
     allocator = use_allocator(args.allocator)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,18 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         torch.manual_seed(0)
         model = build_segmenter(spec_from_timm(args.backbone, args.num_classes, args.crop)).eval()
+    model.to(device)
     spec = model.spec
     h, w = spec.crop
-    img = scene_images(args.batch, h, w)
+    img = scene_images(args.batch, h, w).to(device)
     dense_g = analytic_gmacs(spec)
     print(f"# {spec.backbone or 'custom'} crop {h}x{w} batch {args.batch} threads {torch.get_num_threads()} "
-          f"dense {dense_g:.2f} GFLOPs, allocator {allocator}", flush=True)
+          f"dense {dense_g:.2f} GFLOPs, allocator {allocator}, {args.dtype} on {device}", flush=True)
 
     rows: list[dict[str, Any]] = []
     header = (f"{'method':6} {'target':>6} {'GFLOPs':>8} {'reduct':>6} {'img/s':>7} {'dense':>7} {'speedup':>7} "
               f"{'effic':>6} {'cpu x':>6} {'effic':>6} knob")
     print(header, flush=True)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, args.dtype):
         for name in args.methods:
             for frac in args.fractions:
                 target = frac * dense_g
@@ -128,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                 row = {
                     "method": name, "target_fraction": frac, "achieved_gflops": m.achieved_gflops,
                     "gflops_std": m.gflops_std, "within_tolerance": m.within_tolerance,
-                    "flops_reduction": reduction, "images_per_s": args.batch / tm, "dense_images_per_s": args.batch / td,
+                    "flops_reduction": reduction, "images_per_s": args.batch / tm,
+                    "dense_images_per_s": args.batch / td, "batch": args.batch, "device": str(device),
+                    "dtype": args.dtype,
                     "speedup": speedup, "efficiency": speedup / reduction, "cpu_speedup": cpu_speedup,
                     "cpu_efficiency": cpu_speedup / reduction, "knob": m.knob,
                     "dense_times": dense_t, "method_times": method_t,

@@ -91,3 +91,55 @@ def test_keep_freed_memory_applies_on_glibc():
     """The bench process's allocator setting takes (run apart: it lasts for the whole process)."""
     code = "from segcompress.bench import keep_freed_memory; import sys; sys.exit(0 if keep_freed_memory() else 1)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_timed_call_times_one_call_on_cpu():
+    from segcompress.bench import timed_call
+
+    calls = []
+    seconds = timed_call(lambda: calls.append(sum(range(10000))), torch.device("cpu"))
+    assert calls == [sum(range(10000))] and 0 < seconds < 60
+
+
+def test_autocast_option():
+    from segcompress.bench import autocast
+
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with autocast(torch.device("cpu"), "float32"):
+        assert (a @ b).dtype == torch.float32
+    with autocast(torch.device("cpu"), "bfloat16"):
+        assert (a @ b).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16"):
+        autocast(torch.device("cpu"), "float16")
+
+
+def test_bench_rule_takes_every_core_and_times_with_the_configured_threads():
+    """Dry run: a bench job holds all of --cores (no job runs beside it); torch gets analysis.throughput.threads."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    snakemake = str(Path(sys.executable).parent / "snakemake")
+    run = subprocess.run([snakemake, "-n", "-p", "--cores", "3", "--forceall", "--until", "bench"], cwd=root,
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    blocks = [b for b in re.split(r"\n(?=rule \w+:)", run.stdout) if b.startswith("rule bench:")]
+    assert blocks
+    threads = yaml.safe_load((root / "config.yaml").read_text())["analysis"]["throughput"]["threads"]
+    for block in blocks:
+        assert re.search(r"^\s+threads: 3$", block, flags=re.M), block[:500]
+        assert f"--threads {threads} >" in block
+
+
+def test_report_joins_the_spread_of_a_bench_row():
+    from segcompress.report.rows import join_throughput, variant_key
+
+    row = {"dataset": "ade20k", "backbone": "tiny", "method": "tome", "target_fraction": 0.5, "seed": 0}
+    bench = {variant_key(row): {"images_per_s": 10.0, "images_per_s_min": 9.0, "images_per_s_max": 12.0, "batch": 8,
+                                "device": "cpu", "threads": 1}}
+    rows = [dict(row), {**row, "seed": 1}]
+    assert join_throughput(rows, bench) == 0
+    assert (rows[0]["images_per_s_min"], rows[0]["images_per_s"], rows[0]["images_per_s_max"]) == (9.0, 10.0, 12.0)
+    assert "images_per_s_min" not in rows[1]

@@ -259,3 +259,48 @@ def test_policy_verb_records_the_init(tmp_path, timm_weights, capsys):
     err = capsys.readouterr().err.strip()
     assert "missing.pth: CTS policy pretrained weights not found" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_folded_policy_gives_the_plain_logits_and_choice():
+    """fold_policy (batch norms folded, 1x1 convs as matmuls, channels-last) computes what the plain net does."""
+    from segcompress.tokens.cts import fold_policy
+
+    torch.manual_seed(4)
+    plain = PolicyNet().eval()
+    for m in plain.modules():  # trained-like statistics, so that folding has something to fold
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    state = {k: v.clone() for k, v in plain.state_dict().items()}
+    rng = torch.get_rng_state()
+    folded = fold_policy(plain)
+    assert torch.equal(torch.get_rng_state(), rng)  # no fresh layer drew from the global RNG
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert not any(p.requires_grad for p in folded.parameters())
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in state.items())  # the plain net is untouched
+    img = torch.randn(3, 3, 128, 160)
+    with torch.inference_mode():
+        ref, out = plain(img), folded(img)
+        scale = ref.abs().max()
+        assert out.shape == ref.shape and scale > 1
+        assert torch.allclose(out, ref, atol=1e-5 * scale, rtol=1e-5)
+        grid = (img.shape[-2] // 16, img.shape[-1] // 16)
+        s_ref, s_out = uniform_scores(plain, img, grid), uniform_scores(folded, img, grid)
+    assert torch.equal(top_superpatches(s_out, 20), top_superpatches(s_ref, 20))
+
+
+def test_load_policy_returns_the_folded_net(tmp_path):
+    torch.manual_seed(5)
+    policy = PolicyNet().eval()
+    path = tmp_path / "policy.safetensors"
+    save_policy(policy, path)
+    loaded = load_policy(path)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in loaded.folded.modules())
+    img = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded(img), policy(img), atol=1e-5)
+    # FLOPs are counted on the plain net (batch norms included), as policy_gmacs counts them
+    assert count_gmacs(loaded, img) == pytest.approx(count_gmacs(policy, img), rel=1e-12)
+    assert count_gmacs(loaded, img) > count_gmacs(loaded.folded, img)

@@ -1,19 +1,21 @@
 """Throughput (images/s) of a model at a fixed batch, as docs/methods.md §7.3 recommends.
 
 Fixed batch and dtype (fp32), untimed warm-up batches, then ``repeats`` timed batches under
-``torch.inference_mode``; on CUDA each batch is timed with CUDA events after a synchronise. The
-median is the headline number, min and max show the spread (timings on a shared machine are
-noisy). The device name, the software versions and the code's provenance are recorded with the
-numbers, in the columns evaluation rows use (:func:`segcompress.evaluate.environment`).
+``torch.inference_mode``; on CUDA each batch is timed with CUDA events after a synchronise
+(:func:`timed_call`, the one timing of every speed benchmark). The median is the headline
+number, min and max show the spread (timings on a shared machine are noisy). The device name,
+the software versions and the code's provenance are recorded with the numbers, in the columns
+evaluation rows use (:func:`segcompress.evaluate.environment`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -98,6 +100,40 @@ def software_versions(device: torch.device) -> dict[str, Any]:
     return out
 
 
+#: ``--dtype`` choices of the timing entry points: the autocast dtype of the forward pass.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def autocast(device: torch.device, dtype: str = "float32") -> contextlib.AbstractContextManager:
+    """The context a timed forward pass runs in: nothing for ``float32``, ``torch.autocast`` to
+    ``dtype`` (``bfloat16``) on ``device`` otherwise (weights stay float32, as in mixed precision)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[dtype])
+
+
+def timed_call(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes on ``device``: the one timing of every speed measurement.
+
+    CPU: wall clock around the call. CUDA: the device is synchronised first (earlier work does not
+    count), then the call is bracketed by two CUDA events and the time between them is read after
+    synchronising again (kernels run asynchronously: a host clock would time the launches only).
+    """
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / 1000.0
+
+
 def _hw(crop: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     if isinstance(crop, int):
         return crop, crop
@@ -145,26 +181,12 @@ def measure_throughput(
     x = inputs.to(dev, torch.float32)
     was_training = model.training
     model.to(dev).eval()
-    cuda = dev.type == "cuda"
     times: list[float] = []
     try:
         with torch.inference_mode():
             for _ in range(warmup):
                 model(x)
-            if cuda:
-                torch.cuda.synchronize(dev)
-            for _ in range(repeats):
-                if cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    model(x)
-                    end.record()
-                    torch.cuda.synchronize(dev)
-                    times.append(start.elapsed_time(end) / 1000.0)
-                else:
-                    t0 = time.perf_counter()
-                    model(x)
-                    times.append(time.perf_counter() - t0)
+            times = [timed_call(lambda: model(x), dev) for _ in range(repeats)]
     finally:
         model.train(was_training)
     med, fastest, slowest = statistics.median(times), min(times), max(times)

@@ -107,7 +107,8 @@ def slide_inference(
             logits[y:y + ch, x:x + cw] += o.movedim(0, -1).float()
             count[y:y + ch, x:x + cw] += 1
     assert logits is not None
-    return (logits[:h, :w] / count[:h, :w]).movedim(-1, 0)
+    # in place: a fresh (h, w, K) quotient would cost an allocation and a pass as large as a window's logits
+    return logits[:h, :w].div_(count[:h, :w]).movedim(-1, 0)
 
 
 @torch.inference_mode()
@@ -233,7 +234,7 @@ def evaluate(
         batch_size: int = 8,
         device: str | torch.device = "cpu",
         num_workers: int = 0,
-        progress: bool = True,
+        progress: str | bool = "auto",
 ) -> dict[str, Any]:
     """mIoU of ``model`` over a test-mode dataset (items ``{"image", "label", "name"}``).
 
@@ -241,14 +242,14 @@ def evaluate(
         :meth:`SegMetric.compute`'s dict plus ``num_images``, ``seconds`` (wall time) and
         ``per_image`` (:attr:`SegMetric.per_image`, in dataset order).
     """
-    from tqdm import tqdm
+    from segcompress.progress import track
 
     model.eval()
     metric = SegMetric(num_classes)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers)
     start = time.perf_counter()
     n = 0
-    for item in tqdm(loader, total=len(dataset), desc="evaluate", unit="img", disable=not progress):
+    for item in track(loader, len(dataset), "evaluate", "img", progress):
         label = item["label"].to(device)
         pred = predict(model, item["image"].to(device), label.shape, crop, stride, batch_size)
         metric.update(pred, label, item["name"])

@@ -262,7 +262,8 @@ def load_side_rows(paths: Iterable[str | Path], what: str, with_condition: bool)
 
 
 def join_throughput(rows: list[dict[str, Any]], bench: Mapping[tuple, Mapping[str, Any]]) -> int:
-    """Set ``images_per_s`` (and batch, device, threads) on every row of a benched variant.
+    """Set ``images_per_s``, its spread over the timed repeats (``images_per_s_min``/``_max``) and
+    batch, device, threads on every row of a benched variant.
 
     Returns the number of bench rows that matched no result row (they are left out, with a warning).
     """
@@ -272,7 +273,8 @@ def join_throughput(rows: list[dict[str, Any]], bench: Mapping[tuple, Mapping[st
         if b is None:
             continue
         used.add(variant_key(r))
-        r.update(images_per_s=b.get("images_per_s"), bench_batch=b.get("batch"), bench_device=b.get("device"),
+        r.update(images_per_s=b.get("images_per_s"), images_per_s_min=b.get("images_per_s_min"),
+                 images_per_s_max=b.get("images_per_s_max"), bench_batch=b.get("batch"), bench_device=b.get("device"),
                  bench_threads=b.get("threads"))
     unused = len(set(bench) - used)
     if unused:

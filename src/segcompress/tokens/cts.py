@@ -11,7 +11,9 @@ The policy net is trained separately, before the segmenter, on targets derived f
 (:func:`policy_targets`, :func:`train_policy`). The reference starts it from ImageNet-pretrained
 ``efficientnet_lite0`` weights; here its initial weights are a setting (``pretrained``: random,
 timm's ImageNet weights, or a local file, :class:`PolicyNet`), recorded in the policy file's
-metadata as ``policy_init`` (:func:`policy_init_of`).
+metadata as ``policy_init`` (:func:`policy_init_of`). At inference it runs with its batch norms
+folded into its convolutions (:func:`fold_policy`, :class:`InferencePolicy`): the same logits,
+faster; its FLOPs are counted on the plain net.
 
 Ranking. The reference softmaxes the two logits and takes the top K of P(uniform). In float32
 P(uniform) saturates at 1.0 once the logit difference exceeds about 17, so confident superpatches
@@ -123,9 +125,75 @@ class PolicyNet(nn.Module):
         """Logits (B, 2, ⌈H/32⌉, ⌈W/32⌉) for normalised images (B, 3, H, W); class 1 = uniform."""
         return self.head(self.backbone(img)[-1])
 
-    def fast(self) -> "PolicyNet":
-        """Channels-last weights: about 2x faster depthwise convolutions on CPU (same results)."""
-        return self.to(memory_format=torch.channels_last)
+
+#: Convolution → batch norm pairs of timm's EfficientNet modules, by class name: in each module's
+#: forward the batch norm directly follows its convolution, so it can be folded into it.
+_CONV_BN_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
+    "EfficientNetFeatures": (("conv_stem", "bn1"),),
+    "DepthwiseSeparableConv": (("conv_dw", "bn1"), ("conv_pw", "bn2")),
+    "InvertedResidual": (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")),
+}
+
+
+def _fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A copy of ``conv`` with the eval-mode batch norm ``bn`` (running statistics) folded in."""
+    import copy
+
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    folded = copy.deepcopy(conv)  # not a new Conv2d: its random init would draw from the global RNG
+    folded.weight = nn.Parameter(conv.weight * scale.reshape(-1, 1, 1, 1), requires_grad=False)
+    folded.bias = nn.Parameter(bn.bias + (bias - bn.running_mean) * scale, requires_grad=False)
+    return folded
+
+
+def fold_policy(policy: nn.Module) -> nn.Module:
+    """An inference copy of a CTS policy net that computes the same logits faster on CPU.
+
+    Every batch norm is folded into the convolution before it (its activation is kept), which
+    saves a pass over every feature map, and the weights are channels-last (faster depthwise
+    convolutions on CPU). Measured on ViT-S/16's 512² crops, batch 8, one thread: 1.05 s of CPU
+    per batch against 1.43 s channels-last alone and 1.61 s plain. The copy is frozen, in eval
+    mode, and for inference only (no batch norm left to train); ``policy`` is left unchanged.
+    Logits agree with the plain net's to float32 rounding (about 1e-5 relative).
+    """
+    import copy
+
+    net = copy.deepcopy(policy).eval().requires_grad_(False)
+    with torch.no_grad():
+        for module in list(net.modules()):
+            for conv_name, bn_name in _CONV_BN_PAIRS.get(type(module).__name__, ()):
+                conv, bn = getattr(module, conv_name), getattr(module, bn_name)
+                if not isinstance(bn, nn.BatchNorm2d):
+                    raise TypeError(f"{type(module).__name__}.{bn_name}: expected a BatchNorm2d to fold, got "
+                                    f"{type(bn).__name__} (unsupported timm version)")
+                setattr(module, conv_name, _fold_conv_bn(conv, bn))
+                # timm's BatchNormAct2d: norm, then drop (identity in eval) and act; only act remains
+                setattr(module, bn_name, getattr(bn, "act", nn.Identity()))
+    left = [n for n, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if left:
+        raise TypeError(f"CTS policy: batch norm {left[0]!r} was not folded (unsupported timm version)")
+    return net.to(memory_format=torch.channels_last)
+
+
+class InferencePolicy(nn.Module):
+    """A frozen policy net as CTS runs it: :func:`fold_policy`'s faster copy computes the logits,
+    while FLOPs counting (fvcore traces the model) sees the plain net, batch norms included.
+
+    The counted cost is thus that of the reference architecture, as :func:`policy_gmacs` counts it
+    for matching, whichever implementation runs; folding changes the time, not the FLOPs budget.
+    """
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        self.plain = policy.eval().requires_grad_(False)
+        self.folded = fold_policy(self.plain)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 2, ⌈H/32⌉, ⌈W/32⌉), as :meth:`PolicyNet.forward`."""
+        if torch.jit.is_tracing():
+            return self.plain(img)
+        return self.folded(img)
 
 
 def save_policy(policy: PolicyNet, path: str | Path, metadata: dict[str, str] | None = None) -> None:
@@ -140,8 +208,12 @@ def save_policy(policy: PolicyNet, path: str | Path, metadata: dict[str, str] | 
     write_safetensors(path, state, {k: str(v) for k, v in meta.items()})
 
 
-def load_policy(path: str | Path | None, map_location: str | torch.device = "cpu") -> PolicyNet:
-    """A frozen policy net in eval mode from ``path`` (safetensors); ``None``: untrained (warns)."""
+def load_policy(path: str | Path | None, map_location: str | torch.device = "cpu") -> nn.Module:
+    """A frozen policy net for inference from ``path`` (safetensors); ``None``: untrained (warns).
+
+    It runs with its batch norms folded into its convolutions (:class:`InferencePolicy`): the
+    trained net's logits, faster; it cannot be trained or saved as a policy file.
+    """
     policy = PolicyNet()
     if path is None:
         global _warned_untrained
@@ -159,7 +231,7 @@ def load_policy(path: str | Path | None, map_location: str | torch.device = "cpu
         if missing or unexpected:
             raise ValueError(f"{path}: not a CTS policy net (missing {missing[:3]}, unexpected {unexpected[:3]})")
     policy.requires_grad_(False)
-    return policy.eval().to(map_location).fast()
+    return InferencePolicy(policy.to(map_location))
 
 
 def policy_init_of(path: str | Path) -> str | None:
