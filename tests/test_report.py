@@ -584,3 +584,13 @@ def test_target_verdict_uses_the_match_and_the_calibration_cost() -> None:
     # no target_gflops: the dense row's cost is the reference
     assert nvit["target_reached"] is False and nvit["achieved_fraction"] == pytest.approx(0.3)
     assert nvit["tolerance"] == 0.01 and "target_reached" not in dense
+
+
+def test_paired_comparison_needs_interval_and_p_to_agree() -> None:
+    """25 of 1,000 paired differences at or below 0: the 95 % percentile interval just excludes 0,
+    but the two-sided p is 2·26/1001 > 0.05; at the edge the difference is not called significant."""
+    d = np.r_[np.full(25, -0.1), np.full(975, 1.0)]
+    edge = stats.paired(d, np.zeros_like(d), 1.0)
+    assert edge.low > 0 and edge.p > 0.05 and not edge.significant
+    clear = stats.paired(np.r_[np.full(20, -0.1), np.full(980, 1.0)], np.zeros(1000), 1.0)
+    assert clear.low > 0 and clear.p < 0.05 and clear.significant

@@ -139,10 +139,14 @@ class Comparison:
     p: float
     replicates: int
 
+    level: float = LEVEL
+
     @property
     def significant(self) -> bool:
-        """The interval of the difference excludes 0."""
-        return bool(self.low > 0 or self.high < 0)
+        """The interval of the difference excludes 0 and the two-sided p is below 1 − level: the
+        percentile interval and the (+1-corrected, so slightly conservative) p can disagree at the
+        edge, and then the difference is not called significant."""
+        return bool((self.low > 0 or self.high < 0) and self.p < 1.0 - self.level)
 
 
 def paired(a: np.ndarray, b: np.ndarray, diff: float, level: float = LEVEL) -> Comparison:
@@ -155,4 +159,4 @@ def paired(a: np.ndarray, b: np.ndarray, diff: float, level: float = LEVEL) -> C
     low, high = interval(d, level)
     n = d.size
     p = min(1.0, 2.0 * min(np.sum(d <= 0) + 1, np.sum(d >= 0) + 1) / (n + 1)) if n else math.nan
-    return Comparison(float(diff), low, high, float(p), int(n))
+    return Comparison(float(diff), low, high, float(p), int(n), level)
