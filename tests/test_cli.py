@@ -58,3 +58,15 @@ def test_report_never_overwrites_the_pipelines_table_unless_told(tmp_path):
     result = run("report", str(tmp_path))
     assert result.returncode == 2 and "--csv" in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_tampered_spec_is_one_line_naming_the_key(tmp_path):
+    """A spec edited after saving so that every shape still fits (norm_eps) would silently change
+    the model: the verb stops with one line naming the spec and the changed key."""
+    path = tmp_path / "dense.safetensors"
+    save_model(build_segmenter(SegmenterSpec(num_classes=5, img_size=32, patch_size=8, embed_dim=32, depth=1,
+                                             num_heads=2)), path)
+    spec = path.with_suffix(".json")
+    spec.write_text(spec.read_text().replace('"norm_eps": 1e-06', '"norm_eps": 0.001'))
+    line = one_line_error(run("flops", "--model", str(path)), "flops")
+    assert str(spec) in line and "norm_eps" in line
