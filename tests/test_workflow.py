@@ -266,7 +266,8 @@ def test_slow_end_to_end_incremental_reruns(workdir: Path) -> None:
     counts = job_counts(planned.stdout)
     # evaluation (one job: the variant on both conditions; and the analyses that slide the same
     # windows: rank, qualitative), then the report
-    assert counts["evaluate"] == 1 and set(counts) <= {"evaluate", "rank", "qualitative", "report", "all"}, counts
+    assert counts["evaluate"] == 1 and set(counts) <= {"evaluate", "rank", "qualitative", "report_inputs", "report",
+                                                     "all"}, counts
     third = snakemake(*run, cwd=workdir)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert model.stat().st_mtime_ns == trained
