@@ -19,7 +19,6 @@ two compared points must be the same too (otherwise the comparison is left untes
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import warnings
@@ -31,6 +30,7 @@ import pandas as pd
 
 from segcompress.report import stats
 from segcompress.report.aggregate import is_reference, method_label, method_rank, select_corrupted
+from segcompress.report.rows import per_image_of
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Bootstrap:
         """The ``per_image`` list of row ``index`` of :attr:`df` (None when absent)."""
         if index not in self._parsed:
             v = self.df.at[index, "per_image"] if "per_image" in self.df.columns else None
-            self._parsed[index] = json.loads(v) if isinstance(v, str) and v.strip() else None
+            self._parsed[index] = per_image_of({"per_image": v}) if isinstance(v, str) else None  # NaN: none
         return self._parsed[index]
 
     def num_classes(self, dataset: str) -> int:

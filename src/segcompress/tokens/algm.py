@@ -29,7 +29,7 @@ import torch
 from segcompress.tokens.state import TokenState, cumulative_index, merge_slots
 from segcompress.tokens.tome import bipartite_scores, merge_top_r
 
-#: reference local thresholds τ by (dataset, backbone width) (TRAINING.md / README of algm-segmenter).
+#: reference local thresholds τ by (dataset, backbone width) (the algm-segmenter repository's TRAINING.md and README).
 REFERENCE_THRESHOLDS: dict[tuple[str, int], float] = {
     ("ade20k", 192): 0.90,
     ("ade20k", 384): 0.88,
