@@ -33,6 +33,18 @@ def test_version():
     assert result.returncode == 0 and result.stdout.strip() == f"segcompress {__version__}"
 
 
+def test_verbose_before_or_after_the_verb(tmp_path):
+    """`segcompress -v VERB` is `segcompress VERB -v` (a traceback instead of the one line);
+    an unknown global option is an error, not dropped."""
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    for args in (("-v", "flops", "--model", str(bad)), ("flops", "--model", str(bad), "-v")):
+        result = run(*args)
+        assert result.returncode != 0 and "Traceback" in result.stderr, result.stderr
+    result = run("-x", "flops", "--model", str(bad))
+    assert result.returncode == 2 and "unrecognized arguments: -x" in result.stderr
+
+
 @pytest.mark.parametrize("cut", [0, 40, -64])
 def test_truncated_or_garbage_weights_are_one_line_naming_the_file(tmp_path, cut):
     path = tmp_path / "dense.safetensors"

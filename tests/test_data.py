@@ -83,13 +83,19 @@ def test_scenes_have_void_small_and_thin_things(ade: Path, city: Path) -> None:
 
 
 def test_every_class_has_its_own_colour() -> None:
-    from segcompress.data.synthetic import ADE_CLASSES, CS_CLASSES, appearance_table
+    from segcompress.data.synthetic import _WRITERS, appearance_table
 
-    for classes, layout in ((ADE_CLASSES, "ade20k"), (CS_CLASSES, "cityscapes")):
-        colors = np.array([app.color for app in appearance_table(classes, layout).values()])
-        gaps = np.linalg.norm(colors[:, None] - colors[None], axis=-1) + np.eye(len(colors)) * 1e9
-        assert gaps.min() >= 50  # a grid step: further than any texture or per-image jitter moves a class
-        assert appearance_table(classes, layout) == appearance_table(classes, layout)
+    def min_gap(colors: np.ndarray) -> float:
+        return float((np.linalg.norm(colors[:, None] - colors[None], axis=-1) + np.eye(len(colors)) * 1e9).min())
+
+    for layout, (_, classes, ignored) in _WRITERS.items():
+        table = appearance_table(classes, layout, ignored)
+        assert sorted(table) == sorted(classes)
+        evaluated = np.array([app.color for cid, app in table.items() if cid not in ignored])
+        # evaluated classes: further apart than any texture or per-image jitter moves a class
+        assert min_gap(evaluated) >= 86
+        assert min_gap(np.array([app.color for app in table.values()])) >= 50  # every id still its own
+        assert table == appearance_table(classes, layout, ignored)
 
 
 def test_thin_structures_are_narrower_than_a_patch(city: Path) -> None:
@@ -288,3 +294,14 @@ def test_synthetic_refuses_to_overwrite_real_data(city: Path, tmp_path: Path) ->
     with pytest.raises(ValueError, match="did not generate"):
         cli_main(["data", "-v", "--layout", "cityscapes", "--root", str(root), "--synthetic", "--no-progress"])
     assert (root / "leftImg8bit").is_dir()
+
+
+def test_photometric_distortion_can_be_left_out() -> None:
+    from segcompress.data.datasets import build_pipeline
+
+    def names(**kw) -> list[str]:
+        return [type(t).__name__ for t in build_pipeline("train", 32, (64, 32), **kw)]
+
+    assert "PhotoMetricDistortion" in names()  # Segmenter's recipe by default
+    without = names(photometric=False)
+    assert "PhotoMetricDistortion" not in without and without == [n for n in names() if n != "PhotoMetricDistortion"]

@@ -1,6 +1,8 @@
 """Segmenter model, spec and checkpoint files."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -71,6 +73,37 @@ def test_encoder_matches_timm_vit_with_the_same_weights():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), vit.forward_features(x)[:, 1:], atol=1e-5, rtol=1e-4)
+
+
+def test_decoder_block_matches_timm_block_with_the_same_weights():
+    """The decoder's blocks are timm's Block (same names, same computation)."""
+    from timm.models.vision_transformer import Block as TimmBlock
+
+    torch.manual_seed(0)
+    model = build_segmenter(tiny_spec()).eval()
+    ours = model.decoder.blocks[0]
+    ref = TimmBlock(32, 1, 4.0, qkv_bias=True, norm_layer=torch.nn.LayerNorm).eval()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-4)
+
+
+def test_a_dense_job_does_not_import_timm(tmp_path):
+    """timm (with torchvision and torch._dynamo, seconds per process) is imported only where needed:
+    building, saving, loading and running a model from a spec does not."""
+    code = (
+        "import sys, torch\n"
+        "from segcompress.models.checkpoint import load_model, save_model\n"
+        "from segcompress.models.segmenter import build_segmenter\n"
+        "from segcompress.models.spec import spec_from_arch\n"
+        "spec, _ = spec_from_arch({'patch_size': 8, 'embed_dim': 32, 'depth': 2, 'num_heads': 2}, 5, 32)\n"
+        f"save_model(build_segmenter(spec), {str(tmp_path / 'm.safetensors')!r})\n"
+        f"load_model({str(tmp_path / 'm.safetensors')!r})(torch.randn(1, 3, 32, 32))\n"
+        "print(sorted(m for m in ('timm', 'torchvision', 'torch._dynamo') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_checkpoint_roundtrip(tmp_path):

@@ -167,7 +167,7 @@ def test_strided_loss_trains_and_needs_grid_logits():
                     checkpoint_every=0, log_every=0, num_workers=0)
     teacher = tiny_model(1)
     res = fit(tiny_model(0), ToyScenes(), recipe, seed=0, device="cpu")
-    assert sum(res.losses[-5:]) < 0.6 * sum(res.losses[:5])
+    assert sum(res.losses[-5:]) / 5 < 0.5 * res.losses[0]  # learns: well below the initial loss
     kd = fit(tiny_model(0), ToyScenes(), Recipe(**{**recipe.to_dict(), "iters": 2}), seed=0, device="cpu",
              teacher=teacher, on_step=lambda info: info.kd <= 0)
     assert kd.step == 2  # the distillation term is taken on the same pixels

@@ -181,6 +181,20 @@ def test_dry_run_lists_the_study_grid() -> None:
     assert counts["report"] == counts["all"] == 1
 
 
+def test_every_training_stage_follows_the_datasets_photometric_switch() -> None:
+    """datasets.<d>.photometric reaches train, the CTS policy, prune and fine-tune alike."""
+    result = snakemake("-n", "--forceall", "-p")
+    assert result.returncode == 0, result.stderr
+    commands = [line for line in result.stdout.splitlines() if "segcompress " in line]
+    for verb in ("train", "policy", "prune", "finetune"):
+        verb_lines = [c for c in commands if f"segcompress {verb} " in c]
+        assert verb_lines, verb
+        for line in verb_lines:
+            ds = re.search(r"--root data/(\w+)", line).group(1)
+            off = not default_config()["datasets"][ds]["photometric"]
+            assert ("--no-photometric" in line) == off, line
+
+
 def test_every_phase_target_and_contract_path_resolves() -> None:
     phases = ["phase_data", "phase_corrupt", "phase_train", "phase_prune", "phase_match",
               "phase_finetune", "phase_evaluate", "phase_analyse", "phase_report"]

@@ -52,13 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     # Parse the verb first, then let the verb's module add its own arguments.
-    known, _ = parser.parse_known_args(argv[:1] if argv and argv[0] in VERBS else argv)
+    # Global options (-v, --version, --help) may come before the verb: `segcompress -v train ...`.
+    at = next((i for i, a in enumerate(argv) if a in VERBS), len(argv))
+    known = parser.parse_args(argv[:at + 1])
     verb = known.verb
+    verb_argv = argv[at + 1:] + (["--verbose"] if known.verbose else [])
     module = importlib.import_module(f"segcompress.commands.{verb.replace('-', '_')}")
     verb_parser = argparse.ArgumentParser(prog=f"segcompress {verb}", description=VERBS[verb])
     verb_parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     module.add_arguments(verb_parser)
-    args = verb_parser.parse_args(argv[1:])
+    args = verb_parser.parse_args(verb_argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

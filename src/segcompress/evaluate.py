@@ -261,8 +261,9 @@ def evaluate(
 
 def environment(device: str | torch.device) -> dict[str, Any]:
     """Hardware and software columns of a results row, and the code that produced it
-    (:func:`segcompress.provenance.code_provenance`)."""
-    import timm
+    (:func:`segcompress.provenance.code_provenance`). timm's version is read from its package
+    metadata: importing timm costs seconds (torchvision) that no evaluation needs."""
+    from importlib.metadata import version
 
     from segcompress.provenance import code_provenance
 
@@ -271,5 +272,5 @@ def environment(device: str | torch.device) -> dict[str, Any]:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
-    return {"device": name, "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
+    return {"device": name, "torch": torch.__version__, "timm": version("timm"), "python": platform.python_version(),
             **code_provenance()}

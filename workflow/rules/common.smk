@@ -718,8 +718,11 @@ def _dataset(wildcards):
     return config["datasets"][wildcards.ds]
 
 
-def img_scale(wildcards):
-    return " ".join(map(str, _dataset(wildcards)["img_scale"]))
+def training_data(wildcards):
+    """Params function: the training verbs' data options (resize scale, colour augmentation)."""
+    ds = _dataset(wildcards)
+    scale = " ".join(map(str, ds["img_scale"]))
+    return f"--img-scale {scale}" + ("" if ds["photometric"] else " --no-photometric")
 
 
 def eval_img_scale(wildcards):

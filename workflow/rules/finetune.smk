@@ -14,7 +14,7 @@ rule finetune:
         layout=lookup(dpath="datasets/{ds}/layout", within=config),
         root=input_dir("manifest"),
         crop=lookup(dpath="datasets/{ds}/crop", within=config),
-        img_scale=img_scale,
+        data=training_data,
         recipe=finetune_recipe,
         method=finetune_method_options,
     log:
@@ -29,5 +29,5 @@ rule finetune:
     shell:
         "segcompress finetune --model {input.model} {params.method} --teacher {input.teacher}"
         " --layout {params.layout} --root {params.root} --crop {params.crop}"
-        " --img-scale {params.img_scale} --recipe {params.recipe:q} --seed {wildcards.seed}"
+        " {params.data} --recipe {params.recipe:q} --seed {wildcards.seed}"
         " --threads {threads} --out {output.model} > {log} 2>&1"

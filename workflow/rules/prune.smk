@@ -14,7 +14,7 @@ rule prune:
     params:
         layout=lookup(dpath="datasets/{ds}/layout", within=config),
         root=input_dir("manifest"),
-        img_scale=img_scale,
+        data=training_data,
         settings=config_json("methods/nvit"),
     log:
         "logs/prune/{ds}/{arch}/seed{seed}/nvit-{fraction}.log",
@@ -27,6 +27,6 @@ rule prune:
         gpu=1,
     shell:
         "segcompress prune --model {input.model} --target-fraction {wildcards.fraction}"
-        " --layout {params.layout} --root {params.root} --img-scale {params.img_scale}"
+        " --layout {params.layout} --root {params.root} {params.data}"
         " --config-json {params.settings:q} --seed {wildcards.seed} --threads {threads}"
         " --out {output.model} --report {output.report} > {log} 2>&1"

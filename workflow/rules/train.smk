@@ -23,7 +23,7 @@ rule train:
         layout=lookup(dpath="datasets/{ds}/layout", within=config),
         root=input_dir("manifest"),
         crop=lookup(dpath="datasets/{ds}/crop", within=config),
-        img_scale=img_scale,
+        data=training_data,
         arch=config_json("backbones/{arch}"),
         recipe=config_json("train/recipe"),
         adopt=adopt_option,
@@ -39,7 +39,7 @@ rule train:
     shell:
         "$([ {resources.gpu} -gt 1 ] && echo torchrun --standalone --nproc_per_node {resources.gpu} -m)"
         " segcompress train --layout {params.layout} --root {params.root} --crop {params.crop}"
-        " --img-scale {params.img_scale} --arch {params.arch:q} --recipe {params.recipe:q}"
+        " {params.data} --arch {params.arch:q} --recipe {params.recipe:q}"
         " --seed {wildcards.seed} --threads {threads} --out {output.model}{params.adopt} > {log} 2>&1"
 
 
@@ -52,7 +52,7 @@ rule train_policy:
     params:
         layout=lookup(dpath="datasets/{ds}/layout", within=config),
         root=input_dir("manifest"),
-        img_scale=img_scale,
+        data=training_data,
         recipe=config_json("methods/cts/policy"),
     log:
         "logs/train/{ds}/{arch}/seed{seed}/cts-policy.log",
@@ -65,5 +65,5 @@ rule train_policy:
         gpu=1,
     shell:
         "segcompress policy --model {input.model} --layout {params.layout} --root {params.root}"
-        " --img-scale {params.img_scale} --recipe {params.recipe:q} --seed {wildcards.seed}"
+        " {params.data} --recipe {params.recipe:q} --seed {wildcards.seed}"
         " --threads {threads} --out {output.policy} > {log} 2>&1"

@@ -45,6 +45,15 @@ def add_crop_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     parser.add_argument("--crop", type=parse_crop, required=required, metavar="S|H,W", help=help)
 
 
+def add_photometric_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--photometric/--no-photometric``: the training verbs' colour augmentation switch."""
+    parser.add_argument(
+        "--photometric", action=argparse.BooleanOptionalAction, default=True,
+        help="photometric distortion of the training crops (brightness, contrast, saturation, hue; Segmenter's "
+             "mmseg recipe; default on). The synthetic study turns it off: its classes differ by colour",
+    )
+
+
 def device_arg(text: str) -> str:
     """argparse type of ``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:i``."""
     if not DEVICE_PATTERN.fullmatch(text):

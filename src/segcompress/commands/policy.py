@@ -26,7 +26,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from segcompress.commands._conventions import add_crop_argument, add_device_argument, crop_hw, resolve_device
+from segcompress.commands._conventions import (
+    add_crop_argument, add_device_argument, add_photometric_argument, crop_hw, resolve_device
+)
 
 log = logging.getLogger("segcompress.policy")
 
@@ -54,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "ImageNet efficientnet_lite0; needs the network or a cache), a local "
                              ".safetensors/.pth file, or none (random init; the default)")
     parser.add_argument("--max-images", type=int, default=None, help="train on the first N images only")
+    add_photometric_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     add_device_argument(parser)
@@ -109,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     policy = PolicyNet(pretrained=recipe["pretrained"])  # first: a bad weights file fails before any work
     ds = build_dataset(args.layout, args.root, args.split, mode="train", crop=list(crop), img_scale=img_scale,
-                       max_images=args.max_images)
+                       max_images=args.max_images, photometric=args.photometric)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=int(recipe["batch_size"]), shuffle=True, drop_last=len(ds) >= int(recipe["batch_size"]),
         collate_fn=collate_train, num_workers=int(recipe["num_workers"]), worker_init_fn=seed_worker,

@@ -22,7 +22,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from segcompress.commands._conventions import add_crop_argument, add_device_argument, crop_hw, resolve_device
+from segcompress.commands._conventions import (
+    add_crop_argument, add_device_argument, add_photometric_argument, crop_hw, resolve_device
+)
 
 log = logging.getLogger("segcompress.prune")
 
@@ -54,6 +56,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-scale", required=True, type=int, nargs=2, metavar=("LONG", "SHORT"),
                         help="resize scale before the 0.5-2.0 random ratio (ADE20K: 2048 512)")
     parser.add_argument("--max-images", type=int, default=None, help="use the first N images only (smoke tests)")
+    add_photometric_argument(parser)
 
 
 def training_dataset(args: argparse.Namespace, spec: Any) -> Any:
@@ -65,7 +68,7 @@ def training_dataset(args: argparse.Namespace, spec: Any) -> Any:
         raise ValueError(f"--crop {args.crop} but {args.model} was built for crop "
                          f"{crop[0]},{crop[1]} (its position embedding fixes the crop)")
     return build_dataset(args.layout, args.root, args.split, mode="train", crop=list(crop),
-                         img_scale=tuple(args.img_scale), max_images=args.max_images)
+                         img_scale=tuple(args.img_scale), max_images=args.max_images, photometric=args.photometric)
 
 
 def report_path(out: Path) -> Path:

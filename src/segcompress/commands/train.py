@@ -17,7 +17,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from segcompress.commands._conventions import add_crop_argument, add_device_argument, resolve_device
+from segcompress.commands._conventions import (
+    add_crop_argument, add_device_argument, add_photometric_argument, resolve_device
+)
 from segcompress.progress import add_progress_argument
 
 log = logging.getLogger("segcompress.train")
@@ -38,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path,
                         help="final checkpoint, e.g. models/<ds>/<arch>/dense.safetensors")
     parser.add_argument("--max-images", type=int, default=None, help="train on the first N images only (smoke tests)")
+    add_photometric_argument(parser)
     add_device_argument(parser)  # auto: a GPU per process (torchrun) when CUDA is available
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads per process (default: torch's)")
@@ -83,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         dataset = build_dataset(
             args.layout, args.root, args.split, mode="train", crop=crop, img_scale=tuple(args.img_scale),
-            max_images=args.max_images,
+            max_images=args.max_images, photometric=args.photometric,
         )
         seed_everything(args.seed)  # model init: the same on every rank
         model = build_segmenter(spec, pretrained=pretrained)

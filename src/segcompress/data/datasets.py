@@ -416,9 +416,12 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return v  # type: ignore[return-value]
 
 
-def build_pipeline(mode: str, crop: int | Sequence[int], img_scale: Sequence[int], hashed: bool = False) -> list:
+def build_pipeline(mode: str, crop: int | Sequence[int], img_scale: Sequence[int], hashed: bool = False,
+                   photometric: bool = True) -> list:
     """mmseg transforms of Segmenter's recipe (``mode``: ``train`` or ``test``); with ``hashed``
-    the loaders read through :data:`HASHING_BACKEND`."""
+    the loaders read through :data:`HASHING_BACKEND`; ``photometric=False`` leaves out the training
+    pipeline's PhotoMetricDistortion (its hue and saturation jitter changes what tells the
+    synthetic scenes' classes apart)."""
     from mmcv.transforms import LoadImageFromFile, RandomResize
     from mmseg.datasets.transforms import (
         LoadAnnotations, PackSegInputs, PhotoMetricDistortion, RandomCrop, RandomFlip, Resize,
@@ -438,7 +441,7 @@ def build_pipeline(mode: str, crop: int | Sequence[int], img_scale: Sequence[int
             RandomResize(scale=scale, ratio_range=RATIO_RANGE, resize_type="mmseg.Resize", keep_ratio=True),
             RandomCrop(crop_size=_pair(crop), cat_max_ratio=CAT_MAX_RATIO),
             RandomFlip(prob=0.5),
-            PhotoMetricDistortion(),
+            *([PhotoMetricDistortion()] if photometric else []),
             PackSegInputs(),
         ]
     if mode == "test":
@@ -570,6 +573,7 @@ def build_dataset(
         img_root: str | Path | None = None,
         max_images: int | None = None,
         verify: bool = False,
+        photometric: bool = True,
 ) -> SegDataset:
     """A dataset of ``layout`` under ``root`` (real or synthetic; see :class:`SegDataset` for items).
 
@@ -587,6 +591,7 @@ def build_dataset(
             (``root``'s, and ``img_root``'s for the images), and up front that each file is listed
             and that no listed image is gone; a folder without a manifest is read unchecked, with
             one warning.
+        photometric: ``train`` mode: include the photometric distortion (see :func:`build_pipeline`).
 
     Raises:
         ChangedFileError: (``verify``) a file the manifest does not list, a listed image that is
@@ -612,7 +617,7 @@ def build_dataset(
         data_prefix=dict(
             img_path=files.image_dir.format(split=folder), seg_map_path=files.label_dir.format(split=folder),
         ),
-        pipeline=build_pipeline(mode, crop, img_scale, hashed=verify),
+        pipeline=build_pipeline(mode, crop, img_scale, hashed=verify, photometric=photometric),
         indices=max_images,
         serialize_data=False,
         test_mode=False,

@@ -4,11 +4,13 @@ The scenes are built so that token compression has something to lose: large text
 (sky, walls, roads, buildings: many similar tokens to merge), small objects one to a few 8-pixel
 patches in size (people, signs, traffic lights, windows, vases) and thin structures narrower than
 a patch (poles 3-6 pixels wide, fences and railings of 3-pixel bars, table legs; wires and lane
-marks are "other"/void). Every class has its own colour, at least one step of a 5-level RGB grid
-(about 71) from every other class's, and its own texture (stripes, checkers, blotches, dots,
-speckle, gradients), drawn from a fixed "world" table, so a small ViT trained from scratch in a
-few hundred iterations can learn them and a model trained on one seed generalises to another;
-every image gets mild illumination changes, blur and noise. Sizes are in units of the image's
+marks are "other"/void). Every evaluated class has its own colour, at least 87 RGB units from
+every other evaluated class's (void ids get colours of their own too), and its own texture
+(stripes, checkers, blotches, dots, speckle, gradients), drawn from a fixed "world" table, so a
+small ViT trained from scratch in a few hundred iterations can learn them and a model trained on
+one seed generalises to another; every image gets mild illumination changes, blur and noise.
+Colour is what tells classes apart, so training on these scenes should leave out hue and
+saturation jitter (the dataset key ``photometric: false`` of the default study). Sizes are in units of the image's
 short side / 128 (the default study's test scale), so a structure's width in pixels at the
 model's input does not depend on the image size.
 
@@ -35,7 +37,9 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from segcompress.data.cityscapes import IMAGE_SUFFIX, LABEL_IDS_SUFFIX, write_label_png, write_train_ids
+from segcompress.data.cityscapes import (
+    EVALUATED_LABEL_IDS, IMAGE_SUFFIX, LABEL_IDS_SUFFIX, write_label_png, write_train_ids,
+)
 
 WORLD_SEED = 20240611  # fixes the class appearance table (not the scenes)
 JPEG_QUALITY = 92
@@ -77,40 +81,58 @@ class Appearance:
     angle: float
 
 
-_LEVELS = (35.0, 85.0, 135.0, 185.0, 235.0)  # per channel: a 5x5x5 grid of base colours
+# Candidate base colours. The evaluated classes draw theirs from a body-centred cubic lattice
+# (a 3-level grid on 35/135/235 plus the centres of its cells): 35 colours at least 87 apart
+# (sqrt(3) x 50), so up to 35 classes stay that far apart. Ignored ids draw from a finer grid.
+_BCC = np.concatenate([
+    np.stack(np.meshgrid(*[(35.0, 135.0, 235.0)] * 3, indexing="ij"), -1).reshape(-1, 3),
+    np.stack(np.meshgrid(*[(85.0, 185.0)] * 3, indexing="ij"), -1).reshape(-1, 3),
+])
+_FINE = np.stack(np.meshgrid(*[np.linspace(35.0, 235.0, 9)] * 3, indexing="ij"), -1).reshape(-1, 3)
 _KINDS = ("gradient", "stripes", "checker", "blotch", "dots", "speckle")
-CONTRAST = (8.0, 20.0)  # texture amplitude range, below half the grid spacing (50)
+CONTRAST = (8.0, 20.0)  # texture amplitude range, below half the distance between class colours
 
 
-def class_colors(n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` base colours from the RGB grid, spread by farthest-point sampling (n <= 125)."""
-    grid = np.stack(np.meshgrid(_LEVELS, _LEVELS, _LEVELS, indexing="ij"), -1).reshape(-1, 3)
-    if n > len(grid):
-        raise ValueError(f"at most {len(grid)} distinct class colours, asked for {n}")
-    grid = grid[rng.permutation(len(grid))]
-    chosen = [0]
-    dist = np.linalg.norm(grid - grid[0], axis=1)
-    for _ in range(n - 1):
+def class_colors(n: int, rng: np.random.Generator, candidates: np.ndarray, taken: np.ndarray | None = None) -> np.ndarray:
+    """``n`` base colours among ``candidates``, spread by farthest-point sampling, each as far as
+    possible from the others and from ``taken`` (colours already given out)."""
+    if n > len(candidates):
+        raise ValueError(f"at most {len(candidates)} distinct class colours, asked for {n}")
+    grid = candidates[rng.permutation(len(candidates))]
+    if taken is not None and len(taken):
+        dist = np.min(np.linalg.norm(grid[:, None] - taken[None], axis=-1), axis=1)
+    else:
+        dist = np.full(len(grid), np.inf)  # start from the first candidate after the shuffle
+    chosen = []
+    for _ in range(n):
         i = int(np.argmax(dist))
         chosen.append(i)
         dist = np.minimum(dist, np.linalg.norm(grid - grid[i], axis=1))
+        dist[i] = -np.inf
     return grid[chosen]
 
 
-def appearance_table(class_ids: list[int], layout: str) -> dict[int, Appearance]:
-    """A fixed appearance for every class id: its own base colour (no two classes share one) and
-    a texture."""
+def appearance_table(class_ids: list[int], layout: str, ignored: tuple[int, ...] = ()) -> dict[int, Appearance]:
+    """A fixed appearance for every class id: its own base colour and a texture.
+
+    The evaluated classes get their colours first, at least 87 apart (:data:`_BCC`); the
+    ``ignored`` ids (void, labels never evaluated) get others, as far from those as possible
+    (ignored pixels never enter the loss or the metric, so their colours only need to differ).
+    """
     rng = np.random.default_rng([WORLD_SEED, zlib.crc32(layout.encode())])
-    colors = class_colors(len(class_ids), rng)
+    evaluated = [c for c in sorted(class_ids) if c not in ignored]
+    rest = [c for c in sorted(class_ids) if c in ignored]
+    colors = class_colors(len(evaluated), rng, _BCC)
+    colors = np.concatenate([colors, class_colors(len(rest), rng, _FINE, taken=colors)]) if rest else colors
     table = {}
-    for cid, color in zip(sorted(class_ids), colors):
+    for cid, color in zip(evaluated + rest, colors):
         contrast = rng.uniform(*CONTRAST) * rng.uniform(0.7, 1.0, size=3)
         table[cid] = Appearance(
             color=tuple(float(v) for v in color), contrast=tuple(float(v) for v in contrast),
             kind=_KINDS[int(rng.integers(len(_KINDS)))], period=float(rng.uniform(3.0, 10.0)),
             angle=float(rng.uniform(0, np.pi)),
         )
-    return table
+    return dict(sorted(table.items()))
 
 
 def _texture(app: Appearance, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
@@ -208,7 +230,7 @@ def _pole(label: np.ndarray, rng: np.random.Generator, x: float, ybot: float, s:
     height = rng.uniform(30, 60) * s
     _line(label, x, ybot, x, ybot - height, pole, rng.uniform(3, 6) * s)
     if top is not None:
-        bw, bh = rng.uniform(12, 16) * s, rng.uniform(10, 14) * s
+        bw, bh = rng.uniform(14, 20) * s, rng.uniform(12, 18) * s
         _rect(label, x - bw / 2, ybot - height - bh, x + bw / 2, ybot - height, top)
 
 
@@ -227,6 +249,14 @@ def _vehicle(label: np.ndarray, rng: np.random.Generator, x: float, ybot: float,
         _rect(label, x - w * 0.3, ybot - hb * 1.7, x + w * 0.25, ybot - hb, cid)
     for wx in (x - w * 0.3, x + w * 0.3):
         _ellipse(label, wx, ybot - 2 * s, 3.5 * s, 3.5 * s, cid)
+
+
+def _two_wheeler(label: np.ndarray, x: float, ybot: float, s: float, cid: int, solid: bool) -> None:
+    """Two wheels (rings 3 units wide, or solid) joined by a frame: about 26 x 14 units."""
+    r = 6.5 * s
+    for dx in (-7, 7):
+        cv2.circle(label, (int(x + dx * s), int(ybot - r)), max(3, int(r)), int(cid), -1 if solid else max(2, int(3 * s)))
+    _rect(label, x - 7 * s, ybot - r - 2 * s, x + 7 * s, ybot - r + 2 * s, cid)
 
 
 # -- scenes --------------------------------------------------------------------------------------
@@ -300,7 +330,7 @@ def _ade_indoor(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     label[rows < ceil_y + tilt * cols / w] = ADE["ceiling"]
     label[rows >= floor_y - tilt * cols / w] = ADE["floor"]
     for _ in range(int(rng.integers(1, 3))):  # windows with 1-px mullions, curtains beside them
-        wx, wy = rng.uniform(0, 0.7) * w, rng.uniform(ceil_y + 8, floor_y - 40 * s)
+        wx, wy = rng.uniform(0, 0.7) * w, rng.uniform(ceil_y + 8, max(ceil_y + 8, floor_y - 40 * s))
         ww, wh = rng.uniform(20, 40) * s, rng.uniform(20, 35) * s
         _rect(label, wx, wy, wx + ww, wy + wh, ADE["windowpane"])
         _line(label, wx + ww / 2, wy, wx + ww / 2, wy + wh, ADE_OTHER)
@@ -309,8 +339,8 @@ def _ade_indoor(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
             _rect(label, wx - 8 * s, wy - 4, wx - 1, floor_y, ADE["curtain"])
     for _ in range(int(rng.integers(0, 3))):  # paintings on the wall
         px, py = rng.uniform(0, w), rng.uniform(ceil_y + 4, floor_y - 20 * s)
-        _rect(label, px, py, px + rng.uniform(8, 20) * s, py + rng.uniform(6, 14) * s, ADE["painting"])
-    if rng.random() < 0.5:  # a door standing on the floor
+        _rect(label, px, py, px + rng.uniform(12, 24) * s, py + rng.uniform(10, 18) * s, ADE["painting"])
+    if rng.random() < 0.7:  # a door standing on the floor
         dx = rng.uniform(0, 0.85) * w
         _rect(label, dx, floor_y - rng.uniform(45, 60) * s, dx + 18 * s, floor_y, ADE["door"])
     for _ in range(int(rng.integers(2, 5))):  # furniture
@@ -327,8 +357,8 @@ def _ade_indoor(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
                 _rect(label, xc + fw / 2 - 3 * s, yb - fh * 1.8, xc + fw / 2, yb - fh, ADE["chair"])
             else:
                 for _ in range(int(rng.integers(1, 3))):  # small things on the table
-                    ox = rng.uniform(xc - fw / 2, xc + fw / 2 - 5 * s)
-                    _rect(label, ox, yb - fh - rng.uniform(6, 10) * s, ox + 5 * s, yb - fh,
+                    ox = rng.uniform(xc - fw / 2, xc + fw / 2 - 8 * s)
+                    _rect(label, ox, yb - fh - rng.uniform(10, 14) * s, ox + 8 * s, yb - fh,
                           ADE[rng.choice(["vase", "lamp"])])
         else:
             if kind == "cabinet":
@@ -340,7 +370,7 @@ def _ade_indoor(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     if rng.random() < 0.8:  # potted plant or floor lamp (pole + shade)
         x = rng.uniform(0, w)
         if rng.random() < 0.5:
-            _blob(label, rng, x, floor_y - 6 * s, 7 * s, ADE["plant"])
+            _blob(label, rng, x, floor_y - 8 * s, 10 * s, ADE["plant"])
         else:
             _pole(label, rng, x, rng.uniform(floor_y, h), s * 0.8, ADE["lamp"], ADE["lamp"])
     for _ in range(int(rng.integers(0, 3))):  # clutter: "other"
@@ -371,7 +401,7 @@ def cityscapes_scene(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     road = np.array([[cx - top_half, horizon], [cx + top_half, horizon], [cx + bot_half, h], [cx - bot_half, h]])
     cv2.fillPoly(label, [road.astype(np.int32)], CS["road"])
     for side in (-1, 1):  # terrain / parking / ground patches beside the road
-        if rng.random() < 0.7:
+        if rng.random() < 0.85:
             px = cx + side * rng.uniform(0.35, 0.5) * w
             _blob(label, rng, px, rng.uniform(horizon + 15, h - 10), rng.uniform(15, 30) * s,
                   CS[rng.choice(["terrain", "terrain", "parking", "ground"])])
@@ -388,7 +418,7 @@ def cityscapes_scene(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         x = cx + side * (top_half + (bot_half - top_half) * (yb - horizon) / (h - horizon) + rng.uniform(2, 12) * d * s)
         top = rng.choice([None, CS["traffic sign"], CS["traffic light"]])
         _pole(label, rng, x, yb, d * s, CS[rng.choice(["pole", "pole", "pole", "polegroup"])], top)
-    for _ in range(int(rng.integers(2, 6))):  # vehicles on the road
+    for _ in range(int(rng.integers(3, 8))):  # vehicles on the road
         yb = rng.uniform(horizon + 8, h * 0.9)
         d = _depth(yb, horizon, h)
         kind = rng.choice(["car", "car", "car", "truck", "bus", "train", "caravan", "trailer"],
@@ -403,12 +433,9 @@ def cityscapes_scene(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         if kind in ("person", "rider"):
             _person(label, rng, x, yb - (4 * d * s if kind == "rider" else 0), d * s, CS[kind])
             if kind == "rider":
-                for dx in (-5, 5):
-                    cv2.circle(label, (int(x + dx * d * s), int(yb)), max(3, int(4.5 * d * s)), CS["bicycle"], -1)
+                _two_wheeler(label, x, yb, d * s, CS["bicycle"], solid=False)
         elif kind in ("bicycle", "motorcycle"):
-            for dx in (-6, 6):
-                cv2.circle(label, (int(x + dx * d * s), int(yb)), max(3, int(5 * d * s)), CS[kind],
-                           max(1, int(round(2 * d * s))) if kind == "bicycle" else -1)
+            _two_wheeler(label, x, yb, d * s, CS[kind], solid=kind == "motorcycle")
         else:
             _rect(label, x, yb - 8 * d * s, x + 8 * d * s, yb, CS[kind])
     if rng.random() < 0.3:  # small unlabeled clutter
@@ -466,9 +493,9 @@ def _write_cityscapes(root: Path, split: str, index: int, rng: np.random.Generat
     return [img_path, ids_path, write_train_ids(ids_path)]  # the same conversion as for real data
 
 
-_WRITERS: dict[str, tuple[Callable[..., list[Path]], list[int]]] = {
-    "ade20k": (_write_ade, ADE_CLASSES),
-    "cityscapes": (_write_cityscapes, CS_CLASSES),
+_WRITERS: dict[str, tuple[Callable[..., list[Path]], list[int], tuple[int, ...]]] = {
+    "ade20k": (_write_ade, ADE_CLASSES, (ADE_OTHER,)),
+    "cityscapes": (_write_cityscapes, CS_CLASSES, tuple(c for c in CS_CLASSES if c not in EVALUATED_LABEL_IDS)),
 }
 LAYOUT_FOLDERS = {"ade20k": ("images", "annotations"), "cityscapes": ("leftImg8bit", "gtFine")}
 _SPLIT_CODE = {"train": 0, "val": 1}
@@ -497,8 +524,8 @@ def generate(layout: str, root: str | Path, num_train: int = 64, num_val: int = 
         raise ValueError(f"unknown dataset layout {layout!r}; choose one of {', '.join(_WRITERS)}")
     if num_train < 0 or num_val < 0:
         raise ValueError(f"image counts must be >= 0, got --num-train {num_train} --num-val {num_val}")
-    writer, classes = _WRITERS[layout]
-    table = appearance_table(classes, layout)
+    writer, classes, ignored = _WRITERS[layout]
+    table = appearance_table(classes, layout, ignored)
     root = Path(root)
     jobs = [("train", i) for i in range(num_train)] + [("val", i) for i in range(num_val)]
     written: list[Path] = []

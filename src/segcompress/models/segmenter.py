@@ -1,10 +1,9 @@
-"""Segmenter (Strudel et al., ICCV 2021): a timm ViT encoder and a mask-transformer decoder.
+"""Segmenter (Strudel et al., ICCV 2021): a ViT encoder and a mask-transformer decoder.
 
-The encoder is a timm ``VisionTransformer`` (so timm weights and variants load) whose attention
-modules are replaced by :class:`Attention`, which has the same parameter names and layout as
-timm's but allows per-block query/key and value widths (needed by structural pruning) and an
-additive attention bias (needed by proportional attention). With the default widths the two are
-numerically the same module.
+The encoder is :class:`segcompress.models.vit.VisionTransformer`, timm's ViT with timm's parameter
+names (so timm weights and variants load), whose :class:`Attention` allows per-block query/key and
+value widths (needed by structural pruning) and an additive attention bias (needed by proportional
+attention).
 """
 
 from __future__ import annotations
@@ -18,88 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from segcompress.models.spec import SegmenterSpec
+from segcompress.models.vit import Attention, Block, VisionTransformer
 
-
-class Attention(nn.Module):
-    """Multi-head self-attention with per-head query/key width ``qk_dim`` and value width ``v_dim``.
-
-    ``qkv`` is one linear layer whose output is laid out ``[q (h*qk) | k (h*qk) | v (h*v)]``: with
-    ``qk_dim == v_dim`` exactly timm's layout, so timm checkpoints load unchanged.
-    """
-
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            qk_dim: int,
-            v_dim: int,
-            qkv_bias: bool = True,
-            attn_drop: float = 0.0,
-            proj_drop: float = 0.0,
-            scale: float | None = None,
-    ) -> None:
-        super().__init__()
-        self.num_heads, self.qk_dim, self.v_dim = num_heads, qk_dim, v_dim
-        self.scale = scale if scale is not None else qk_dim ** -0.5
-        self.fused_attn = True
-        self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(num_heads * v_dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Project ``x`` (B, N, C) to q, k of shape (B, h, N, qk_dim) and v of shape (B, h, N, v_dim)."""
-        return self.split_heads(self.qkv(x))
-
-    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The ``qkv`` projection's output (B, N, h·(2·qk_dim + v_dim)) as per-head q, k, v."""
-        B, N, _ = qkv.shape
-        h, dq = self.num_heads, self.qk_dim
-        q, k, v = qkv.split([h * dq, h * dq, h * self.v_dim], dim=-1)
-        return (
-            q.view(B, N, h, dq).transpose(1, 2),
-            k.view(B, N, h, dq).transpose(1, 2),
-            v.view(B, N, h, self.v_dim).transpose(1, 2),
-        )
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """softmax(q kᵀ · scale + bias) v, merged over heads and projected: (B, N, C)."""
-        return self.project(self.mix(q, k, v, bias))
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """The output projection of the heads' concatenated values (..., h·v_dim) -> (..., C)."""
-        return self.proj_drop(self.proj(x))
-
-    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """softmax(q kᵀ · scale + bias) v with the heads concatenated, (B, N, h·v_dim), unprojected."""
-        B, _, N, _ = q.shape
-        if self.fused_attn:
-            # SDPA's fast kernels need one head width for q, k and v: zero-pad the narrower side
-            # (exact: zero q/k columns add nothing to q kᵀ, zero v columns are sliced off).
-            width = max(self.qk_dim, self.v_dim)
-            if self.qk_dim < width:
-                q, k = F.pad(q, (0, width - self.qk_dim)), F.pad(k, (0, width - self.qk_dim))
-            x = F.scaled_dot_product_attention(
-                q, k, F.pad(v, (0, width - self.v_dim)) if self.v_dim < width else v, attn_mask=bias,
-                dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale,
-            )[..., :self.v_dim]
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            if bias is not None:
-                attn = attn + bias
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            x = attn @ v
-        return x.transpose(1, 2).reshape(B, N, self.num_heads * self.v_dim)
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        """Args:
-            x: tokens (B, N, C).
-            attn_mask: additive bias broadcastable to (B, h, N, N), e.g. log token sizes.
-        """
-        if is_causal:
-            raise ValueError("Segmenter attention is never causal")
-        q, k, v = self.qkv_heads(x)
-        return self.attend(q, k, v, attn_mask)
+__all__ = ["Attention", "MaskTransformer", "Segmenter", "build_encoder", "build_segmenter", "grid_view", "unfused_attention"]
 
 
 class MaskTransformer(nn.Module):
@@ -121,12 +41,12 @@ class MaskTransformer(nn.Module):
             dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        from timm.models.vision_transformer import Block
-
         self.num_classes = num_classes
         self.proj_dec = nn.Linear(encoder_dim, dim)
+        head = dim // num_heads
         self.blocks = nn.ModuleList([
-            Block(dim, num_heads, mlp_ratio, qkv_bias=True, proj_drop=dropout, attn_drop=dropout, norm_layer=nn.LayerNorm)
+            Block(dim, Attention(dim, num_heads, head, head, attn_drop=dropout, proj_drop=dropout),
+                  int(dim * mlp_ratio), nn.LayerNorm, proj_drop=dropout)
             for _ in range(depth)
         ])
         self.cls_emb = nn.Parameter(torch.zeros(1, num_classes, dim))
@@ -241,50 +161,48 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def build_encoder(spec: SegmenterSpec, pretrained: str | None = None) -> nn.Module:
-    """A timm ``VisionTransformer`` with the spec's widths and :class:`Attention` in every block.
+def build_encoder(spec: SegmenterSpec, pretrained: str | None = None) -> VisionTransformer:
+    """The spec's ViT encoder, each block with its own :class:`Attention` and MLP widths.
 
     Args:
         spec: the architecture.
-        pretrained: ``None`` (random init), ``"timm"`` (download ``spec.backbone``'s weights, needs
-            the network or a warm Hugging Face cache) or the path of a local timm checkpoint file
-            for ``spec.backbone``. Position embeddings are resized to the crop grid by timm.
+        pretrained: ``None`` (random init, timm's scheme), ``"timm"`` (download ``spec.backbone``'s
+            weights, needs the network or a warm Hugging Face cache) or the path of a local timm
+            checkpoint file for ``spec.backbone``. timm loads them (resizing the position
+            embeddings to the crop grid) and they are copied in under the same names.
     """
-    import timm
     from functools import partial
-    from timm.layers import Mlp
-    from timm.models.vision_transformer import VisionTransformer
 
-    if pretrained is not None:
-        if spec.backbone is None:
-            raise ValueError("pretrained weights need spec.backbone (a timm model name)")
-        overlay = None if pretrained == "timm" else {"file": str(Path(pretrained))}
-        if overlay is not None and not Path(pretrained).is_file():
-            raise FileNotFoundError(f"{pretrained}: pretrained backbone file not found")
-        vit = timm.create_model(
-            spec.backbone, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0,
-            img_size=spec.img_size, drop_path_rate=spec.drop_path_rate,
-        )
-        if vit.embed_dim != spec.embed_dim or len(vit.blocks) != spec.depth:
-            raise ValueError(f"timm model {spec.backbone} does not match the spec's widths")
-    else:
-        vit = VisionTransformer(
-            img_size=spec.img_size, patch_size=spec.patch_size, embed_dim=spec.embed_dim, depth=spec.depth,
-            num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio, qkv_bias=True, num_classes=0,
-            drop_path_rate=spec.drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=spec.norm_eps),
-        )
-    for i, blk in enumerate(vit.blocks):
+    norm_layer = partial(nn.LayerNorm, eps=spec.norm_eps)
+    rates = torch.linspace(0, spec.drop_path_rate, spec.depth).tolist()  # timm's per-block rule
+    blocks = []
+    for i, rate in enumerate(rates):
         dims = spec.block_dims(i)
-        old_attn, old_mlp = blk.attn, blk.mlp
-        blk.attn = Attention(spec.embed_dim, dims.num_heads, dims.qk_dim, dims.v_dim, scale=spec_scale(spec))
-        blk.mlp = Mlp(spec.embed_dim, dims.mlp_hidden)
-        if pretrained is None:
-            blk.attn.apply(_init_weights)
-            blk.mlp.apply(_init_weights)
-        else:  # same parameter names and shapes as timm's
-            blk.attn.load_state_dict(old_attn.state_dict())
-            blk.mlp.load_state_dict(old_mlp.state_dict())
+        attn = Attention(spec.embed_dim, dims.num_heads, dims.qk_dim, dims.v_dim, scale=spec_scale(spec))
+        blocks.append(Block(spec.embed_dim, attn, dims.mlp_hidden, norm_layer, drop_path=rate))
+    vit = VisionTransformer(spec.crop, spec.patch_size, spec.embed_dim, blocks, norm_layer)
+    for blk in vit.blocks:
+        blk.apply(_init_weights)
+    if pretrained is not None:
+        vit.load_state_dict(_timm_weights(spec, pretrained))
     return vit
+
+
+def _timm_weights(spec: SegmenterSpec, pretrained: str) -> dict[str, torch.Tensor]:
+    """The encoder weights of ``spec.backbone`` loaded by timm (``"timm"`` or a local file)."""
+    import timm
+
+    if spec.backbone is None:
+        raise ValueError("pretrained weights need spec.backbone (a timm model name)")
+    overlay = None if pretrained == "timm" else {"file": str(Path(pretrained))}
+    if overlay is not None and not Path(pretrained).is_file():
+        raise FileNotFoundError(f"{pretrained}: pretrained backbone file not found")
+    ref = timm.create_model(
+        spec.backbone, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0, img_size=spec.img_size,
+    )
+    if ref.embed_dim != spec.embed_dim or len(ref.blocks) != spec.depth:
+        raise ValueError(f"timm model {spec.backbone} does not match the spec's widths")
+    return ref.state_dict()
 
 
 def spec_scale(spec: SegmenterSpec) -> float:

@@ -153,7 +153,10 @@ def spec_from_timm(name: str, num_classes: int, img_size: int | list[int], **ove
     )
 
 
-ARCH_KEYS = {"timm_name", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "pretrained", "drop_path_rate"}
+ARCH_KEYS = {
+    "timm_name", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "pretrained", "drop_path_rate",
+    "decoder_dropout",
+}
 
 
 def spec_from_arch(arch: dict[str, Any], num_classes: int, crop: int | list[int]) -> tuple[SegmenterSpec, str | None]:
@@ -169,7 +172,7 @@ def spec_from_arch(arch: dict[str, Any], num_classes: int, crop: int | list[int]
     unknown = sorted(set(arch) - ARCH_KEYS)
     if unknown:
         raise ValueError(f"unknown backbone key(s): {', '.join(unknown)} (allowed: {', '.join(sorted(ARCH_KEYS))})")
-    extra = {"drop_path_rate": arch["drop_path_rate"]} if "drop_path_rate" in arch else {}
+    extra = {key: arch[key] for key in ("drop_path_rate", "decoder_dropout") if key in arch}
     if arch.get("timm_name"):
         spec = spec_from_timm(arch["timm_name"], num_classes, crop, **extra)
     else:
