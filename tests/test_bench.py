@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from segcompress.bench import measure_throughput, resolve_device
+from segcompress.bench import measure_throughput, measure_throughputs, resolve_device
 from segcompress.cli import main as cli
 from segcompress.models import SegmenterSpec, build_segmenter
 from segcompress.models.checkpoint import save_model
@@ -44,6 +44,24 @@ def test_measure_throughput_given_inputs_and_checks():
         measure_throughput(model, 0, 32)
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_several_models_are_timed_in_interleaved_rounds():
+    """Warm-up per model, then each round times one batch of every model in turn."""
+    calls: list[str] = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(self.name)
+            return x
+
+    rows = measure_throughputs([(Recorder("a"), None), (Recorder("b"), None)], 2, 8, warmup=1, repeats=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    assert len(rows) == 2 and all(r["repeats"] == 3 and r["images_per_s"] > 0 for r in rows)
 
 
 def test_cli_bench_saved_model(tmp_path, capsys):

@@ -15,7 +15,7 @@ import contextlib
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -169,41 +169,65 @@ def measure_throughput(
         median/min/max, the settings, the device name, thread count, software versions and the
         code's provenance (:func:`software_versions`).
     """
+    return measure_throughputs([(model, inputs)], batch, crop, warmup, repeats, device, seed)[0]
+
+
+def measure_throughputs(
+        runs: Sequence[tuple[nn.Module, torch.Tensor | None]],
+        batch: int,
+        crop: int | tuple[int, int] | list[int],
+        warmup: int = 3,
+        repeats: int = 10,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+) -> list[dict[str, Any]]:
+    """:func:`measure_throughput` of several ``(model, inputs)`` runs, timed in interleaved rounds.
+
+    Every model gets its warm-up batches first; then each of the ``repeats`` rounds times one
+    batch of every model in turn. A slow spell of the machine (clock changes, another process, the
+    allocator settling) then falls on all models alike instead of on whichever is timed first, so
+    speed-ups between them are measured under the same conditions. Returns one row per run.
+    """
     if batch < 1 or repeats < 1 or warmup < 0:
         raise ValueError("batch and repeats must be >= 1 and warmup >= 0")
     dev = resolve_device(device) if isinstance(device, str) else device
     h, w = _hw(crop)
-    if inputs is None:
-        gen = torch.Generator().manual_seed(seed)
-        inputs = torch.randn(batch, 3, h, w, generator=gen)
-    if inputs.shape[0] != batch or tuple(inputs.shape[-2:]) != (h, w):
-        raise ValueError(f"inputs of shape {tuple(inputs.shape)} do not match batch {batch} and crop {(h, w)}")
-    x = inputs.to(dev, torch.float32)
-    was_training = model.training
-    model.to(dev).eval()
-    times: list[float] = []
+    xs = []
+    for _, inputs in runs:
+        if inputs is None:
+            inputs = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed))
+        if inputs.shape[0] != batch or tuple(inputs.shape[-2:]) != (h, w):
+            raise ValueError(f"inputs of shape {tuple(inputs.shape)} do not match batch {batch} and crop {(h, w)}")
+        xs.append(inputs.to(dev, torch.float32))
+    modes = [model.training for model, _ in runs]
+    times: list[list[float]] = [[] for _ in runs]
     try:
         with torch.inference_mode():
-            for _ in range(warmup):
-                model(x)
-            times = [timed_call(lambda: model(x), dev) for _ in range(repeats)]
+            for (model, _), x in zip(runs, xs):
+                model.to(dev).eval()
+                for _ in range(warmup):
+                    model(x)
+            for _ in range(repeats):
+                for i, ((model, _), x) in enumerate(zip(runs, xs)):
+                    times[i].append(timed_call(lambda: model(x), dev))
     finally:
-        model.train(was_training)
-    med, fastest, slowest = statistics.median(times), min(times), max(times)
-    return {
-        "images_per_s": batch / med,
-        "images_per_s_min": batch / slowest,
-        "images_per_s_max": batch / fastest,
-        "batch_time_s": med,
-        "batch_time_s_min": fastest,
-        "batch_time_s_max": slowest,
-        "batch": batch,
-        "crop": [h, w],
-        "warmup": warmup,
-        "repeats": repeats,
-        "dtype": "float32",
-        "device": device_name(dev),
-        "device_type": dev.type,
-        "threads": torch.get_num_threads(),
+        for (model, _), mode in zip(runs, modes):
+            model.train(mode)
+    common = {
+        "batch": batch, "crop": [h, w], "warmup": warmup, "repeats": repeats, "dtype": "float32",
+        "device": device_name(dev), "device_type": dev.type, "threads": torch.get_num_threads(),
         **software_versions(dev),
     }
+    rows = []
+    for t in times:
+        med, fastest, slowest = statistics.median(t), min(t), max(t)
+        rows.append({
+            "images_per_s": batch / med,
+            "images_per_s_min": batch / slowest,
+            "images_per_s_max": batch / fastest,
+            "batch_time_s": med,
+            "batch_time_s_min": fastest,
+            "batch_time_s_max": slowest,
+            **common,
+        })
+    return rows

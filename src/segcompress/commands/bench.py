@@ -11,9 +11,10 @@ from a ``segcompress match`` result (its ``knob`` entry), as ``segcompress evalu
 the report joins onto the results rows of the same variant.
 
 ``--variant OUT MODEL METHOD MATCH TAGS`` (repeatable, instead of ``--model``/``--out``) times
-several saved variants one after another in one process, with the same input, so their speed-ups
-are measured in the same run and the process starts once (the workflow times every variant of a
-dataset, backbone and seed in one job). Each variant's row is written to its OUT with the common
+several saved variants in one process, with the same input and in interleaved rounds (each round
+times one batch of every variant in turn, so a slow spell of the machine falls on all alike), so
+their speed-ups are measured under the same conditions and the process starts once (the workflow
+times every variant of a dataset, backbone and seed in one job; they are all loaded at once). Each variant's row is written to its OUT with the common
 ``--tag`` columns plus its own TAGS (``KEY=VALUE,KEY=VALUE``, or ``-`` for none).
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from segcompress.bench import add_allocator_argument, measure_throughput, use_allocator
+from segcompress.bench import add_allocator_argument, measure_throughput, measure_throughputs, use_allocator
 from segcompress.commands._evaluation import knob_of, model_sha256, parse_tags, read_match
 from segcompress.commands._model_options import add_model_arguments, calibration_images, variant_from_args
 from segcompress.io import write_json
@@ -78,17 +79,26 @@ def main(args: argparse.Namespace) -> int:
     if args.model is not None or args.arch is not None or args.backbone is not None or args.out:
         raise ValueError("--variant replaces --model/--arch/--backbone and --out; use one form")
     own_tags = [parse_tags([] if t == "-" else t.split(","), MEASURED) for *_, t in args.variant]  # all checked first
-    for (out, model, method, match, _), own in zip(args.variant, own_tags):
-        one = argparse.Namespace(**{**vars(args), "model": Path(model), "method": method, "knob": None,
-                                    "match": None if match == "-" else Path(match)})
-        result = {**_time_variant(one), **tags, **own}
-        write_json(out, result)
-        print(f"{out}: {result['images_per_s']:.2f} images/s ({method}, {model})", flush=True)
+    each = [argparse.Namespace(**{**vars(args), "model": Path(model), "method": method, "knob": None,
+                                  "match": None if match == "-" else Path(match)})
+            for _, model, method, match, _ in args.variant]
+    # every variant loaded first, then timed in interleaved rounds (bench.measure_throughputs)
+    prepared = [_prepare(one) for one in each]
+    crops = {tuple(variant.spec.crop) for variant, _ in prepared}
+    if len(crops) > 1:
+        raise ValueError(f"--variant models have different crops {sorted(crops)}; time them in separate calls")
+    results = measure_throughputs([(variant.model, inputs) for variant, inputs in prepared], args.batch,
+                                  prepared[0][0].spec.crop, args.warmup, args.repeats, args.device, args.seed)
+    for one, (variant, inputs), result, own, (out, model, method, *_) in zip(
+            each, prepared, results, own_tags, args.variant):
+        row = {**_row(one, variant, inputs, result), **tags, **own}
+        write_json(out, row)
+        print(f"{out}: {row['images_per_s']:.2f} images/s ({method}, {model})", flush=True)
     return 0
 
 
-def _time_variant(args: argparse.Namespace) -> dict:
-    """Load the variant the options select and time it: the row without tags."""
+def _prepare(args: argparse.Namespace) -> tuple[Any, torch.Tensor | None]:
+    """The variant the options select and its input batch (None: a seeded random batch)."""
     if args.match is not None and args.knob is None:
         args.knob = json.dumps(knob_of(None, args.match, read_match(args.match)))
     variant = variant_from_args(args)
@@ -98,11 +108,22 @@ def _time_variant(args: argparse.Namespace) -> dict:
         if first is None:
             raise ValueError(f"{args.calib_root}: no calibration images found")
         inputs = first.expand(args.batch, -1, -1, -1).contiguous()
-    result = measure_throughput(variant.model, args.batch, variant.spec.crop, args.warmup, args.repeats,
-                                args.device, inputs=inputs, seed=args.seed)
+    return variant, inputs
+
+
+def _row(args: argparse.Namespace, variant: Any, inputs: torch.Tensor | None, result: dict) -> dict:
+    """A timed variant's row without tags."""
     row = {**result, **variant.describe(), "images": "calibration" if inputs is not None else "random",
            "allocator": args.allocator}
     return {**row, "settings_hash": _settings_hash(args, row)}
+
+
+def _time_variant(args: argparse.Namespace) -> dict:
+    """Load the variant the options select and time it: the row without tags."""
+    variant, inputs = _prepare(args)
+    result = measure_throughput(variant.model, args.batch, variant.spec.crop, args.warmup, args.repeats,
+                                args.device, inputs=inputs, seed=args.seed)
+    return _row(args, variant, inputs, result)
 
 
 def _settings_hash(args: argparse.Namespace, row: dict) -> str:
