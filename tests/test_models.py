@@ -75,6 +75,17 @@ def test_encoder_matches_timm_vit_with_the_same_weights():
         torch.testing.assert_close(model.forward_features(x), vit.forward_features(x)[:, 1:], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name, what", [("deit3_small_patch16_224", "LayerScale"),
+                                        ("vit_small_patch14_reg4_dinov2", "register tokens")])
+def test_timm_variants_the_encoder_lacks_are_refused_by_name(name, what):
+    with pytest.raises(ValueError, match=what):
+        spec_from_timm(name, 3, 224)
+
+
+def test_timm_spec_takes_the_norm_epsilon():
+    assert spec_from_timm("vit_small_patch16_384", 3, 384).norm_eps == 1e-6
+
+
 def test_decoder_block_matches_timm_block_with_the_same_weights():
     """The decoder's blocks are timm's Block (same names, same computation)."""
     from timm.models.vision_transformer import Block as TimmBlock

@@ -139,6 +139,15 @@ def test_impossible_windows_and_misspelt_rank_datasets_stop_the_plan(tmp_path, o
 # ----------------------------------------------------------------------------- DAG and lint
 
 
+def test_schema_method_enum_is_the_method_catalogue() -> None:
+    """study.methods accepts exactly segcompress.methods.CATALOGUE's names."""
+    from segcompress.methods import STUDY_METHODS
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    enum = schema["properties"]["study"]["properties"]["methods"]["items"]["enum"]
+    assert sorted(enum) == sorted(STUDY_METHODS)
+
+
 def test_dry_run_lists_the_study_grid() -> None:
     # --forceall: the whole DAG, also in a working tree where the study has already run
     result = snakemake("-n", "--forceall", "--quiet", "rules")

@@ -184,7 +184,7 @@ def measure_throughputs(
     """:func:`measure_throughput` of several ``(model, inputs)`` runs, timed in interleaved rounds.
 
     Every model gets its warm-up batches first; then each of the ``repeats`` rounds times one
-    batch of every model in turn. A slow spell of the machine (clock changes, another process, the
+    batch of every model in turn, each round starting one model further on. A slow spell of the machine (clock changes, another process, the
     allocator settling) then falls on all models alike instead of on whichever is timed first, so
     speed-ups between them are measured under the same conditions. Returns one row per run.
     """
@@ -207,8 +207,10 @@ def measure_throughputs(
                 model.to(dev).eval()
                 for _ in range(warmup):
                     model(x)
-            for _ in range(repeats):
-                for i, ((model, _), x) in enumerate(zip(runs, xs)):
+            for r in range(repeats):  # each round starts one model further on: no fixed predecessor
+                for j in range(len(runs)):
+                    i = (r + j) % len(runs)
+                    model, x = runs[i][0], xs[i]
                     times[i].append(timed_call(lambda: model(x), dev))
     finally:
         for (model, _), mode in zip(runs, modes):

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 from snakemake.exceptions import WorkflowError
 
 from segcompress.corrupt import CATEGORY_OF  # corruption -> category, the corruption stage's table
+from segcompress.methods import MATCHED_METHODS, PRUNED_METHODS, STUDY_METHODS, TOKEN_METHODS
 
 # Every segcompress job logs its own command line first (segcompress.cli), so the job's log keeps
 # it even when the console omits the job blocks (`make run` passes --quiet rules).
@@ -56,8 +57,9 @@ CONDA_ENV = "../../envs/segcompress.yaml"
 
 STUDY = config["study"]
 FINETUNE = config["finetune"]
-TOKEN_METHODS = ("tome", "algm", "cts")
-ALL_METHODS = ("dense", *TOKEN_METHODS, "nvit", "nvit_tome")
+# The methods a study can name come from segcompress.methods.CATALOGUE (dense first): token
+# methods act on the dense model, matched ones get their knob from `segcompress match`.
+ALL_METHODS = STUDY_METHODS
 # The dense model trained for the same post-compression budget as the compressed variants
 # (finetune.dense_control): a reference beside the dense model, not a compression method.
 DENSE_CONTROL = "dense_control"
@@ -117,7 +119,7 @@ FRACTION_RE = r"[0-9]*\.?[0-9]+"
 SEED_RE = r"[0-9]+"
 VARIANT_RE = rf"(?:{_alternation(REFERENCES)})-seed{SEED_RE}|(?:{_alternation(ALL_METHODS[1:])})-{FRACTION_RE}-seed{SEED_RE}"
 
-STEM_RE = rf"dense|nvit-{FRACTION_RE}|(?:{_alternation((*TOKEN_METHODS, 'nvit_tome'))})-{FRACTION_RE}"
+STEM_RE = rf"dense|nvit-{FRACTION_RE}|(?:{_alternation(MATCHED_METHODS)})-{FRACTION_RE}"
 
 
 wildcard_constraints:
@@ -126,7 +128,7 @@ wildcard_constraints:
     seed=SEED_RE,
     fraction=FRACTION_RE,
     target=FRACTION_RE,
-    method=_alternation((*TOKEN_METHODS, "nvit_tome")),
+    method=_alternation(MATCHED_METHODS),
     corruption=_alternation(["clean", *CATEGORY_OF]),
     severity="[0-5]",
     variant=VARIANT_RE,
@@ -239,7 +241,7 @@ def _compressed(methods):
 
 def pruning_iters():
     """Training iterations of one NViT pruning run (0 when the study prunes nothing)."""
-    if not _compressed(("nvit", "nvit_tome")):
+    if not _compressed(PRUNED_METHODS):
         return 0
     nvit = config["methods"]["nvit"]
     return int(nvit["steps"]) * int(nvit["interval"])
@@ -264,7 +266,7 @@ def finetune_recipe(wildcards):
     with its method's post-compression budget (a pruned model has already trained while pruning)."""
     method = wildcards.stem.rsplit("-", 1)[0]
     method = DENSE_CONTROL if method == "dense" else method
-    already = pruning_iters() if method in ("nvit", "nvit_tome") else 0
+    already = pruning_iters() if method in PRUNED_METHODS else 0
     recipe = {**FINETUNE["recipe"], "iters": post_train_iters(method) - already}
     return json.dumps(recipe, sort_keys=True, separators=(",", ":"))
 
@@ -329,7 +331,7 @@ def match_targets():
     for ds, arch, seed in _grid():
         if "dense" in STUDY["methods"]:
             out.append(dense_flops_path(ds, arch, seed))
-        out += [match_path(ds, arch, seed, m, t) for m, t in _compressed((*TOKEN_METHODS, "nvit_tome"))]
+        out += [match_path(ds, arch, seed, m, t) for m, t in _compressed(MATCHED_METHODS)]
     return out
 
 
@@ -346,7 +348,7 @@ def finetune_targets():
         if FINETUNE["token_methods"]:
             out += [
                 model_path(ds, arch, seed, f"{m}-{fraction_text(t)}-ft")
-                for m, t in _compressed((*TOKEN_METHODS, "nvit_tome"))
+                for m, t in _compressed(MATCHED_METHODS)
             ]
     return out
 

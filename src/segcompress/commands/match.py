@@ -28,10 +28,10 @@ from typing import Any, Iterator
 import torch
 
 from segcompress.commands._model_options import add_model_arguments, calibration_images, parse_json_arg, spec_and_model
+from segcompress.methods import TOKEN_METHODS
 
 log = logging.getLogger("segcompress.match")
 
-TOKEN_METHODS = ("tome", "algm", "cts")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@ The scenes are built so that token compression has something to lose: large text
 (sky, walls, roads, buildings: many similar tokens to merge), small objects one to a few 8-pixel
 patches in size (people, signs, traffic lights, windows, vases) and thin structures narrower than
 a patch (poles 3-6 pixels wide, fences and railings of 3-pixel bars, table legs; wires and lane
-marks are "other"/void). Every evaluated class has its own colour, at least 87 RGB units from
+marks are "other"/void). Every evaluated class has its own colour, at least 86 RGB units from
 every other evaluated class's (void ids get colours of their own too), and its own texture
 (stripes, checkers, blotches, dots, speckle, gradients), drawn from a fixed "world" table, so a
 small ViT trained from scratch in a few hundred iterations can learn them and a model trained on
@@ -82,7 +82,7 @@ class Appearance:
 
 
 # Candidate base colours. The evaluated classes draw theirs from a body-centred cubic lattice
-# (a 3-level grid on 35/135/235 plus the centres of its cells): 35 colours at least 87 apart
+# (a 3-level grid on 35/135/235 plus the centres of its cells): 35 colours at least 86.6 apart
 # (sqrt(3) x 50), so up to 35 classes stay that far apart. Ignored ids draw from a finer grid.
 _BCC = np.concatenate([
     np.stack(np.meshgrid(*[(35.0, 135.0, 235.0)] * 3, indexing="ij"), -1).reshape(-1, 3),
@@ -115,7 +115,7 @@ def class_colors(n: int, rng: np.random.Generator, candidates: np.ndarray, taken
 def appearance_table(class_ids: list[int], layout: str, ignored: tuple[int, ...] = ()) -> dict[int, Appearance]:
     """A fixed appearance for every class id: its own base colour and a texture.
 
-    The evaluated classes get their colours first, at least 87 apart (:data:`_BCC`); the
+    The evaluated classes get their colours first, at least 86.6 apart (:data:`_BCC`); the
     ``ignored`` ids (void, labels never evaluated) get others, as far from those as possible
     (ignored pixels never enter the loss or the metric, so their colours only need to differ).
     """

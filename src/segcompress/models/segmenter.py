@@ -174,7 +174,7 @@ def build_encoder(spec: SegmenterSpec, pretrained: str | None = None) -> VisionT
     from functools import partial
 
     norm_layer = partial(nn.LayerNorm, eps=spec.norm_eps)
-    rates = torch.linspace(0, spec.drop_path_rate, spec.depth).tolist()  # timm's per-block rule
+    rates = torch.linspace(0, spec.drop_path_rate, spec.depth, device="cpu").tolist()  # timm's per-block rule
     blocks = []
     for i, rate in enumerate(rates):
         dims = spec.block_dims(i)

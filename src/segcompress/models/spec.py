@@ -131,8 +131,11 @@ class SegmenterSpec:
 def spec_from_timm(name: str, num_classes: int, img_size: int | list[int], **overrides: Any) -> SegmenterSpec:
     """Spec of a Segmenter whose encoder has the architecture of the timm ViT ``name``.
 
-    The timm model is built on the meta device only to read its widths, so any timm
-    ``VisionTransformer`` variant works (patch size and widths come from timm's registry).
+    The timm model is built on the meta device only to read its widths (patch size, widths and
+    the LayerNorm epsilon come from timm's registry). The plain class-token ViTs work (every
+    ``vit_*_patch*`` of the ViT and DeiT papers); variants with parts the project's ViT does not
+    have (LayerScale, register tokens, position embeddings without the class token, a pre-norm,
+    average pooling) are refused by name.
     """
     import timm
     import torch
@@ -140,6 +143,20 @@ def spec_from_timm(name: str, num_classes: int, img_size: int | list[int], **ove
     with torch.device("meta"):
         vit = timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size)
     blk = vit.blocks[0]
+    unsupported = [
+        what for what, present in (
+            ("LayerScale", not isinstance(blk.ls1, torch.nn.Identity)),
+            ("register tokens", getattr(vit, "reg_token", None) is not None),
+            ("no class token", getattr(vit, "cls_token", None) is None),
+            ("position embeddings without the class token", getattr(vit, "no_embed_class", False)),
+            ("a pre-norm", not isinstance(getattr(vit, "norm_pre", torch.nn.Identity()), torch.nn.Identity)),
+            ("a distillation token", getattr(vit, "dist_token", None) is not None),
+            ("pooled features (fc_norm)", not isinstance(getattr(vit, "fc_norm", torch.nn.Identity()), torch.nn.Identity)),
+        ) if present
+    ]
+    if unsupported:
+        raise ValueError(f"timm model {name!r} has {', '.join(unsupported)}, which the Segmenter encoder "
+                         "(segcompress.models.vit) does not; use a plain class-token ViT such as vit_small_patch16_384")
     return SegmenterSpec(
         num_classes=num_classes,
         img_size=img_size,
@@ -148,6 +165,7 @@ def spec_from_timm(name: str, num_classes: int, img_size: int | list[int], **ove
         depth=len(vit.blocks),
         num_heads=blk.attn.num_heads,
         mlp_ratio=blk.mlp.fc1.out_features / vit.embed_dim,
+        **({"norm_eps": float(vit.norm.eps)} if isinstance(vit.norm, torch.nn.LayerNorm) else {}),
         backbone=name,
         **overrides,
     )

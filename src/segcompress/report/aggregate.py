@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from segcompress import robustness as R
+from segcompress.methods import LABELS
 from segcompress.report.rows import CATEGORIES
 
 log = logging.getLogger(__name__)
@@ -55,16 +56,8 @@ MODEL_KEYS: tuple[str, ...] = ("dataset", "backbone", "method", "target", "seed"
 #: Columns identifying one point of a curve in :func:`points`.
 POINT_KEYS: tuple[str, ...] = ("dataset", "backbone", "method", "target")
 
-# Display names and drawing order of the known methods; other methods follow alphabetically.
-METHOD_LABELS: dict[str, str] = {
-    "dense": "Dense",
-    "dense_control": "Dense control",
-    "nvit": "NViT",
-    "tome": "ToMe",
-    "algm": "ALGM",
-    "cts": "CTS",
-    "nvit_tome": "NViT+ToMe",
-}
+# Display names and drawing order of the known methods (segcompress.methods); others follow alphabetically.
+METHOD_LABELS: dict[str, str] = LABELS
 
 
 def method_rank(method: str) -> tuple[int, str]:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segcompress.flops import analytic_gmacs, bipartite_match_macs
+from segcompress.methods import CATALOGUE
 from segcompress.models.spec import SegmenterSpec
 from segcompress.tokens import tome as tome_fn
 from segcompress.tokens.algm import config_from_knob
@@ -27,7 +28,7 @@ from segcompress.tokens.algm import config_from_knob
 NUM_PREFIX = 1  # Segmenter: one class token
 # Methods whose cost depends on the image: method_cost needs a model and images, and every
 # evaluated condition measures its own cost.
-INPUT_DEPENDENT = frozenset({"algm"})
+INPUT_DEPENDENT = frozenset(m.name for m in CATALOGUE if m.input_dependent)
 
 
 def is_input_dependent(name: str) -> bool:
