@@ -20,12 +20,12 @@ venv: $(STAMP)
 
 # torch first and alone: pinned 2.13.0 takes the local CPU wheel on a CPU-only machine and the
 # CUDA build elsewhere; every later install is constrained so it never replaces it.
-# --no-compile: no bytecode for the tens of thousands of modules installed, most never imported
-# (Python writes it for those that are, on first import); about a minute less on 2 cores.
+# pip compiles every module to bytecode here; keep it: with PYTHONDONTWRITEBYTECODE set (as on
+# this project's build machines) no job would ever write it, and each would recompile torch.
 $(STAMP): envs/requirements.txt envs/constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --no-compile torch==2.13.0 setuptools==81.0.0
-	$(BIN)/python -m pip install --quiet --no-compile -c envs/constraints.txt -r envs/requirements.txt
+	$(BIN)/python -m pip install --quiet torch==2.13.0 setuptools==81.0.0
+	$(BIN)/python -m pip install --quiet -c envs/constraints.txt -r envs/requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/python -m segcompress._import_hooks install
 	$(BIN)/python -m pip check
