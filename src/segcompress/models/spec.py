@@ -165,9 +165,8 @@ def spec_from_timm(name: str, num_classes: int, img_size: int | list[int], **ove
         depth=len(vit.blocks),
         num_heads=blk.attn.num_heads,
         mlp_ratio=blk.mlp.fc1.out_features / vit.embed_dim,
-        **({"norm_eps": float(vit.norm.eps)} if isinstance(vit.norm, torch.nn.LayerNorm) else {}),
         backbone=name,
-        **overrides,
+        **{"norm_eps": float(vit.norm.eps), **overrides},  # an override (e.g. a converted checkpoint's) wins
     )
 
 
