@@ -184,9 +184,10 @@ def measure_throughputs(
     """:func:`measure_throughput` of several ``(model, inputs)`` runs, timed in interleaved rounds.
 
     Every model gets its warm-up batches first; then each of the ``repeats`` rounds times one
-    batch of every model in turn, each round starting one model further on. A slow spell of the machine (clock changes, another process, the
-    allocator settling) then falls on all models alike instead of on whichever is timed first, so
-    speed-ups between them are measured under the same conditions. Returns one row per run.
+    batch of every model in turn, each round starting one model further on. A slow spell of the
+    machine (clock changes, another process, the allocator settling) then falls on all models
+    alike instead of on whichever is timed first, so speed-ups between them are measured under
+    the same conditions. Returns one row per run.
     """
     if batch < 1 or repeats < 1 or warmup < 0:
         raise ValueError("batch and repeats must be >= 1 and warmup >= 0")

@@ -1,7 +1,7 @@
 """The study's methods: what each is (:data:`CATALOGUE`) and how it attaches to a model.
 
 :data:`CATALOGUE` is the one list of the methods a study can name (``study.methods``): each
-entry's name, display label, family and needs. The workflow's method lists, ``segcompress
+entry's name, display label, family and what it acts on. The workflow's method lists, ``segcompress
 match``'s choices, the report's labels and drawing order, the input-dependent cost rule, which
 variants train while pruning, and the config schema's enum (tested equal) all come from it.
 
@@ -60,13 +60,6 @@ PRUNED_METHODS: tuple[str, ...] = tuple(m.name for m in CATALOGUE if m.pruned)
 LABELS: dict[str, str] = {"dense": "Dense", "dense_control": "Dense control",
                           **{m.name: m.label for m in CATALOGUE}}
 
-
-def method_info(name: str) -> MethodInfo:
-    """The catalogue entry of ``name``; unknown names are an error naming the choices."""
-    for m in CATALOGUE:
-        if m.name == name:
-            return m
-    raise ValueError(f"unknown method {name!r}; choose one of {', '.join(STUDY_METHODS)}")
 
 Applier = Callable[["nn.Module", dict[str, Any]], "nn.Module"]
 

@@ -21,6 +21,8 @@ from types import SimpleNamespace
 from snakemake.exceptions import WorkflowError
 
 from segcompress.corrupt import CATEGORY_OF  # corruption -> category, the corruption stage's table
+# The methods a study can name (segcompress.methods.CATALOGUE, dense first): token methods act on
+# the dense model, matched ones get their knob from `segcompress match`, pruned ones train while pruning.
 from segcompress.methods import MATCHED_METHODS, PRUNED_METHODS, STUDY_METHODS, TOKEN_METHODS
 
 # Every segcompress job logs its own command line first (segcompress.cli), so the job's log keeps
@@ -57,9 +59,6 @@ CONDA_ENV = "../../envs/segcompress.yaml"
 
 STUDY = config["study"]
 FINETUNE = config["finetune"]
-# The methods a study can name come from segcompress.methods.CATALOGUE (dense first): token
-# methods act on the dense model, matched ones get their knob from `segcompress match`.
-ALL_METHODS = STUDY_METHODS
 # The dense model trained for the same post-compression budget as the compressed variants
 # (finetune.dense_control): a reference beside the dense model, not a compression method.
 DENSE_CONTROL = "dense_control"
@@ -117,7 +116,7 @@ def _alternation(names):
 
 FRACTION_RE = r"[0-9]*\.?[0-9]+"
 SEED_RE = r"[0-9]+"
-VARIANT_RE = rf"(?:{_alternation(REFERENCES)})-seed{SEED_RE}|(?:{_alternation(ALL_METHODS[1:])})-{FRACTION_RE}-seed{SEED_RE}"
+VARIANT_RE = rf"(?:{_alternation(REFERENCES)})-seed{SEED_RE}|(?:{_alternation(STUDY_METHODS[1:])})-{FRACTION_RE}-seed{SEED_RE}"
 
 STEM_RE = rf"dense|nvit-{FRACTION_RE}|(?:{_alternation(MATCHED_METHODS)})-{FRACTION_RE}"
 
@@ -286,7 +285,7 @@ def variants(seed):
     out = [variant_name("dense", None, seed)] if "dense" in STUDY["methods"] else []
     if FINETUNE["dense_control"]:
         out.append(variant_name(DENSE_CONTROL, None, seed))
-    return out + [variant_name(m, t, seed) for m, t in _compressed(ALL_METHODS[1:])]
+    return out + [variant_name(m, t, seed) for m, t in _compressed(STUDY_METHODS[1:])]
 
 
 def data_targets():

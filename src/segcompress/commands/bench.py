@@ -14,8 +14,9 @@ the report joins onto the results rows of the same variant.
 several saved variants in one process, with the same input and in interleaved rounds (each round
 times one batch of every variant in turn, so a slow spell of the machine falls on all alike), so
 their speed-ups are measured under the same conditions and the process starts once (the workflow
-times every variant of a dataset, backbone and seed in one job; they are all loaded at once). Each variant's row is written to its OUT with the common
-``--tag`` columns plus its own TAGS (``KEY=VALUE,KEY=VALUE``, or ``-`` for none).
+times every variant of a dataset, backbone and seed in one job; they are all loaded at once).
+Each variant's row is written to its OUT with the common ``--tag`` columns plus its own TAGS
+(``KEY=VALUE,KEY=VALUE``, or ``-`` for none).
 """
 
 from __future__ import annotations
