@@ -20,12 +20,17 @@ venv: $(STAMP)
 
 # torch first and alone: pinned 2.13.0 takes the local CPU wheel on a CPU-only machine and the
 # CUDA build elsewhere; every later install is constrained so it never replaces it.
-# pip compiles every module to bytecode here; keep it: with PYTHONDONTWRITEBYTECODE set (as on
-# this project's build machines) no job would ever write it, and each would recompile torch.
+# The rest with uv (pinned, installed by pip beside torch): the same pins, resolved and installed
+# in ~40 s instead of pip's ~150 s. uv reads no pip.conf, so where it cannot reach its index
+# (a pip mirror or find-links only) pip installs the same files instead.
+# Bytecode is compiled at install (uv --compile-bytecode, pip by default): with
+# PYTHONDONTWRITEBYTECODE set (as on this project's build machines) no job would ever write it,
+# and each would recompile torch.
 $(STAMP): envs/requirements.txt envs/constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet torch==2.13.0 setuptools==81.0.0
-	$(BIN)/python -m pip install --quiet -c envs/constraints.txt -r envs/requirements.txt
+	$(BIN)/python -m pip install --quiet torch==2.13.0 setuptools==81.0.0 uv==0.13.8
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode -c envs/constraints.txt -r envs/requirements.txt \
+		|| $(BIN)/python -m pip install --quiet -c envs/constraints.txt -r envs/requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/python -m segcompress._import_hooks install
 	$(BIN)/python -m pip check

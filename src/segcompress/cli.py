@@ -49,7 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is None:  # the command line: inside a workflow run its fork server may run it
+        from segcompress.forkserver import delegate
+
+        code = delegate(sys.argv)
+        if code is not None:
+            return code
+        argv = sys.argv[1:]
     parser = build_parser()
     # Parse the verb first, then let the verb's module add its own arguments.
     # Global options (-v, --version, --help) may come before the verb: `segcompress -v train ...`.
