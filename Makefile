@@ -10,8 +10,8 @@ VENV ?= .venv
 CORES ?= all
 SNAKEMAKE_ARGS ?=
 BIN := $(VENV)/bin
-# Snakemake auto-loads profiles/default/ only beside the Snakefile; ours lives in workflow/.
-SNAKEMAKE := $(BIN)/snakemake --workflow-profile workflow/profiles/default
+# Snakemake loads profiles/default/ (beside the Snakefile) by itself: make adds nothing to it.
+SNAKEMAKE := $(BIN)/snakemake
 STAMP := $(VENV)/.segcompress-installed
 
 .PHONY: venv run test dry-run lint clean-results

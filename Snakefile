@@ -1,14 +1,13 @@
 # segcompress: token compression vs structural pruning for ViT segmentation at matched FLOPs.
 #
 #   make run                              the whole study of config.yaml, with the local defaults
-#   snakemake --workflow-profile workflow/profiles/default --cores all phase_evaluate
+#   snakemake --cores all phase_evaluate
 #                                         up to one phase (phase_data ... phase_analyse, phase_report)
-#   snakemake --workflow-profile workflow/profiles/default --configfile .test/config.yaml --cores 2
+#   snakemake --configfile .test/config.yaml --cores 2
 #
 # Rules live in workflow/rules/<phase>.smk, helpers in workflow/rules/common.smk, the config
-# schema in workflow/schemas/config.schema.yaml, local defaults in workflow/profiles/default/:
-# `make run` loads them; by hand add `--workflow-profile workflow/profiles/default` (they are not
-# loaded by default, so that a cluster profile, workflow/profiles/slurm, is not overridden).
+# schema in workflow/schemas/config.schema.yaml, local defaults in profiles/default/ (Snakemake
+# loads them by itself); on a cluster `--workflow-profile profiles/slurm` replaces them.
 # After a crash or a kill, Snakemake keeps the folder locked: `snakemake --unlock`, then rerun.
 
 from snakemake.utils import min_version, validate

@@ -1,7 +1,7 @@
 """Cluster execution: the SLURM profile and multi-GPU training jobs, as far as a machine without
 SLURM or GPUs allows.
 
-* The profile parses, and a dry run through it (``snakemake -n --profile workflow/profiles/slurm``)
+* The profile parses, and a dry run through it (``snakemake -n --workflow-profile profiles/slurm``)
   plans every rule with the profile's resources: GPU, GPU model, CPUs per GPU, runtime and memory
   on the GPU rules, none of them on the CPU-only rules.
 * The SLURM plugin's own submit-string builder turns those resources into the expected ``sbatch``
@@ -23,7 +23,7 @@ import yaml
 
 from test_workflow import ROOT, WORKFLOW_FILES, snakemake
 
-PROFILE = ROOT / "workflow" / "profiles" / "slurm"
+PROFILE = ROOT / "profiles" / "slurm"
 CPU_RULES = ("data", "corrupt", "measure", "report")
 
 
@@ -73,7 +73,7 @@ def slurm_plan() -> list[dict]:
     ``--cores 64``: a dry run caps threads at the local cores (1 by default); a real SLURM run
     does not cap them.
     """
-    jobs = plan("--cores", "64", "--profile", str(PROFILE.relative_to(ROOT)))
+    jobs = plan("--cores", "64", "--workflow-profile", str(PROFILE.relative_to(ROOT)))
     assert {j["rule"] for j in jobs} >= set(CPU_RULES) | {"train", "evaluate"}
     return jobs
 
@@ -164,7 +164,7 @@ def test_train_job_with_several_gpus_is_launched_by_torchrun(slurm_plan: list[di
     cfg = profile()
     cfg["set-resources"]["train"]["gpu"] = 4
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    result = snakemake("-n", "--forceall", "--cores", "64", "--profile", str(tmp_path),
+    result = snakemake("-n", "--forceall", "--cores", "64", "--workflow-profile", str(tmp_path),
                        "--configfile", ".test/config-all-methods.yaml",
                        "--", "models/ade20k/vit_micro/seed0/dense.safetensors")
     assert result.returncode == 0, result.stderr

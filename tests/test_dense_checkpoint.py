@@ -69,7 +69,7 @@ def snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def study_copy(tmp_path: Path, checkpoints: dict) -> Path:
     """The tiny study (.test/config.yaml) in a copy of the workflow, with train.dense_checkpoints set."""
     tmp_path.mkdir()
-    copy_paths(("Snakefile", "config.yaml", "workflow", "envs", ".test"), ROOT, tmp_path)
+    copy_paths(("Snakefile", "config.yaml", "workflow", "profiles", "envs", ".test"), ROOT, tmp_path)
     cfg = tmp_path / ".test" / "config.yaml"
     config = merge_config(yaml.safe_load(cfg.read_text()), {"train": {"dense_checkpoints": checkpoints}})
     cfg.write_text(yaml.safe_dump(config))

@@ -27,7 +27,7 @@ from test_workflow import ROOT, job_counts
 
 BIN = Path(sys.executable).parent
 DVC = str(BIN / "dvc")
-PROJECT_FILES = ("Snakefile", "config.yaml", "workflow", "envs", "src", ".test", "dvc.yaml", ".dvcignore", ".gitignore")
+PROJECT_FILES = ("Snakefile", "config.yaml", "workflow", "profiles", "envs", "src", ".test", "dvc.yaml", ".dvcignore", ".gitignore")
 WORK_RULES = {"train", "train_policy", "prune", "finetune", "match", "measure"}
 
 
@@ -56,7 +56,7 @@ def test_stages_run_every_snakemake_phase_once_in_order() -> None:
     called = []
     for name, stage in stages.items():
         cmd = " ".join(stage["cmd"].split())
-        head = "snakemake --cores all --workflow-profile workflow/profiles/default "
+        head = "snakemake --cores all "
         assert cmd.startswith(head), (name, cmd)
         targets = cmd.removeprefix(head).split()
         assert targets and all(t.startswith("phase_") for t in targets), (name, cmd)
@@ -80,7 +80,7 @@ def test_stages_track_code_params_and_keep_outputs() -> None:
         outs = [(path, props) for out in stage["outs"] for path, props in out.items()]
         assert outs and all(props["persist"] for _, props in outs), name  # Snakemake decides what to redo
     report = spec["stages"]["report"]
-    assert report["metrics"] == [{"results/metrics.json": {"cache": False, "persist": True}}]
+    assert report["metrics"] == [{"results/metrics": {"cache": False, "persist": True}}]
     plotted = {f for plot in spec["plots"] for props in plot.values() for f in props["y"]}
     assert plotted == {"results/curves.csv"}
     assert {"results/curves.csv": {"cache": False, "persist": True}} in report["outs"]
@@ -140,7 +140,7 @@ def test_slow_dvc_repro_reruns_only_what_a_change_touches(dvc_repo: Path) -> Non
     metrics = dvc("metrics", "show", "--json", cwd=dvc_repo)
     assert metrics.returncode == 0, metrics.stdout
     assert '"miou_clean"' in metrics.stdout and '"dense"' in metrics.stdout
-    point = json.loads((dvc_repo / "results" / "metrics.json").read_text())["ade20k"]["vit_micro"]["dense"]
+    point = json.loads((dvc_repo / "results" / "metrics" / "ade20k" / "vit_micro" / "dense.json").read_text())
     assert 0 <= point["miou_clean"] <= 1 and point["gflops"] > 0
     plots = dvc("plots", "show", cwd=dvc_repo)
     assert plots.returncode == 0, plots.stdout

@@ -1,4 +1,4 @@
-"""results/metrics.json and results/curves.csv (segcompress.summary), the files DVC's metrics and
+"""results/metrics/ and results/curves.csv (segcompress.summary), the files DVC's metrics and
 plots read, computed from benchmark.csv by the report's own aggregation."""
 
 from __future__ import annotations
@@ -31,8 +31,13 @@ def benchmark(path: Path) -> Path:
 
 
 def test_metrics_and_curves_hold_one_point_per_method_and_target(tmp_path: Path) -> None:
+    (tmp_path / "metrics" / "ade20k" / "vit").mkdir(parents=True)
+    (tmp_path / "metrics" / "ade20k" / "vit" / "algm-0.3.json").write_text("{}")  # a point gone from the study
     metrics = write_summary(benchmark(tmp_path / "benchmark.csv"))
-    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    files = sorted((tmp_path / "metrics").rglob("*.json"))  # one file per point: one row each in dvc metrics show
+    assert [f.relative_to(tmp_path).as_posix() for f in files] == ["metrics/ade20k/vit/dense.json",
+                                                                   "metrics/ade20k/vit/tome-0.5.json"]
+    assert {f.stem: json.loads(f.read_text()) for f in files} == metrics["ade20k"]["vit"]
     points = metrics["ade20k"]["vit"]
     assert set(points) == {"dense", "tome-0.5"}
     assert points["dense"] == {"gflops": 10.0, "miou_clean": 0.51, "miou_corrupted": pytest.approx(0.36),

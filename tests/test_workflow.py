@@ -22,7 +22,7 @@ from project_copy import copy_paths
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
-WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "envs", ".test")
+WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "profiles", "envs", ".test")
 
 
 def snakemake(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -232,13 +232,15 @@ def test_every_phase_target_and_contract_path_resolves() -> None:
 
 
 def test_workflow_profile_loads() -> None:
-    result = snakemake("-n", "--workflow-profile", "workflow/profiles/default", "--quiet", "rules")
-    assert result.returncode == 0, result.stderr
-    assert "Using workflow specific profile workflow/profiles/default" in result.stdout + result.stderr
-    # not loaded by default: a cluster profile's threads must not be overridden by the local ones
+    """A plain `snakemake` gets the local defaults (profiles/default, beside the Snakefile); a
+    cluster's workflow profile replaces them instead of being merged with them."""
     result = snakemake("-n", "--quiet", "rules")
     assert result.returncode == 0, result.stderr
-    assert "workflow specific profile" not in result.stdout + result.stderr
+    assert "Using workflow specific profile profiles/default" in result.stdout + result.stderr
+    result = snakemake("-n", "--workflow-profile", "profiles/slurm", "--quiet", "rules")
+    assert result.returncode == 0, result.stderr
+    assert "Using workflow specific profile profiles/slurm" in result.stdout + result.stderr
+    assert "profiles/default" not in result.stdout + result.stderr
 
 
 def test_lint_is_clean() -> None:

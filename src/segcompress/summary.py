@@ -5,9 +5,10 @@ Two files, derived from the long-format table alone by the report's own aggregat
 the numbers of the summary table), small enough for Git and for DVC's ``metrics`` and ``plots``
 (``dvc metrics show``, ``dvc plots show``; see dvc.yaml):
 
-- ``metrics.json``: ``{dataset: {backbone: {point: {gflops, miou_clean, miou_corrupted, seeds}}}}``,
-  one point per method and FLOPs target (``dense``, ``tome-0.5``, ...); mIoU as fractions, means
-  over seeds, ``null`` where nothing was evaluated (a study without corruptions).
+- ``metrics/<dataset>/<backbone>/<point>.json``: ``{gflops, miou_clean, miou_corrupted, seeds}``,
+  one file per method and FLOPs target (``dense.json``, ``tome-0.5.json``, ...), so that ``dvc
+  metrics show`` prints one row per point and four columns; mIoU as fractions, means over seeds,
+  ``null`` where nothing was evaluated (a study without corruptions).
 - ``curves.csv``: the same points as rows (dataset, backbone, method, target_fraction, gflops,
   miou_clean, miou_corrupted, their standard deviations over seeds, seeds), for plotting mIoU
   against GFLOPs per method.
@@ -19,6 +20,7 @@ import csv
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,7 +39,7 @@ CURVE_COLUMNS: dict[str, str | None] = {
     "miou_corrupted_std": "corrupted_miou_std",
     "seeds": "n_seeds",
 }
-#: Keys of one point in metrics.json.
+#: Keys of one point's metrics file.
 METRIC_KEYS: tuple[str, ...] = ("gflops", "miou_clean", "miou_corrupted")
 
 
@@ -65,10 +67,11 @@ def write_summary(
     categories: Sequence[str] | None = None,
     severities: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Write ``metrics.json`` and ``curves.csv`` beside the long-format table ``csv_path``.
+    """Write the ``metrics/`` folder and ``curves.csv`` beside the long-format table ``csv_path``.
 
     ``categories`` / ``severities`` select what enters the corrupted mIoU, as for the report.
-    Returns the metrics written.
+    Returns the metrics written, ``{dataset: {backbone: {point: {...}}}}``. The folder is
+    replaced whole, so a point no longer in the table leaves no file behind.
     """
     from segcompress.report.aggregate import per_seed, points, read_benchmark
 
@@ -87,6 +90,20 @@ def write_summary(
         metrics.setdefault(str(p["dataset"]), {}).setdefault(str(p["backbone"]), {})[
             point_name(str(p["method"]), p["target"])
         ] = point
-    atomic_write_text(csv_path.with_name("metrics.json"), json.dumps(metrics, indent=2) + "\n")
+    _write_metrics_folder(csv_path.with_name("metrics"), metrics)
     atomic_write_text(csv_path.with_name("curves.csv"), table.getvalue())
     return metrics
+
+
+def _write_metrics_folder(folder: Path, metrics: dict[str, Any]) -> None:
+    """One JSON file per point under ``folder``, written beside it and swapped in whole."""
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    for dataset, backbones in metrics.items():
+        for backbone, points in backbones.items():
+            (partial / dataset / backbone).mkdir(parents=True)
+            for name, point in points.items():
+                (partial / dataset / backbone / f"{name}.json").write_text(json.dumps(point, indent=2) + "\n")
+    partial.mkdir(exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)

@@ -463,7 +463,7 @@ REPORT_OUTPUTS = {
     "dense_classes_csv": "results/tables/dense_classes.csv",
     "html": "results/report.html",
     # written beside the CSV by the report verb (segcompress.summary): DVC's metrics and plots
-    "metrics": "results/metrics.json",
+    "metrics": "results/metrics",  # one JSON file per point (a folder: see report_outputs)
     "curves": "results/curves.csv",
 }
 
@@ -483,7 +483,7 @@ REPORT_CAPTIONS = {
 
 def report_outputs():
     """REPORT_OUTPUTS with the figures and tables flagged for `snakemake --report` (same paths)."""
-    outputs = dict(REPORT_OUTPUTS)
+    outputs = dict(REPORT_OUTPUTS, metrics=directory(REPORT_OUTPUTS["metrics"]))
     for key, (caption, category) in REPORT_CAPTIONS.items():
         outputs[key] = report(outputs[key], caption=f"../report/{caption}", category=category)
     return outputs

@@ -2,7 +2,7 @@
 # trained on it. Training resumes from models/.../dense.safetensors.resume/ when rerun.
 #
 # Several GPUs: a train job given gpu=N > 1 (`set-resources: train: gpu: N` in a profile, as in
-# workflow/profiles/slurm/) runs N processes, one per GPU, under
+# profiles/slurm/) runs N processes, one per GPU, under
 # `torchrun --standalone --nproc_per_node N -m segcompress train ...`; with gpu=1 (the default)
 # it is the plain `segcompress train ...`. The recipe's batch_size is the world batch, split over
 # the processes, so the GPU count changes the speed, not the recipe; and since resources are not

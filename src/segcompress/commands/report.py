@@ -110,7 +110,7 @@ def main(args: argparse.Namespace) -> int:
     log.info("wrote %s rows to %s", summary["rows"], summary["csv"])
     if summary["unreached"]:
         log.warning("%d FLOPs target(s) not reached; flagged in the tables and figures", len(summary["unreached"]))
-    # metrics.json and curves.csv beside the CSV, for `dvc metrics show` / `dvc plots show`
+    # metrics/ and curves.csv beside the CSV, for `dvc metrics show` / `dvc plots show`
     write_summary(args.csv, args.corrupted_categories, args.corrupted_severities)
     print(json.dumps(summary))
     return 0
