@@ -133,7 +133,7 @@ AREA_ROWS = ("intersect", "union", "pred", "label")
 
 
 class SegMetric:
-    """Dataset-level confusion areas per class (:func:`image_areas`, mmseg's), in float64.
+    """Dataset-level confusion areas per class (mmseg ``IoUMetric.intersect_and_union``), in float64.
 
     Attributes:
         areas: (4, K) float64, rows :data:`AREA_ROWS`, summed over the images so far.
@@ -149,9 +149,12 @@ class SegMetric:
     def update(self, pred: torch.Tensor, label: torch.Tensor, name: str = "") -> None:
         """Add one image, named ``name`` in :attr:`per_image`: ``pred`` and ``label`` (H, W)
         integer maps of the same size."""
+        from mmseg.evaluation import IoUMetric
+
         if pred.shape != label.shape:
             raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(label.shape)} differ in size")
-        image = image_areas(pred, label, self.num_classes, self.ignore_index)
+        areas = IoUMetric.intersect_and_union(pred, label, self.num_classes, self.ignore_index)
+        image = torch.stack([a.to(torch.float64).cpu() for a in areas])
         self.areas += image
         self.per_image.append(sparse_areas(name, image))
 
@@ -168,22 +171,6 @@ class SegMetric:
             "iou": [_float(v) for v in iou],
             "acc": [_float(v) for v in acc],
         }
-
-
-def image_areas(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
-                ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """One image's (4, K) float64 areas, rows :data:`AREA_ROWS`: mmseg's
-    ``IoUMetric.intersect_and_union`` (pixels labelled ``ignore_index`` left out, values outside
-    0..K-1 in no class) counted with ``bincount`` instead of ``histc`` (tested equal)."""
-    valid = label != ignore_index
-    pred, label = pred[valid].flatten().long(), label[valid].flatten().long()
-
-    def count(values: torch.Tensor) -> torch.Tensor:
-        values = values[(values >= 0) & (values < num_classes)]
-        return torch.bincount(values, minlength=num_classes).to(torch.float64).cpu()
-
-    intersect, area_pred, area_label = count(pred[pred == label]), count(pred), count(label)
-    return torch.stack([intersect, area_pred + area_label - intersect, area_pred, area_label])
 
 
 def sparse_areas(name: str, areas: torch.Tensor) -> dict[str, Any]:
