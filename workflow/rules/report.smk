@@ -14,6 +14,9 @@ rule report_inputs:
         inputs=report_inputs(),
     log:
         "logs/report/report_inputs.log",
+    # ready at the start but needed only at the end: after the data jobs, not beside them (a run:
+    # job holds a core for ~8 s, which would delay the dense trainings that every stage waits for)
+    priority: -1
     run:
         from segcompress.io import write_json
 
