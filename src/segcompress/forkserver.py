@@ -116,11 +116,11 @@ def serve(path: Path, parent: int, idle_timeout: float = 3600.0) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     partial = path.with_name(path.name + ".partial")
     partial.unlink(missing_ok=True)
-    listener.bind(str(partial))
-    listener.listen(16)
-    os.replace(partial, path)  # commands see the socket only once it serves
     last = time.monotonic()
     try:
+        listener.bind(str(partial))
+        listener.listen(16)
+        os.replace(partial, path)  # commands see the socket only once it serves
         while os.getppid() == parent and time.monotonic() - last < idle_timeout:
             _reap()
             if not select.select([listener], [], [], 1.0)[0]:
@@ -135,7 +135,8 @@ def serve(path: Path, parent: int, idle_timeout: float = 3600.0) -> None:
                 conn.close()
     finally:
         listener.close()
-        path.unlink(missing_ok=True)
+        for leftover in (partial, path):
+            leftover.unlink(missing_ok=True)
 
 
 def _python() -> list[str | None]:
@@ -181,9 +182,9 @@ def _run_child(conn: socket.socket, fds: list[int], request: dict) -> None:
     """In the forked child: become the command's process, run it, report its exit status."""
     code = 1
     try:
-        for signum in (*_FORWARDED, signal.SIGCHLD):
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt, as in any Python
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
         sys.stdin = open(0, closefd=False)
@@ -251,12 +252,13 @@ def start(parent: int | None = None) -> str | None:
 
     folder = Path(tempfile.mkdtemp(prefix="segcompress-"))
     path = folder / "server.sock"
-    subprocess.Popen(
-        [sys.executable, "-m", "segcompress.forkserver", "--socket", str(path),
-         "--parent", str(os.getpid() if parent is None else parent)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"),
-        env={**os.environ, "OMP_NUM_THREADS": "1", ENV: "0"}, start_new_session=True,
-    )
+    with open(folder / "server.log", "w") as server_log:  # the server keeps its own copy
+        subprocess.Popen(
+            [sys.executable, "-m", "segcompress.forkserver", "--socket", str(path),
+             "--parent", str(os.getpid() if parent is None else parent)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=server_log,
+            env={**os.environ, "OMP_NUM_THREADS": "1", ENV: "0"}, start_new_session=True,
+        )
     return str(path)
 
 
@@ -268,10 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        serve(args.socket, args.parent, args.idle_timeout)
+        serve(args.socket, args.parent, args.idle_timeout)  # removes its socket
     finally:
-        for leftover in (args.socket, args.socket.with_name(args.socket.name + ".partial")):
-            leftover.unlink(missing_ok=True)
         if args.socket.parent.name.startswith("segcompress-"):  # start()'s folder, log included
             shutil.rmtree(args.socket.parent, ignore_errors=True)
 
