@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 SNAKEMAKE := $(BIN)/snakemake
 STAMP := $(VENV)/.segcompress-installed
 
-.PHONY: venv run test dry-run lint clean-results
+.PHONY: venv run test test-fast dry-run lint clean-results
 
 venv: $(STAMP)
 
@@ -47,6 +47,10 @@ lint: venv
 
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The unit tests only (no end-to-end study runs): a few minutes
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean-results:
 	rm -rf results

@@ -59,11 +59,11 @@ def timed(model: torch.nn.Module, img: torch.Tensor) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     from segcompress.bench import DTYPES, add_allocator_argument, autocast, resolve_device, use_allocator
     from segcompress.flops import analytic_gmacs
+    from segcompress import methods
     from segcompress.methods import apply_method
     from segcompress.models import build_segmenter
     from segcompress.models.checkpoint import load_model
     from segcompress.models.spec import spec_from_timm
-    from segcompress.tokens.match import match_algm, match_cts, match_tome
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default="vit_small_patch16_384", help="timm ViT name (random init)")
@@ -72,11 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--crop", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--fractions", type=float, nargs="+", default=[0.75, 0.5, 0.3])
-    p.add_argument("--methods", nargs="+", default=["tome", "algm", "cts"], choices=["tome", "algm", "cts"])
+    p.add_argument("--methods", nargs="+", default=list(methods.names(family="token")),
+                   choices=methods.names(family="token"))
     p.add_argument("--repeats", type=int, default=3, help="timed (dense, method) pairs per point")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--knob", default="{}", help="extra method settings as JSON, applied to every method")
+    p.add_argument("--settings", default="{}",
+                   help="method settings as JSON; each method takes the keys it has (e.g. decoder_on_merged)")
     p.add_argument("--device", default="cpu", help="cpu, cuda[:i] or auto (CUDA if available)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="bfloat16: the forward passes under torch.autocast (weights stay float32)")
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     allocator = use_allocator(args.allocator)
     if args.threads:
         torch.set_num_threads(args.threads)
-    extra = json.loads(args.knob)
+    extra = json.loads(args.settings)
 
     if args.model:
         model = load_model(args.model).eval()
@@ -110,12 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.methods:
             for frac in args.fractions:
                 target = frac * dense_g
-                if name == "tome":
-                    m = match_tome(spec, target, extra)
-                elif name == "cts":
-                    m = match_cts(spec, target, extra)
-                else:
-                    m = match_algm(model, [img], target, extra)
+                keys = methods.get(name).settings.keys()
+                m = methods.solve(name, spec, target, {k: v for k, v in extra.items() if k in keys},
+                                  model=model, images=[img])
                 for _ in range(args.warmup):
                     apply_method(model, "dense")
                     model(img)

@@ -11,8 +11,8 @@ from segcompress.methods import apply_method
 from segcompress.tokens.algm import (
     ALGMConfig, config_from_knob, global_merge, global_threshold, local_merge, reference_layers, window_similarity,
 )
-from segcompress.tokens.cost import algm_cost
-from segcompress.tokens.patch import ALGM
+from segcompress.tokens.algm import algm_cost
+from segcompress.tokens.algm import ALGM
 from segcompress.tokens.state import TokenState, tokenwise
 from tiny_segmenter import tiny_model, tiny_spec
 

@@ -9,11 +9,11 @@ from torch import nn
 
 from segcompress.flops import count_gmacs
 from segcompress.methods import apply_method
-from segcompress.tokens.cost import cts_gmacs
+from segcompress.tokens.cts import cts_gmacs
 from segcompress.tokens.cts import (
     PolicyNet, load_policy, policy_targets, save_policy, share_tokens, top_superpatches, train_policy, uniform_scores,
 )
-from segcompress.tokens.patch import CTS
+from segcompress.tokens.cts import CTS
 from tiny_segmenter import tiny_model, tiny_spec
 
 torch.set_num_threads(1)

@@ -285,7 +285,7 @@ def test_algm_rows_measure_gflops_on_their_own_condition(city: Path, tmp_path: P
     from PIL import Image
 
     from segcompress.commands._model_options import calibration_images
-    from segcompress.tokens.cost import algm_cost
+    from segcompress.tokens.algm import algm_cost
 
     model = tiny_model(tiny_spec([64, 64], 8, 4, num_classes=19))
     ckpt = tmp_path / "algm.safetensors"

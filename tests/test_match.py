@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from segcompress.cli import main as cli_main
 from segcompress.flops import analytic_gmacs
 from segcompress.models import SegmenterSpec, build_segmenter
-from segcompress.tokens.cost import algm_cost, cts_gmacs, tome_gmacs
-from segcompress.tokens.match import match_algm, match_cts, match_tome
+from segcompress.methods import solve
+from segcompress.tokens.algm import algm_cost
+from segcompress.tokens.cts import cts_gmacs
+from segcompress.tokens.tome import tome_gmacs
 
 torch.set_num_threads(1)
 
@@ -27,7 +29,7 @@ def spec(**kw) -> SegmenterSpec:
 def test_tome_match_is_exact_and_within_tolerance(fraction, on_merged):
     s = spec()
     target = fraction * analytic_gmacs(s)
-    m = match_tome(s, target, {"decoder_on_merged": on_merged})
+    m = solve("tome", s, target, {"decoder_on_merged": on_merged})
     assert m.within_tolerance and abs(m.achieved_gflops - target) <= 0.01 * target
     assert m.achieved_gflops == tome_gmacs(s, m.knob)
     r = m.knob["r"]
@@ -38,17 +40,17 @@ def test_tome_match_is_exact_and_within_tolerance(fraction, on_merged):
 def test_cts_match_scans_k():
     s = spec(img_size=256, embed_dim=64, num_classes=3)
     target = 0.7 * analytic_gmacs(s)
-    m = match_cts(s, target, include_policy=False)  # the policy net alone outweighs this tiny ViT
+    m = solve("cts", s, target, {"include_policy_net": False})  # the policy net alone outweighs this tiny ViT
     assert m.within_tolerance
     assert m.achieved_gflops == cts_gmacs(s, m.knob, include_policy=False)
     assert m.knob["k"] > 0
-    with_policy = match_cts(s, target)
+    with_policy = solve("cts", s, target)
     assert not with_policy.within_tolerance and "below cts's reach" in with_policy.message
 
 
 def test_out_of_reach_is_reported():
     s = spec()
-    m = match_tome(s, 0.01 * analytic_gmacs(s))
+    m = solve("tome", s, 0.01 * analytic_gmacs(s))
     assert not m.within_tolerance and "below tome's reach" in m.message
     assert m.achieved_gflops == pytest.approx(m.reach_gflops[0])
 
@@ -64,20 +66,20 @@ def test_algm_bisection_on_calibration_images():
     lo = algm_cost(model, batches, {**knob, "threshold": -1.01}).mean
     hi = algm_cost(model, batches, {**knob, "threshold": 1.01}).mean
     target = 0.5 * (lo + hi)
-    m = match_algm(model, batches, target, knob)
+    m = solve("algm", model.spec, target, knob, model=model, images=batches)
     assert m.within_tolerance, m.message
     assert m.reach_gflops == pytest.approx((lo, hi))
     again = algm_cost(model, batches, m.knob)
     assert again.mean == pytest.approx(m.achieved_gflops) and again.std == pytest.approx(m.gflops_std)
     assert m.extra["calibration_images"] == 6
-    above = match_algm(model, batches, 1.2 * hi, knob)
+    above = solve("algm", model.spec, 1.2 * hi, knob, model=model, images=batches)
     assert not above.within_tolerance and "above algm's reach" in above.message
 
 
 def test_match_verb_prints_json(capsys):
     arch = json.dumps({"patch_size": 16, "embed_dim": 32, "depth": 6, "num_heads": 2})
     rc = cli_main(["match", "--method", "tome", "--target-fraction", "0.8", "--arch", arch,
-                   "--num-classes", "4", "--crop", "128", "--no-prop-attn"])
+                   "--num-classes", "4", "--crop", "128", "--settings", '{"prop_attn": false}'])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     for key in ("knob", "achieved_gflops", "target_gflops", "within_tolerance", "dense_gflops", "target_fraction"):
@@ -115,7 +117,7 @@ def test_policy_and_algm_match_verbs_on_a_dataset(synthetic_ade, tmp_path, capsy
     load_policy(policy)
     capsys.readouterr()
     assert cli_main(["match", "--method", "algm", "--target-fraction", "0.8", "--model", str(model_path),
-                     "--calib-root", str(synthetic_ade), "--calib-images", "3", "--knob", '{"layers": [1, 3]}']) == 0
+                     "--calib-root", str(synthetic_ade), "--calib-images", "3", "--settings", '{"layers": [1, 3]}']) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["calibration_images"] == 3 and out["knob"]["layers"] == [1, 3] and "threshold" in out["knob"]
     assert out["within_tolerance"] or out["message"]
@@ -146,7 +148,7 @@ def test_random_weights_of_arch_and_backbone_are_seeded(synthetic_ade, capsys):
     for _ in range(2):
         torch.manual_seed(len(runs) + 7)  # whatever the global generator holds
         assert cli_main(["match", "--method", "algm", "--target-fraction", "0.9", *common, "--calib-root",
-                         str(synthetic_ade), "--calib-images", "2", "--knob", '{"layers": [1, 3]}']) == 0
+                         str(synthetic_ade), "--calib-images", "2", "--settings", '{"layers": [1, 3]}']) == 0
         runs.append(json.loads(capsys.readouterr().out))
     assert runs[0]["knob"] == runs[1]["knob"] and runs[0]["achieved_gflops"] == runs[1]["achieved_gflops"]
     assert runs[0]["weights"] == "random init (seed 0)"

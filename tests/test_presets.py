@@ -88,14 +88,14 @@ def test_preset_dry_run_lists_the_full_study(preset: str, stand_in: Path) -> Non
         "prune": prunes,  # NViT's targets and prune-then-merge's sqrt(target)
         # equal budgets: the dense control, NViT's pruned models, every token-compressed point
         # (prune-then-merge fine-tunes its raw pruned model with ToMe attached)
-        "finetune": 1 + len(study["targets"]) + 4 * len(study["targets"]),
+        "finetune": 1 + len(study["targets"]) + 5 * len(study["targets"]),
         "measure": 1,
-        "match": 4 * len(study["targets"]),  # tome, algm, cts, nvit_tome
+        "match": 5 * len(study["targets"]),  # tome, tofu, algm, cts, nvit_tome
         "evaluate": variants * conditions,  # study.jobs_per: condition in the presets
         "report": 1,
     }
     assert config["finetune"]["token_methods"] and config["finetune"]["dense_control"]
-    assert expected["evaluate"] == 32 * 81 == 2592 and expected["prune"] == 12
+    assert expected["evaluate"] == 38 * 81 == 3078 and expected["prune"] == 12
     for rule, n in expected.items():
         assert counts.get(rule) == n, (rule, counts)
     assert "data" not in counts  # the stand-in is a prepared dataset

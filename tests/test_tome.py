@@ -5,8 +5,9 @@ import torch
 
 from segcompress.flops import count_gmacs
 from segcompress.methods import apply_method
-from segcompress.tokens.cost import tome_gmacs
-from segcompress.tokens.patch import ToMe, TokenMethod
+from segcompress.tokens.tome import tome_gmacs
+from segcompress.tokens.patch import TokenMethod
+from segcompress.tokens.tome import ToMe
 from segcompress.tokens.state import TokenState, restore_grid
 from segcompress.tokens.tome import bipartite_soft_matching, parse_r, token_schedule
 from tiny_segmenter import tiny_model, tiny_spec

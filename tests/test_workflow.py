@@ -98,10 +98,6 @@ def test_schema_rejects_unknown_keys_by_name(path: tuple[str, ...], key: str) ->
 
 def test_schema_rejects_bad_values_and_fills_defaults() -> None:
     config = default_config()
-    config["study"]["methods"] = ["dense", "tomee"]
-    with pytest.raises(WorkflowError, match="tomee"):
-        _validate(config)
-    config = default_config()
     config["study"]["targets"] = [1.5]
     with pytest.raises(WorkflowError, match="1.5"):
         _validate(config)
@@ -126,6 +122,9 @@ def test_snakemake_reports_unknown_key_and_undefined_names() -> None:
     ("datasets: {ade20k: {crop: 100}}", ["datasets.ade20k.crop 100", "patch_size 8", "96"]),
     ("datasets: {cityscapes: {eval: {stride: 200}}}", ["datasets.cityscapes.eval.stride 200", "128"]),
     ("analysis: {effective_rank: {datasets: [ade2k]}}", ["analysis.effective_rank.datasets", "ade2k"]),
+    # method names come from the registry (plug-ins too), settings are checked by their dataclass
+    ("study: {methods: [dense, tomee]}", ["study.methods", "tomee", "nvit_tome"]),
+    ("methods: {algm: {window: [1, 1]}}", ["methods.algm", "window"]),
 ])
 def test_impossible_windows_and_misspelt_rank_datasets_stop_the_plan(tmp_path, override, words) -> None:
     layer = tmp_path / "layer.yaml"
@@ -139,13 +138,24 @@ def test_impossible_windows_and_misspelt_rank_datasets_stop_the_plan(tmp_path, o
 # ----------------------------------------------------------------------------- DAG and lint
 
 
-def test_schema_method_enum_is_the_method_catalogue() -> None:
-    """study.methods accepts exactly segcompress.methods.CATALOGUE's names."""
-    from segcompress.methods import STUDY_METHODS
+def test_schema_methods_are_the_registry_and_its_settings_dataclasses() -> None:
+    """study.methods defaults to every built-in method, and each methods.<name> section of the
+    schema has exactly its settings dataclass's keys, with the same defaults where it states one."""
+    import dataclasses
+
+    from segcompress import methods
 
     schema = yaml.safe_load(SCHEMA.read_text())
-    enum = schema["properties"]["study"]["properties"]["methods"]["items"]["enum"]
-    assert sorted(enum) == sorted(STUDY_METHODS)
+    assert sorted(schema["properties"]["study"]["properties"]["methods"]["default"]) == sorted(methods.names())
+    sections = schema["properties"]["methods"]["properties"]
+    for method in methods.all_methods():
+        fields = {f.name: f for f in dataclasses.fields(method.settings)}
+        props = sections.get(method.name, {}).get("properties", {})
+        assert set(props) == set(fields), method.name
+        defaults = method.settings().to_dict()
+        for key, prop in props.items():
+            if "default" in prop:
+                assert prop["default"] == defaults[key], f"methods.{method.name}.{key}"
 
 
 def test_dry_run_lists_the_study_grid() -> None:
@@ -164,7 +174,9 @@ def test_dry_run_lists_the_study_grid() -> None:
     finetune = default_config()["finetune"]
     assert finetune["dense_control"]
     variants = 2 + (len(study["methods"]) - 1) * len(study["targets"])  # dense, dense control, the grid
-    compressed_token = sum(m in study["methods"] for m in ("tome", "algm", "cts", "nvit_tome"))
+    from segcompress.methods import names
+
+    compressed_token = sum(m in study["methods"] for m in names(matched=True))
     assert counts["data"] == ds
     assert counts["corrupt"] == ds * (conditions - 1)
     assert counts["train"] == ds * bb * seeds
@@ -319,15 +331,74 @@ def test_slow_end_to_end_incremental_reruns(workdir: Path) -> None:
     assert "Nothing to be done" in sixth.stdout + sixth.stderr
 
 
+# A method defined outside the package: one module (declaration, settings, build, cost, solve),
+# joined to a study by the config alone (`plugins` and `study.methods`).
+PLUGIN = '''
+"""ToMe in the first half of the blocks only: a plug-in method for the end-to-end test."""
+from dataclasses import dataclass
+
+from segcompress.methods import Method, Settings, tome
+
+
+@dataclass(frozen=True)
+class EarlySettings(Settings):
+    prop_attn: bool = True
+    decoder_on_merged: bool = True
+
+
+METHOD = Method("tome_early", "ToMe (early blocks)", "token", settings=EarlySettings,
+                knob_keys=frozenset({"r"}), matched=True)
+
+
+def _schedule(r, depth):
+    return [r] * (depth // 2) + [0] * (depth - depth // 2)
+
+
+def build(model, knob):
+    from segcompress.tokens.tome import ToMe
+
+    settings, rest = METHOD.split_knob(knob)
+    return ToMe(list(rest["r"]), model.spec.depth, **settings.to_dict())
+
+
+def cost(spec, knob, model=None, images=None):
+    from segcompress.tokens.cost import Cost
+    from segcompress.tokens.tome import tome_gmacs
+
+    return Cost(tome_gmacs(spec, knob))
+
+
+def solve(problem):
+    from segcompress.flops import analytic_gmacs
+    from segcompress.tokens.match import finish
+    from segcompress.tokens.tome import tome_gmacs
+
+    spec, base = problem.spec, METHOD.parse_settings(problem.settings).to_dict()
+    knobs = [{"r": _schedule(r, spec.depth), **base} for r in range(spec.grid[0] * spec.grid[1] // 2 + 1)]
+    costs = [tome_gmacs(spec, k) for k in knobs]
+    best = min(range(len(knobs)), key=lambda i: abs(costs[i] - problem.target))
+    return finish(METHOD.name, knobs[best], problem, costs[best], analytic_gmacs(spec), (min(costs), max(costs)))
+'''
+
+
 @pytest.mark.slow
 def test_slow_every_method_end_to_end(workdir: Path) -> None:
-    """Every rule once (all six methods at one target, clean images): the commands fit the rules."""
-    result = snakemake("--configfile", ".test/config-all-methods.yaml", "--cores", "2", cwd=workdir, timeout=900)
+    """Every rule once (every built-in method and a plug-in at one target, clean images): the
+    commands fit the rules, and a method defined in a module outside the package runs through
+    match, evaluation and the report with no other edit than the config."""
+    from segcompress.methods import names
+
+    (workdir / "plugins").mkdir()
+    (workdir / "plugins" / "tome_early.py").write_text(PLUGIN)
+    methods = [*names(), "tome_early"]
+    layer = workdir / "plugin.yaml"
+    layer.write_text(yaml.safe_dump({"plugins": ["plugins/tome_early.py"], "study": {"methods": methods}}))
+    result = snakemake("--configfile", ".test/config-all-methods.yaml", str(layer), "--cores", "2", cwd=workdir,
+                       timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with (workdir / "results" / "benchmark.csv").open() as f:
         rows = list(DictReader(f))
-    assert sorted(r["method"] for r in rows) == sorted(
-        ["dense", "dense_control", "tome", "algm", "cts", "nvit", "nvit_tome"])
+    assert sorted(r["method"] for r in rows) == sorted(["dense_control", *methods])
     for r in rows:
         assert r["miou"] and r["corruption"] == "clean" and r["dataset"] == "ade20k"
         assert float(r["miou_ci_low"]) <= float(r["miou"]) <= float(r["miou_ci_high"]), r
@@ -338,7 +409,11 @@ def test_slow_every_method_end_to_end(workdir: Path) -> None:
     # (pruning 2 x 1 iterations, then 2 of fine-tuning); token methods off the shelf (the default)
     budget = {r["method"]: int(r["post_train_iters"]) for r in rows}
     assert budget["dense_control"] == budget["nvit"] == budget["nvit_tome"] == 4
-    assert budget["dense"] == budget["tome"] == budget["algm"] == budget["cts"] == 0
+    assert budget["dense"] == budget["tome"] == budget["tofu"] == budget["algm"] == budget["cts"] == 0
+    assert budget["tome_early"] == 0
+    early = next(r for r in rows if r["method"] == "tome_early")
+    assert early["knob"] and abs(float(early["achieved_fraction"]) - 0.9) < 0.05, early
+    assert "ToMe (early blocks)" in (workdir / "results" / "tables" / "summary.md").read_text()
     from segcompress.models.checkpoint import read_metadata
 
     models = workdir / "models" / "ade20k" / "vit_micro" / "seed0"

@@ -22,9 +22,7 @@ from snakemake.exceptions import WorkflowError
 
 from segcompress.forkserver import start as start_fork_server
 from segcompress.corrupt import CATEGORY_OF  # corruption -> category, the corruption stage's table
-# The methods a study can name (segcompress.methods.CATALOGUE, dense first): token methods act on
-# the dense model, matched ones get their knob from `segcompress match`, pruned ones train while pruning.
-from segcompress.methods import MATCHED_METHODS, PRUNED_METHODS, STUDY_METHODS, TOKEN_METHODS
+from segcompress import methods as registry
 
 # Every segcompress job logs its own command line first (segcompress.cli), so the job's log keeps
 # it even when the console omits the job blocks (`make run` passes --quiet rules).
@@ -70,6 +68,17 @@ CONDA_ENV = "../../envs/segcompress.yaml"
 
 STUDY = config["study"]
 FINETUNE = config["finetune"]
+
+# Methods defined outside the package (config `plugins`: module names or .py paths) join the
+# registry here and in every job (segcompress.methods reads SEGCOMPRESS_PLUGINS).
+if config.get("plugins"):
+    os.environ[registry.PLUGINS_ENV] = ",".join(str(p) for p in config["plugins"])
+    registry.reload()
+# The methods a study can name (segcompress.methods, dense first): token methods act on the dense
+# model, matched ones get their knob from `segcompress match`, pruned ones train while pruning.
+STUDY_METHODS = registry.names()
+MATCHED_METHODS = registry.names(matched=True)
+PRUNED_METHODS = registry.names(pruned=True)
 # The dense model trained for the same post-compression budget as the compressed variants
 # (finetune.dense_control): a reference beside the dense model, not a compression method.
 DENSE_CONTROL = "dense_control"
@@ -85,6 +94,21 @@ def _check_names(kind, names, defined, key=None):
         )
 
 
+_check_names("methods", STUDY["methods"], STUDY_METHODS)
+_check_names("methods", config["methods"], STUDY_METHODS, key="methods")
+
+
+def method_settings(name):
+    """methods.<name> of the config, checked by the method's settings dataclass, as a dict (its
+    defaults filled in): what `segcompress match` gets with --settings."""
+    try:
+        return registry.get(name).parse_settings(config["methods"].get(name)).to_dict()
+    except ValueError as e:
+        raise WorkflowError(f"config: {e}") from None
+
+
+for _name in STUDY["methods"]:
+    method_settings(_name)
 _check_names("datasets", STUDY["datasets"], config["datasets"])
 _check_names("backbones", STUDY["backbones"], config["backbones"])
 if config["analysis"]["effective_rank"]["datasets"]:
@@ -155,7 +179,7 @@ def fraction_text(x):
 
 def prune_fraction(target):
     """Pruning target of prune-then-merge at FLOPs `target`: target**prune_share of dense."""
-    return fraction_text(float(target) ** config["methods"]["nvit_tome"]["prune_share"])
+    return fraction_text(registry.get("nvit_tome").parse_settings(config["methods"].get("nvit_tome")).prune_fraction(target))
 
 
 def parse_variant(variant):
@@ -316,7 +340,7 @@ def train_targets():
     out = []
     for ds, arch, seed in _grid():
         out.append(model_path(ds, arch, seed, "dense"))
-        if "cts" in STUDY["methods"]:
+        if any(registry.get(m).needs_policy for m in STUDY["methods"]):
             out.append(model_path(ds, arch, seed, "cts-policy"))
     return out
 
@@ -520,9 +544,10 @@ def match_inputs(wildcards):
     ds, arch, seed = wildcards.ds, wildcards.arch, wildcards.seed
     dense = model_path(ds, arch, seed, "dense")
     inputs = {"dense": dense, "manifest": dataset_manifest(ds), "model": dense}
-    if wildcards.method == "nvit_tome":
+    method = registry.get(wildcards.method)
+    if method.pruned:
         inputs["model"] = merge_base(ds, arch, seed, wildcards.target)
-    if wildcards.method == "cts":
+    if method.needs_policy:
         inputs["policy"] = policy_of(wildcards)
     return inputs
 
@@ -544,7 +569,7 @@ def finetune_inputs(wildcards):
         inputs["model"] = merge_base(ds, arch, seed, target)
     else:
         inputs["model"] = dense
-    if method == "cts":
+    if registry.get(method).needs_policy:
         inputs["policy"] = policy_of(wildcards)
     return inputs
 
@@ -576,7 +601,7 @@ def variant_inputs(wildcards):
         inputs["match"] = prune_report_path(ds, arch, seed, target)
     else:
         inputs["match"] = match_path(ds, arch, seed, method, target)
-    if method == "cts":
+    if method not in REFERENCES and registry.get(method).needs_policy:
         inputs["policy"] = model_path(ds, arch, seed, "cts-policy")
     return inputs
 
@@ -797,7 +822,7 @@ def applied_method(variant):
     """The token method a variant's checkpoint runs with: a pruned model runs as it is (dense),
     prune-then-merge is ToMe on the pruned model."""
     method = parse_variant(variant)[0]
-    return {"nvit": "dense", "nvit_tome": "tome", DENSE_CONTROL: "dense"}.get(method, method)
+    return "dense" if method in REFERENCES else registry.get(method).applied
 
 
 def _variant_tags(ds, arch, variant):
@@ -877,36 +902,21 @@ def eval_method_options(wildcards, input):
 
 
 def finetune_method_options(wildcards, input):
-    """--method/--knob of the model being fine-tuned (finetune.token_methods).
-
-    TO CONFIRM: `segcompress finetune --knob FILE` must take the `knob` entry of a match result,
-    as `segcompress evaluate --knob` does.
-    """
+    """--method/--knob of the model being fine-tuned (finetune.token_methods): the method its
+    variant is evaluated with, and the knob of its match file."""
     method = wildcards.stem.rsplit("-", 1)[0]
-    if method in ("dense", "nvit"):
-        return "--method dense"
-    applied = "tome" if method == "nvit_tome" else method
-    return f"--method {applied} --knob {input.match}"
-
-
-def _method_settings(method):
-    """Per-method config options as `segcompress match` flags; match writes them into the knob."""
-    m = config["methods"]
-    if method == "tome":
-        return [
-            "--unmerge-before-decoder" if m["tome"]["unmerge_before_decoder"] else "--no-unmerge-before-decoder",
-            "--prop-attn" if m["tome"]["proportional_attention"] else "--no-prop-attn",
-        ]
-    if method == "algm":
-        return [f"--window-size {m['algm']['window_size']}"]
-    return []
+    applied = "dense" if method in REFERENCES else registry.get(method).applied
+    return "--method dense" if applied == "dense" else f"--method {applied} --knob {input.match}"
 
 
 def match_options(wildcards, input):
-    """`segcompress match` options beyond --target-fraction/--model/--out."""
-    method = "tome" if wildcards.method == "nvit_tome" else wildcards.method
+    """`segcompress match` options beyond --target-fraction/--model/--out: the method it solves
+    (prune-then-merge: ToMe on the pruned model) with its settings (methods.<name>) as JSON."""
+    method = registry.get(registry.get(wildcards.method).applied)
+    settings = json.dumps(method_settings(method.name), sort_keys=True, separators=(",", ":"))
     opts = [
-        f"--method {method}",
+        f"--method {method.name}",
+        f"--settings {shlex.quote(settings)}",
         f"--reference-model {input.dense}",
         f"--calib-root {Path(input.manifest).parent}",
         f"--calib-layout {_dataset(wildcards)['layout']}",
@@ -914,9 +924,6 @@ def match_options(wildcards, input):
         f"--tolerance {config['matching']['tolerance']}",
         f"--flops-per {config['flops']['per']}",
     ]
-    if method == "cts":
+    if method.needs_policy:
         opts.append(f"--policy {input.policy}")
-        if not config["flops"]["include_policy_net"]:
-            opts.append("--exclude-policy-net")
-    opts += _method_settings(method)
     return " ".join(opts)

@@ -349,16 +349,17 @@ class VariantRun:
         ``calibration_gflops`` (the match file's ``achieved_gflops``, None without one), and for an
         input-dependent method ``achieved_gflops`` and ``gflops_std``.
 
-        An input-dependent method (:func:`segcompress.tokens.cost.is_input_dependent`) is measured
+        An input-dependent method (``segcompress.methods``: ``input_dependent``) is measured
         on this condition's images, one crop per image as the matcher's calibration images
         (:func:`segcompress.tokens.cost.image_crops`): mean and population std, source
         ``condition``. Any other method keeps the identity's values (:meth:`identity`: the match
         file's), source ``match`` (None when the match file has no ``achieved_gflops``).
         """
-        from segcompress.tokens.cost import image_crops, is_input_dependent, method_cost
+        from segcompress.methods import get, method_cost
+        from segcompress.tokens.cost import image_crops
 
         calibration = self.match.get("achieved_gflops")
-        if not is_input_dependent(self.method):
+        if not get(self.method).input_dependent:
             return {"gflops_source": "match" if calibration is not None else None, "calibration_gflops": calibration}
         args = self.dataset_args
         crops = image_crops(args["layout"], args["root"], args["split"], self.crop, args["max_images"],

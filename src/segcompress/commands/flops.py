@@ -22,7 +22,7 @@ from typing import Any
 from segcompress.commands._model_options import (
     Variant, add_model_arguments, calibration_images, random_image, variant_from_args,
 )
-from segcompress.flops import CONVENTION, analytic_gmacs, count_gmacs, count_params
+from segcompress.flops import CONVENTION, count_gmacs, count_params
 from segcompress.io import write_json
 
 
@@ -36,17 +36,17 @@ def analytic_for(variant: Variant, images: list[Any] | None = None) -> float | N
 
     Dense and pruned models from their spec; token methods (tome, cts; algm on the counted
     ``images``, whose token counts it needs) from their per-block token counts
-    (:func:`segcompress.tokens.cost.method_cost`).
+    (:func:`segcompress.methods.method_cost`).
     """
-    if variant.method == "dense":
-        return analytic_gmacs(variant.spec)
-    if variant.method in ("tome", "cts", "algm"):
-        from segcompress.tokens.cost import is_input_dependent, method_cost
+    from segcompress.methods import get, method_cost
 
-        if is_input_dependent(variant.method) and not images:
-            return None
+    method = get(variant.method)
+    if method.input_dependent and not images:
+        return None
+    try:
         return method_cost(variant.method, variant.knob, variant.spec, variant.model, images).mean
-    return None
+    except ValueError:
+        return None
 
 
 def measure_flops(variant: Variant, args: argparse.Namespace) -> dict[str, Any]:

@@ -1,15 +1,20 @@
-"""``segcompress match``: solve a token method's knob for a FLOPs target.
+"""``segcompress match``: solve a method's knob for a FLOPs target.
 
     segcompress match --method tome --target-fraction 0.5 --model models/ade20k/vit-s/dense.safetensors
     segcompress match --method cts --target-gflops 25 --backbone vit_small_patch16_384 --num-classes 150 --crop 512
-    segcompress match --method algm --target-fraction 0.7 --model M --calib-root data/ade20k --calib-images 100
+    segcompress match --method algm --target-fraction 0.7 --model M --calib-root data/ade20k --calib-images 100 \
+        --settings '{"window": 2}'
+
+``--settings`` is the method's settings (the config's ``methods.<name>`` entry, checked by its
+settings dataclass; keys left out take their defaults); they go into the knob as they are, beside
+what is solved. Each method solves its own knob (``segcompress.methods.<name>.solve``): ToMe and
+CTS exactly in closed form, ALGM by bisection of τ on calibration images (each image counted as
+batch 1).
 
 Prints one JSON object on stdout (and with ``--out`` writes it): at least ``knob``,
 ``achieved_gflops``, ``target_gflops``, ``within_tolerance``; also ``dense_gflops``,
 ``target_fraction``, ``gflops_std`` (ALGM: over the calibration images), ``reach_gflops`` (the
-method's achievable range) and ``message`` (why a target is out of reach). ToMe and CTS are
-solved exactly in closed form; ALGM by bisection of τ on calibration images (each image counted
-as batch 1). ``--target-fraction`` is relative to ``--reference-model`` when given (prune-then-merge
+method's achievable range) and ``message`` (why a target is out of reach). ``--target-fraction`` is relative to ``--reference-model`` when given (prune-then-merge
 solves ToMe on a pruned model for a fraction of the dense model), else to the model itself.
 ``--arch``/``--backbone`` models have random weights drawn from ``--seed`` (default 0), so ALGM's
 threshold and GFLOPs are the same on every call.
@@ -23,12 +28,11 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 
 from segcompress.commands._model_options import add_model_arguments, calibration_images, parse_json_arg, spec_and_model
-from segcompress.methods import TOKEN_METHODS
 
 log = logging.getLogger("segcompress.match")
 
@@ -44,31 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tolerance", type=float, default=0.01, help="relative tolerance (default: 0.01)")
     parser.add_argument("--flops-per", choices=["crop", "image"], default="crop",
                         help="FLOPs convention; only 'crop' (one crop at the training size) is matched")
-    parser.add_argument("--policy", metavar="SAFETENSORS", help="CTS policy net (recorded in the knob)")
-    parser.add_argument("--exclude-policy-net", action="store_true", help="CTS: leave the policy net out of the FLOPs")
-    parser.add_argument("--prop-attn", action=argparse.BooleanOptionalAction, default=None,
-                        help="proportional attention (default: the method's: ToMe on, ALGM/CTS off)")
-    parser.add_argument("--unmerge-before-decoder", action=argparse.BooleanOptionalAction, default=None,
-                        help="restore tokens onto the grid before the decoder (default: ToMe yes, ALGM/CTS no)")
-    parser.add_argument("--window-size", type=int, default=None, help="ALGM local window (default 2)")
+    parser.add_argument("--settings", metavar="JSON", default=None,
+                        help="the method's settings (config methods.<name>), inline JSON or a .json file")
+    parser.add_argument("--policy", metavar="SAFETENSORS", help="CTS: the trained policy net (recorded in the knob)")
     parser.add_argument("--calib-batch", type=int, default=8, help="ALGM: calibration images per forward pass")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--strict", action="store_true", help="exit with status 3 when the target is not met")
     parser.add_argument("--out", metavar="JSON", help="also write the result to this file (atomically)")
-
-
-def base_knob(args: argparse.Namespace) -> dict[str, Any]:
-    """The method settings that are not solved (from ``--knob`` and the flags)."""
-    knob = parse_json_arg(args.knob, "--knob")
-    if args.prop_attn is not None:
-        knob["prop_attn"] = args.prop_attn
-    if args.unmerge_before_decoder is not None:
-        knob["decoder_on_merged"] = not args.unmerge_before_decoder
-    if args.method == "algm" and args.window_size is not None:
-        knob["window"] = args.window_size
-    if args.method == "cts" and args.policy is not None:
-        knob["policy"] = args.policy
-    return knob
 
 
 def batched(images: Iterator[torch.Tensor], size: int) -> list[torch.Tensor]:
@@ -85,36 +71,43 @@ def batched(images: Iterator[torch.Tensor], size: int) -> list[torch.Tensor]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from segcompress import methods
     from segcompress.flops import analytic_gmacs
     from segcompress.io import write_json
-    from segcompress.models.spec import SegmenterSpec
     from segcompress.models.checkpoint import spec_path
-    from segcompress.tokens import match
+    from segcompress.models.spec import SegmenterSpec
+    from segcompress.tokens.match import Problem
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.method not in TOKEN_METHODS:
-        raise ValueError(f"--method must be one of {', '.join(TOKEN_METHODS)} (got {args.method!r})")
+    method = methods.get(args.method)
+    if not hasattr(method.code(), "solve"):
+        raise ValueError(f"--method {args.method}: its knob is not solved for a target "
+                         f"(matched methods: {', '.join(methods.names(matched=True))})")
     if args.flops_per != "crop":
         raise ValueError("--flops-per image is not matched: knobs are solved per crop (the anchors' convention)")
     if args.target_fraction is not None and not 0 < args.target_fraction:
         raise ValueError(f"--target-fraction must be > 0, got {args.target_fraction}")
-    knob = base_knob(args)
+    if args.knob:
+        raise ValueError("--knob is what match solves; give the method's settings with --settings")
+    settings = method.parse_settings(parse_json_arg(args.settings, "--settings")).to_dict()
+    if method.needs_policy:
+        settings["policy_file"] = args.policy
     spec, model, source = spec_and_model(args)
     reference = SegmenterSpec.load(spec_path(args.reference_model)) if args.reference_model else spec
     dense_ref = analytic_gmacs(reference)
     target = args.target_gflops if args.target_gflops is not None else args.target_fraction * dense_ref
-    if args.method == "tome":
-        result = match.match_tome(spec, target, knob, args.tolerance)
-    elif args.method == "cts":
-        result = match.match_cts(spec, target, knob, args.tolerance, include_policy=not args.exclude_policy_net)
-    else:
+
+    def images() -> list[torch.Tensor]:
         if args.calib_root is None:
-            raise ValueError("ALGM's FLOPs depend on the images: give --calib-root (and --calib-layout)")
-        images = batched(calibration_images(args, spec), args.calib_batch)
-        if not images:
+            raise ValueError(f"{args.method}'s FLOPs depend on the images: give --calib-root (and --calib-layout)")
+        batches = batched(calibration_images(args, spec), args.calib_batch)
+        if not batches:
             raise ValueError(f"{args.calib_root}: no calibration images found")
-        result = match.match_algm(model, images, target, knob, args.tolerance)
+        return batches
+
+    problem = Problem(spec, target, settings, args.tolerance, model, images)
+    result = method.code().solve(problem)
     out = {
         **result.to_dict(),
         "reference_gflops": dense_ref,

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from segcompress.methods import Settings
+
 #: Kinds of prunable structure, in the order they are listed and tie-broken.
 #: ``emb`` is global (the residual width E shared by every block); the others are per block.
 KINDS: tuple[str, ...] = ("emb", "heads", "qk", "v", "mlp")
@@ -24,7 +26,7 @@ PTM_PRUNE_SHARE = 0.5
 
 
 @dataclass(frozen=True)
-class PruneConfig:
+class PruneConfig(Settings):
     """Settings of one pruning run.
 
     Structures (NViT's ``create_pruning_structure_vit`` flags):

@@ -36,7 +36,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from segcompress.io import atomic_write_text
 from segcompress.report.stats import REPLICATES
 from segcompress.report.aggregate import (
-    METHOD_LABELS, collapse_targets, mark_points, per_corruption, per_seed, points, provenance, read_benchmark,
+    collapse_targets, mark_points, per_corruption, per_seed, points, provenance, read_benchmark,
     unreached, unreached_points,
 )
 from segcompress.report.rows import (
@@ -47,7 +47,7 @@ from segcompress.report.rows import (
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CATEGORIES", "COLUMNS", "METHOD_LABELS", "REQUIRED", "build_csv", "category_of", "columns_of",
+    "CATEGORIES", "COLUMNS", "REQUIRED", "build_csv", "category_of", "columns_of",
     "find_row_files", "load_rows", "normalise_row", "to_csv", "unreached_points", "write_report", "FIGURES", "TABLES",
 ]
 

@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from segcompress import robustness as R
-from segcompress.methods import LABELS
+from segcompress.methods import labels
 from segcompress.report.rows import CATEGORIES
 
 log = logging.getLogger(__name__)
@@ -56,18 +56,16 @@ MODEL_KEYS: tuple[str, ...] = ("dataset", "backbone", "method", "target", "seed"
 #: Columns identifying one point of a curve in :func:`points`.
 POINT_KEYS: tuple[str, ...] = ("dataset", "backbone", "method", "target")
 
-# Display names and drawing order of the known methods (segcompress.methods); others follow alphabetically.
-METHOD_LABELS: dict[str, str] = LABELS
-
-
 def method_rank(method: str) -> tuple[int, str]:
-    """Sort key: the known methods in :data:`METHOD_LABELS` order, then others alphabetically."""
-    order = list(METHOD_LABELS)
+    """Sort key: the registry's methods in its drawing order (:func:`segcompress.methods.labels`),
+    then others alphabetically."""
+    order = list(labels())
     return (order.index(method), method) if method in order else (len(order), method)
 
 
 def method_label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
+    """A method's display label (the registry's), else its name."""
+    return labels().get(method, method)
 
 
 #: Reference models without a FLOPs target: the dense model and the dense model trained for the
@@ -344,7 +342,7 @@ def _degradation(sel: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def ordered(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows by dataset, backbone, method (:data:`METHOD_LABELS` order), target (least compressed
+    """Rows by dataset, backbone, method (:func:`method_rank` order), target (least compressed
     first), then seed when present."""
     def key(i: int) -> tuple:
         r = df.iloc[i]

@@ -29,7 +29,8 @@ import numpy as np
 import pandas as pd
 
 from segcompress.io import atomic_path
-from segcompress.report.aggregate import METHOD_LABELS, is_reference, method_label, method_rank
+from segcompress.methods import labels
+from segcompress.report.aggregate import is_reference, method_label, method_rank
 
 X_LABEL = "achieved GFLOPs (GMACs, one crop)"
 
@@ -62,9 +63,9 @@ def _empty(png: str | Path, pdf: str | Path, message: str) -> None:
 def _colours(methods: Sequence[str]) -> dict[str, str]:
     """One colour per method, the same in every figure: the known methods by their fixed order,
     others after them alphabetically."""
-    known = len(METHOD_LABELS)
-    others = sorted(set(methods) - set(METHOD_LABELS))
-    return {m: f"C{(list(METHOD_LABELS).index(m) if m in METHOD_LABELS else known + others.index(m)) % 10}"
+    order = list(labels())
+    others = sorted(set(methods) - set(order))
+    return {m: f"C{(order.index(m) if m in order else len(order) + others.index(m)) % 10}"
             for m in set(methods)}
 
 

@@ -21,11 +21,17 @@ Non-square grids work; rows/columns that do not fill a whole window are never me
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 import torch
+from torch import nn
 
+from segcompress.flops import analytic_gmacs, bipartite_match_macs
+from segcompress.models.spec import SegmenterSpec
+from segcompress.tokens.cost import Cost, decoder_tokens
+from segcompress.tokens.patch import TokenMethod
 from segcompress.tokens.state import TokenState, cumulative_index, merge_slots
 from segcompress.tokens.tome import bipartite_scores, merge_top_r
 
@@ -89,8 +95,8 @@ def config_from_knob(knob: dict[str, Any], depth: int, embed_dim: int) -> ALGMCo
     """An :class:`ALGMConfig` from a knob dict; missing entries take the reference defaults."""
     return ALGMConfig(
         threshold=float(knob.get("threshold", reference_threshold(embed_dim, knob.get("dataset")))),
-        layers=list(knob.get("layers", reference_layers(depth))),
-        window=knob.get("window", 2),
+        layers=list(knob.get("layers") or reference_layers(depth)),
+        window=knob.get("window") or 2,
         batch_coupled=bool(knob.get("batch_coupled", False)),
         global_scale=float(knob.get("global_scale", 1.0)),
     )
@@ -207,3 +213,90 @@ def global_merge(state: TokenState, metric: torch.Tensor, layer_number: int, bat
         if int(r.max()) == 0:
             return state
     return merge_top_r(state, node_max, node_idx, r)
+
+
+class ALGM(TokenMethod):
+    """ALGM: local merging (CLAP) in the first selected block, global (GBM) in the second.
+
+    Args:
+        config: thresholds, layers, window, batch coupling.
+        prop_attn: proportional attention (reference: effectively off).
+        decoder_on_merged: decoder on merged tokens (reference: on).
+    """
+
+    name = "algm"
+
+    def __init__(self, config: ALGMConfig, prop_attn: bool = False, decoder_on_merged: bool = True):
+        super().__init__(prop_attn, decoder_on_merged)
+        self.config = config
+
+    def merge_blocks(self, depth: int) -> set[int]:
+        first, second = self.config.layers
+        if second > depth:
+            raise ValueError(f"ALGM layers {self.config.layers} exceed the encoder's {depth} blocks")
+        return {first - 1, second - 1}
+
+    def merge(self, index: int, state: TokenState, keys: torch.Tensor) -> TokenState:
+        c = self.config
+        if index == c.layers[0] - 1:
+            return local_merge(state, state.x, c.threshold, c.window, c.batch_coupled)
+        return global_merge(state, state.x, c.layers[1], c.batch_coupled, c.global_scale)
+
+    def knob(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "threshold": c.threshold, "layers": list(c.layers), "window": list(c.window),
+            "batch_coupled": c.batch_coupled, "global_scale": c.global_scale, **super().knob(),
+        }
+
+
+def algm_gmacs_from_counts(spec: SegmenterSpec, knob: dict[str, Any], t_in: Sequence[int], t_out: Sequence[int]) -> float:
+    """GFLOPs of one image under ALGM given its per-block token counts (in / after the merge)."""
+    config = config_from_knob(knob, spec.depth, spec.embed_dim)
+    g = config.layers[1] - 1
+    match = [0.0] * spec.depth
+    match[g] = bipartite_match_macs(t_in[g], spec.embed_dim)
+    return analytic_gmacs(
+        spec, tokens_in=list(t_in), tokens_out=list(t_out), match_macs=match,
+        decoder_tokens=decoder_tokens(spec, t_out[-1], bool(knob.get("decoder_on_merged", True))),
+    )
+
+
+@torch.no_grad()
+def algm_token_counts(model: nn.Module, images: Iterable[torch.Tensor], knob: dict[str, Any]) -> list[tuple[list[int], list[int]]]:
+    """Per-image (tokens in, tokens out) of every block under ALGM at ``knob``.
+
+    Runs the encoder only up to the second merging block (the counts are constant after it).
+    Per-image mode runs the given batches as they are (results do not depend on the batch);
+    ``batch_coupled`` runs every image alone (batch 1, the reference's FLOPs convention).
+    """
+    spec: SegmenterSpec = model.spec
+    method = ALGM(config_from_knob(knob, spec.depth, spec.embed_dim))
+    method.record = True
+    last = method.config.layers[1]
+    was_training = model.training
+    model.eval()
+    out: list[tuple[list[int], list[int]]] = []
+    try:
+        for batch in images:
+            chunks = batch.split(1) if method.config.batch_coupled else [batch]
+            for img in chunks:
+                method.encode(model, img, num_blocks=last)
+                t_in = torch.stack([a for a, _ in method.trace], dim=1).tolist()  # (B, last)
+                t_out = torch.stack([b for _, b in method.trace], dim=1).tolist()
+                for ti, to in zip(t_in, t_out):
+                    tail = [to[-1]] * (spec.depth - last)
+                    out.append((ti + tail, to + tail))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def algm_cost(model: nn.Module, images: Iterable[torch.Tensor], knob: dict[str, Any]) -> Cost:
+    """Mean and std of ALGM's GFLOPs over calibration images (batch-1 convention per image)."""
+    per_image = [algm_gmacs_from_counts(model.spec, knob, ti, to) for ti, to in algm_token_counts(model, images, knob)]
+    if not per_image:
+        raise ValueError("ALGM FLOPs need at least one calibration image")
+    mean = statistics.fmean(per_image)
+    std = statistics.pstdev(per_image) if len(per_image) > 1 else 0.0  # population std, as `segcompress flops`
+    return Cost(mean, std, per_image)

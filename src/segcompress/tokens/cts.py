@@ -29,12 +29,16 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segcompress.flops import analytic_gmacs
+from segcompress.models.spec import SegmenterSpec
+from segcompress.tokens.cost import NUM_PREFIX, decoder_tokens
+from segcompress.tokens.patch import TokenMethod
 from segcompress.tokens.state import TokenState, cumulative_index
 
 log = logging.getLogger(__name__)
@@ -449,3 +453,63 @@ def policy_gmacs(height: int, width: int, patch_size: int = 16) -> float:
 def policy_metadata(**fields: object) -> dict[str, str]:
     """String metadata for :func:`save_policy`."""
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
+
+
+class CTS(TokenMethod):
+    """CTS: the policy net picks the K superpatches per image that share one token.
+
+    Args:
+        k: shared superpatches per image.
+        policy: the policy net (frozen).
+        policy_path: where it came from (for the knob).
+        prop_attn: proportional attention (reference: off).
+        decoder_on_merged: decoder on the shared tokens (reference: on).
+    """
+
+    name = "cts"
+
+    def __init__(self, k: int, policy: nn.Module, policy_path: str | None = None, prop_attn: bool = False,
+                 decoder_on_merged: bool = True):
+        super().__init__(prop_attn, decoder_on_merged)
+        if k < 0:
+            raise ValueError(f"CTS k must be >= 0, got {k}")
+        self.k = int(k)
+        # Not a registered submodule: the frozen policy stays out of the Segmenter's parameters and
+        # state dict (it has its own file) and stays in eval mode; _apply moves it with the model.
+        object.__setattr__(self, "policy", policy.eval().requires_grad_(False))
+        self.policy_path = policy_path
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "CTS":
+        self.policy._apply(fn)
+        return super()._apply(fn, recurse)
+
+    def start(self, model: nn.Module, img: torch.Tensor) -> TokenState:
+        if self.k == 0:
+            return super().start(model, img)
+        with torch.no_grad():
+            scores = uniform_scores(self.policy, img, model.grid_of(img))
+        return share_tokens(model.encoder, img, scores, self.k)
+
+    def knob(self) -> dict[str, Any]:
+        return {"k": self.k, "policy_file": self.policy_path, **super().knob()}
+
+
+def cts_gmacs(spec: SegmenterSpec, knob: dict[str, Any], include_policy: bool = True) -> float:
+    """GFLOPs of CTS at ``knob``: N − 3K tokens everywhere, N − 3K patches embedded, plus the policy net.
+
+    ``include_policy=False`` leaves the policy net out (the CTS paper's unclear convention).
+    """
+    k = int(knob["k"])
+    sh, sw = superpatch_grid(spec.grid)
+    if not 0 <= k <= sh * sw:
+        raise ValueError(f"CTS k={k} is out of range 0..{sh * sw}")
+    if k == 0:
+        return analytic_gmacs(spec)
+    n = spec.grid[0] * spec.grid[1]
+    tokens = NUM_PREFIX + n - 3 * k
+    h, w = spec.crop
+    return analytic_gmacs(
+        spec, tokens_in=tokens, tokens_out=tokens, embed_patches=n - 3 * k,
+        decoder_tokens=decoder_tokens(spec, tokens, bool(knob.get("decoder_on_merged", True))),
+        extra_macs=policy_gmacs(h, w, spec.patch_size) * 1e9 if include_policy else 0.0,
+    )

@@ -22,9 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from segcompress.tokens import algm as algm_fn
-from segcompress.tokens import cts as cts_fn
-from segcompress.tokens import tome as tome_fn
 from segcompress.tokens.state import TokenState, restore_grid, tokenwise
 
 
@@ -122,111 +119,6 @@ class TokenMethod(nn.Module):
         return {"prop_attn": self.prop_attn, "decoder_on_merged": self.decoder_on_merged}
 
 
-class ToMe(TokenMethod):
-    """ToMe in every block with r > 0 (metric: attention keys averaged over heads).
-
-    Args:
-        r: per-layer schedule, see :func:`~segcompress.tokens.tome.parse_r`.
-        depth: encoder depth.
-        prop_attn: proportional attention (reference default: on).
-        decoder_on_merged: decoder on merged tokens (default: off, tokens restored onto the grid).
-    """
-
-    name = "tome"
-
-    def __init__(self, r: tome_fn.RSchedule, depth: int, prop_attn: bool = True, decoder_on_merged: bool = False):
-        super().__init__(prop_attn, decoder_on_merged)
-        self.r_spec = r
-        self.r = tome_fn.parse_r(depth, r)
-
-    def merge_blocks(self, depth: int) -> set[int]:
-        return {i for i, r in enumerate(self.r) if r > 0}
-
-    def merge(self, index: int, state: TokenState, keys: torch.Tensor) -> TokenState:
-        return tome_fn.bipartite_soft_matching(state, tome_fn.head_mean_keys(keys), self.r[index])
-
-    def knob(self) -> dict[str, Any]:
-        r: Any = self.r_spec
-        out: dict[str, Any] = {}
-        if isinstance(r, tuple):
-            r, out["inflect"] = r
-        return {"r": r, **out, **super().knob()}
-
-
-class ALGM(TokenMethod):
-    """ALGM: local merging (CLAP) in the first selected block, global (GBM) in the second.
-
-    Args:
-        config: thresholds, layers, window, batch coupling.
-        prop_attn: proportional attention (reference: effectively off).
-        decoder_on_merged: decoder on merged tokens (reference: on).
-    """
-
-    name = "algm"
-
-    def __init__(self, config: algm_fn.ALGMConfig, prop_attn: bool = False, decoder_on_merged: bool = True):
-        super().__init__(prop_attn, decoder_on_merged)
-        self.config = config
-
-    def merge_blocks(self, depth: int) -> set[int]:
-        first, second = self.config.layers
-        if second > depth:
-            raise ValueError(f"ALGM layers {self.config.layers} exceed the encoder's {depth} blocks")
-        return {first - 1, second - 1}
-
-    def merge(self, index: int, state: TokenState, keys: torch.Tensor) -> TokenState:
-        c = self.config
-        if index == c.layers[0] - 1:
-            return algm_fn.local_merge(state, state.x, c.threshold, c.window, c.batch_coupled)
-        return algm_fn.global_merge(state, state.x, c.layers[1], c.batch_coupled, c.global_scale)
-
-    def knob(self) -> dict[str, Any]:
-        c = self.config
-        return {
-            "threshold": c.threshold, "layers": list(c.layers), "window": list(c.window),
-            "batch_coupled": c.batch_coupled, "global_scale": c.global_scale, **super().knob(),
-        }
-
-
-class CTS(TokenMethod):
-    """CTS: the policy net picks the K superpatches per image that share one token.
-
-    Args:
-        k: shared superpatches per image.
-        policy: the policy net (frozen).
-        policy_path: where it came from (for the knob).
-        prop_attn: proportional attention (reference: off).
-        decoder_on_merged: decoder on the shared tokens (reference: on).
-    """
-
-    name = "cts"
-
-    def __init__(self, k: int, policy: nn.Module, policy_path: str | None = None, prop_attn: bool = False,
-                 decoder_on_merged: bool = True):
-        super().__init__(prop_attn, decoder_on_merged)
-        if k < 0:
-            raise ValueError(f"CTS k must be >= 0, got {k}")
-        self.k = int(k)
-        # Not a registered submodule: the frozen policy stays out of the Segmenter's parameters and
-        # state dict (it has its own file) and stays in eval mode; _apply moves it with the model.
-        object.__setattr__(self, "policy", policy.eval().requires_grad_(False))
-        self.policy_path = policy_path
-
-    def _apply(self, fn: Any, recurse: bool = True) -> "CTS":
-        self.policy._apply(fn)
-        return super()._apply(fn, recurse)
-
-    def start(self, model: nn.Module, img: torch.Tensor) -> TokenState:
-        if self.k == 0:
-            return super().start(model, img)
-        with torch.no_grad():
-            scores = cts_fn.uniform_scores(self.policy, img, model.grid_of(img))
-        return cts_fn.share_tokens(model.encoder, img, scores, self.k)
-
-    def knob(self) -> dict[str, Any]:
-        return {"k": self.k, "policy": self.policy_path, **super().knob()}
-
-
 def attach(model: nn.Module, method: TokenMethod | None) -> nn.Module:
     """Set (or with ``None`` remove) the model's token method; returns the model."""
     model.token_method = method
@@ -248,50 +140,3 @@ def restored_state(model: nn.Module, img: torch.Tensor, final_norm: bool = True)
     """The final encoder :class:`TokenState` (features, sizes and the patch → token map)."""
     method = getattr(model, "token_method", None) or TokenMethod()
     return method.encode(model, img, final_norm=final_norm)
-
-
-KNOB_KEYS: dict[str, set[str]] = {
-    "tome": {"r", "inflect", "prop_attn", "decoder_on_merged"},
-    "algm": {"threshold", "layers", "window", "batch_coupled", "global_scale", "dataset", "prop_attn",
-             "decoder_on_merged"},
-    "cts": {"k", "policy", "prop_attn", "decoder_on_merged"},
-}
-
-
-def method_from_knob(name: str, knob: dict[str, Any], model: nn.Module) -> TokenMethod:
-    """Build token method ``name`` for ``model`` from its knob dict (see ``segcompress.methods``).
-
-    * ``tome``: ``{"r": int | [per-layer ints], "inflect": float (with an int r: the reference's
-      (r, inflect) ramp), "prop_attn": true, "decoder_on_merged": false}``
-    * ``algm``: ``{"threshold": τ, "layers": [1, 5], "window": 2 | [h, w], "batch_coupled": false,
-      "global_scale": 1.0, "dataset": "ade20k" (reference τ default), "prop_attn": false,
-      "decoder_on_merged": true}``
-    * ``cts``: ``{"k": int, "policy": "policy.safetensors" | null (untrained), "prop_attn": false,
-      "decoder_on_merged": true}``
-    """
-    if name not in KNOB_KEYS:
-        raise ValueError(f"unknown token method {name!r}; choose one of {', '.join(sorted(KNOB_KEYS))}")
-    unknown = sorted(set(knob) - KNOB_KEYS[name])
-    if unknown:
-        raise ValueError(f"unknown {name} knob key(s): {', '.join(unknown)} (allowed: {', '.join(sorted(KNOB_KEYS[name]))})")
-    spec = model.spec
-    flags = {k: bool(knob[k]) for k in ("prop_attn", "decoder_on_merged") if k in knob}
-    if name == "tome":
-        if "r" not in knob:
-            raise ValueError("tome knob needs 'r' (an int or a per-layer list)")
-        r: Any = knob["r"]
-        if "inflect" in knob:
-            if not isinstance(r, int):
-                raise ValueError("tome 'inflect' needs an int 'r'")
-            r = (r, float(knob["inflect"]))
-        elif not isinstance(r, (int, list)):
-            raise ValueError(f"tome 'r' must be an int or a list of ints, got {r!r}")
-        return ToMe(r, spec.depth, **flags)
-    if name == "algm":
-        return ALGM(algm_fn.config_from_knob(knob, spec.depth, spec.embed_dim), **flags)
-    if "k" not in knob:
-        raise ValueError("cts knob needs 'k' (shared superpatches per image)")
-    device = next(model.parameters()).device
-    path = knob.get("policy")
-    policy = cts_fn.load_policy(path, map_location=device)
-    return CTS(int(knob["k"]), policy, None if path is None else str(path), **flags)

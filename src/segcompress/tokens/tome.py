@@ -10,10 +10,15 @@ new order is [prefix tokens, unmerged A tokens in their old order, B tokens], as
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
+from segcompress.flops import analytic_gmacs, bipartite_match_macs
+from segcompress.methods.tome import ToMeSettings
+from segcompress.models.spec import SegmenterSpec
+from segcompress.tokens.cost import NUM_PREFIX, decoder_tokens
+from segcompress.tokens.patch import TokenMethod
 from segcompress.tokens.state import TokenState, cumulative_index, merge_slots
 
 RSchedule = int | tuple[int, float] | list[int]
@@ -170,3 +175,55 @@ def token_schedule(r_list: Sequence[int], num_tokens: int, num_prefix: int) -> t
         t_out.append(t)
         eff.append(e)
     return t_in, t_out, eff
+
+
+class ToMe(TokenMethod):
+    """ToMe in every block with r > 0 (metric: attention keys averaged over heads).
+
+    Args:
+        r: per-layer schedule, see :func:`~segcompress.tokens.tome.parse_r`.
+        depth: encoder depth.
+        prop_attn: proportional attention (reference default: on).
+        decoder_on_merged: decoder on merged tokens (default: :class:`~segcompress.methods.tome.ToMeSettings`'s).
+    """
+
+    name = "tome"
+
+    def __init__(self, r: RSchedule, depth: int, prop_attn: bool = ToMeSettings.prop_attn,
+                 decoder_on_merged: bool = ToMeSettings.decoder_on_merged):
+        super().__init__(prop_attn, decoder_on_merged)
+        self.r_spec = r
+        self.r = parse_r(depth, r)
+
+    def merge_blocks(self, depth: int) -> set[int]:
+        return {i for i, r in enumerate(self.r) if r > 0}
+
+    def merge(self, index: int, state: TokenState, keys: torch.Tensor) -> TokenState:
+        return bipartite_soft_matching(state, head_mean_keys(keys), self.r[index])
+
+    def knob(self) -> dict[str, Any]:
+        r: Any = self.r_spec
+        out: dict[str, Any] = {}
+        if isinstance(r, tuple):
+            r, out["inflect"] = r
+        return {"r": r, **out, **super().knob()}
+
+
+def tome_schedule(spec: SegmenterSpec, knob: dict[str, Any]) -> list[int]:
+    """Per-layer r of a ToMe knob (``r`` int or list, optional ``inflect``)."""
+    r: Any = knob["r"]
+    if "inflect" in knob:
+        r = (int(r), float(knob["inflect"]))
+    return parse_r(spec.depth, r)
+
+
+def tome_gmacs(spec: SegmenterSpec, knob: dict[str, Any]) -> float:
+    """GFLOPs of ToMe at ``knob``: fewer tokens after every merge, plus the A·Bᵀ matching matmul."""
+    n = spec.grid[0] * spec.grid[1]
+    t_in, t_out, eff = token_schedule(tome_schedule(spec, knob), NUM_PREFIX + n, NUM_PREFIX)
+    match = [bipartite_match_macs(t, spec.block_dims(i).qk_dim) if e > 0 else 0.0
+             for i, (t, e) in enumerate(zip(t_in, eff))]
+    return analytic_gmacs(
+        spec, tokens_in=t_in, tokens_out=t_out, match_macs=match,
+        decoder_tokens=decoder_tokens(spec, t_out[-1], bool(knob.get("decoder_on_merged", ToMeSettings.decoder_on_merged))),
+    )
