@@ -16,7 +16,8 @@ import torch
 from segcompress.models.checkpoint import load_model
 from segcompress.resume import latest_resume
 from segcompress.train import (
-    Recipe, WorldBatchSampler, build_optimizer, fit, loss_offset, pixel_loss_sums, poly_lr, sampled_logits,
+    Callbacks, Distillation, Output, Recipe, Runtime, WorldBatchSampler, build_optimizer, fit, loss_offset,
+    pixel_loss_sums, poly_lr, sampled_logits,
 )
 from toy_training import ToyScenes, tiny_model
 
@@ -24,6 +25,7 @@ torch.set_num_threads(1)
 
 TESTS = Path(__file__).parent
 PYTHON = sys.executable
+CPU = Runtime(device="cpu")
 
 
 def _env() -> dict[str, str]:
@@ -166,14 +168,14 @@ def test_strided_loss_trains_and_needs_grid_logits():
     recipe = Recipe(iters=30, batch_size=4, lr=3e-3, optimizer="adamw", warmup_iters=3, loss_stride=2,
                     checkpoint_every=0, log_every=0, num_workers=0)
     teacher = tiny_model(1)
-    res = fit(tiny_model(0), ToyScenes(), recipe, seed=0, device="cpu")
+    res = fit(tiny_model(0), ToyScenes(), recipe, seed=0, runtime=CPU)
     assert sum(res.losses[-5:]) / 5 < 0.5 * res.losses[0]  # learns: well below the initial loss
-    kd = fit(tiny_model(0), ToyScenes(), Recipe(**{**recipe.to_dict(), "iters": 2}), seed=0, device="cpu",
-             teacher=teacher, on_step=lambda info: info.kd <= 0)
+    kd = fit(tiny_model(0), ToyScenes(), Recipe(**{**recipe.to_dict(), "iters": 2}), seed=0, runtime=CPU,
+             distill=Distillation(teacher), callbacks=Callbacks(on_step=lambda info: info.kd <= 0))
     assert kd.step == 2  # the distillation term is taken on the same pixels
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1))
     with pytest.raises(ValueError, match="loss_stride.*forward_masks"):
-        fit(plain, ToyScenes(), recipe, seed=0, device="cpu")
+        fit(plain, ToyScenes(), recipe, seed=0, runtime=CPU)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -181,7 +183,7 @@ def test_strided_loss_trains_and_needs_grid_logits():
 
 def test_loss_decreases_on_a_learnable_task():
     recipe = Recipe(iters=40, batch_size=4, lr=0.1, checkpoint_every=0, log_every=0, num_workers=0)
-    res = fit(tiny_model(0), ToyScenes(), recipe, seed=0, device="cpu")
+    res = fit(tiny_model(0), ToyScenes(), recipe, seed=0, runtime=CPU)
     assert res.completed and res.step == 40 and len(res.losses) == 40
     first, last = sum(res.losses[:5]) / 5, sum(res.losses[-5:]) / 5
     assert last < 0.6 * first, (first, last)
@@ -190,7 +192,7 @@ def test_loss_decreases_on_a_learnable_task():
 
 def test_amp_on_cpu_trains():
     recipe = Recipe(iters=12, batch_size=4, lr=0.1, checkpoint_every=0, log_every=0, num_workers=0, amp=True)
-    res = fit(tiny_model(0), ToyScenes(), recipe, seed=0, device="cpu")  # bfloat16 autocast on the CPU
+    res = fit(tiny_model(0), ToyScenes(), recipe, seed=0, runtime=CPU)  # bfloat16 autocast on the CPU
     assert all(math.isfinite(x) for x in res.losses)
     assert sum(res.losses[-3:]) < sum(res.losses[:3])
     assert all(p.dtype == torch.float32 for p in res.model.parameters())
@@ -212,8 +214,9 @@ def test_distillation_and_callbacks(tmp_path):
     teacher = tiny_model(1)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     out = tmp_path / "nvit.safetensors"
-    res = fit(tiny_model(0), ToyScenes(), recipe, seed=0, device="cpu", out=out, teacher=teacher, kd_weight=0.5,
-              kd_temperature=2.0, on_grad=on_grad, on_step=on_step, train_mode=False)
+    res = fit(tiny_model(0), ToyScenes(), recipe, seed=0, runtime=CPU, output=Output(out),
+              distill=Distillation(teacher, weight=0.5, temperature=2.0), callbacks=Callbacks(on_grad, on_step),
+              train_mode=False)
     assert seen == [("grad", 1), ("step", 1), ("grad", 2), ("step", 2)]
     assert res.completed and res.step == 2 and out.is_file()
     assert not res.model.training and not teacher.training
@@ -224,7 +227,8 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
     """6 iterations, a resume point every 3; the crashed run is SIGKILLed during iteration 5 (with 2
     loader workers), then resumed here from iteration 3 on a model with a different init."""
     recipe = Recipe(iters=6, batch_size=4, lr=0.05, checkpoint_every=3, log_every=0, num_workers=0)
-    ref = fit(tiny_model(0), ToyScenes(), recipe, seed=7, device="cpu", out=tmp_path / "ref" / "dense.safetensors")
+    ref = fit(tiny_model(0), ToyScenes(), recipe, seed=7, runtime=CPU,
+              output=Output(tmp_path / "ref" / "dense.safetensors"))
     assert ref.completed and not (tmp_path / "ref" / "dense.resume").exists()
 
     out = tmp_path / "run" / "dense.safetensors"
@@ -237,7 +241,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
     assert sorted(p.name for p in point.path.iterdir()) == ["model.safetensors", "optimizer.safetensors", "state.json"]
     assert json.loads((point.path / "state.json").read_text())["optimizer"]["names"]  # momentum buffers by name
 
-    res = fit(tiny_model(123), ToyScenes(), recipe, seed=7, device="cpu", out=out)
+    res = fit(tiny_model(123), ToyScenes(), recipe, seed=7, runtime=CPU, output=Output(out))
     assert res.start_step == 3 and res.completed and len(res.losses) == 3
     assert res.losses == ref.losses[3:]
     assert _max_diff(load_model(out).state_dict(), load_model(tmp_path / "ref" / "dense.safetensors").state_dict()) == 0
@@ -247,16 +251,16 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
 def test_stop_at_then_resume_and_changed_recipe_is_refused(tmp_path):
     recipe = Recipe(iters=4, batch_size=2, lr=0.05, checkpoint_every=0, log_every=0, num_workers=0)
     out = tmp_path / "dense.safetensors"
-    res = fit(tiny_model(0), ToyScenes(), recipe, seed=1, device="cpu", out=out, stop_at=2)
+    res = fit(tiny_model(0), ToyScenes(), recipe, seed=1, runtime=Runtime(device="cpu", stop_at=2), output=Output(out))
     assert not res.completed and res.step == 2 and not out.exists()
     assert latest_resume(out.with_suffix(".resume")).step == 2  # written at the stop even with checkpoint_every=0
     changed = Recipe(iters=4, batch_size=2, lr=0.01, checkpoint_every=0, log_every=0, num_workers=0)
     with pytest.raises(ValueError, match=r"recipe\.lr"):
-        fit(tiny_model(0), ToyScenes(), changed, seed=1, device="cpu", out=out)
+        fit(tiny_model(0), ToyScenes(), changed, seed=1, runtime=CPU, output=Output(out))
     with pytest.raises(ValueError, match="different spec"):
-        fit(tiny_model(0, embed_dim=16), ToyScenes(), recipe, seed=1, device="cpu", out=out)
+        fit(tiny_model(0, embed_dim=16), ToyScenes(), recipe, seed=1, runtime=CPU, output=Output(out))
     bookkeeping = Recipe(iters=4, batch_size=2, lr=0.05, checkpoint_every=1, log_every=1, num_workers=0)
-    res = fit(tiny_model(0), ToyScenes(), bookkeeping, seed=1, device="cpu", out=out)
+    res = fit(tiny_model(0), ToyScenes(), bookkeeping, seed=1, runtime=CPU, output=Output(out))
     assert res.start_step == 2 and res.completed and out.is_file()
 
 
@@ -275,7 +279,7 @@ def test_two_process_gloo_run_equals_one_process(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["dense.json", "dense.safetensors"]  # rank 0 wrote alone
 
     recipe = Recipe(iters=4, batch_size=4, lr=0.05, checkpoint_every=0, log_every=0, num_workers=0)
-    single = fit(tiny_model(0, drop_path_rate=0.0, decoder_dropout=0.0), ToyScenes(), recipe, seed=7, device="cpu")
+    single = fit(tiny_model(0, drop_path_rate=0.0, decoder_dropout=0.0), ToyScenes(), recipe, seed=7, runtime=CPU)
     init = tiny_model(0, drop_path_rate=0.0, decoder_dropout=0.0).state_dict()
     ddp = load_model(out).state_dict()
     assert _max_diff(ddp, init) > 1e-2  # it trained

@@ -55,7 +55,7 @@ def tiny_model(seed: int = 0, **kw) -> Segmenter:
 
 
 def _main() -> int:
-    from segcompress.train import Recipe, fit
+    from segcompress.train import Callbacks, Output, Recipe, Runtime, fit
 
     torch.set_num_threads(1)
     p = argparse.ArgumentParser()
@@ -72,14 +72,15 @@ def _main() -> int:
                 sys.stdout.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        fit(tiny_model(0), ToyScenes(), recipe, seed=7, device="cpu", out=a.out, on_step=die)
+        fit(tiny_model(0), ToyScenes(), recipe, seed=7, output=Output(a.out), callbacks=Callbacks(on_step=die),
+            runtime=Runtime(device="cpu"))
         return 1  # not reached
     from segcompress import distributed
 
     distributed.init_distributed(device="cpu")
     recipe = Recipe(iters=4, batch_size=4, lr=0.05, checkpoint_every=2, log_every=1, num_workers=0)
     model = tiny_model(0, drop_path_rate=0.0, decoder_dropout=0.0)
-    fit(model, ToyScenes(), recipe, seed=7, device="cpu", out=a.out)
+    fit(model, ToyScenes(), recipe, seed=7, output=Output(a.out), runtime=Runtime(device="cpu"))
     distributed.cleanup_distributed()
     return 0
 

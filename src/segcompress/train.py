@@ -6,8 +6,8 @@ pixel-wise cross-entropy that ignores label 255, drop-path as set in the model's
 Those are the :class:`Recipe` defaults; its options beyond the reference (AdamW, a linear
 warm-up, the loss on a strided subset of pixels) serve small from-scratch runs such as the
 embedded default study.
-Dense training, NViT fine-tuning (per-pixel KL to a dense ``teacher``) and token-method
-fine-tuning all call :func:`fit`.
+Dense training, NViT fine-tuning (per-pixel KL to a dense teacher, :class:`Distillation`) and
+token-method fine-tuning all call :func:`fit`.
 
 Determinism. Every random stream is derived from one seed (:mod:`segcompress.seeding`):
 
@@ -385,8 +385,9 @@ class SeededItems(Dataset):
 class StepInfo:
     """What a callback sees after the loss of iteration ``step`` (1-based count of updates).
 
-    ``loss``, ``ce`` and ``kd`` are world means over labelled pixels (``loss = ce + kd_weight*kd``).
-    In ``on_grad`` the gradients are present (unscaled) and the optimizer has not stepped yet.
+    ``loss``, ``ce`` and ``kd`` are world means over labelled pixels (``loss = ce + weight*kd``, the
+    :class:`Distillation` weight). In ``on_grad`` the gradients are present (unscaled) and the
+    optimizer has not stepped yet.
     """
 
     step: int
@@ -401,6 +402,78 @@ class StepInfo:
     world_size: int
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """Per-pixel distillation to a dense teacher: ``loss = ce + weight * kd`` (:func:`pixel_loss_sums`).
+
+    Args:
+        teacher: the teacher; :func:`fit` moves it to the training device and keeps it in eval mode,
+            without gradients.
+        weight: weight of the distillation term.
+        temperature: distillation temperature T.
+    """
+
+    teacher: nn.Module
+    weight: float = 1.0
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
+class Callbacks:
+    """Hooks into :func:`fit`'s iterations, each called with a :class:`StepInfo`.
+
+    Args:
+        on_grad: called after backward, before the optimizer step (e.g. gradient-based importance).
+        on_step: called after each optimizer step; returning ``True`` ends the run early (as
+            finished). Under several processes it must return the same on every rank.
+    """
+
+    on_grad: Callable[[StepInfo], None] | None = None
+    on_step: Callable[[StepInfo], bool | None] | None = None
+
+
+@dataclass(frozen=True)
+class Output:
+    """What :func:`fit` writes.
+
+    Args:
+        path: final checkpoint (``.safetensors``, written by rank 0 with ``save_model``); ``None``
+            writes nothing at the end.
+        resume_dir: resume folder; default ``<path without suffix>.resume`` when ``path`` is given,
+            else no resume points.
+        metadata: extra string metadata for the final safetensors file.
+    """
+
+    path: str | Path | None = None
+    resume_dir: str | Path | None = None
+    metadata: dict[str, str] | None = None
+
+    def resume_folder(self) -> str | Path | None:
+        """``resume_dir``, else the default beside ``path``, else ``None`` (no resume points)."""
+        if self.resume_dir is None and self.path is not None:
+            return resume_dir_for(self.path)
+        return self.resume_dir
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How one :func:`fit` call executes: device, job control, display.
+
+    Args:
+        device: default: this rank's GPU, else the CPU.
+        stop_at: stop once this many iterations are done, writing a resume point there and
+            returning ``completed=False`` (time-limited jobs; tests).
+        find_unused_parameters: passed to DistributedDataParallel (models with unused parameters).
+        progress: ``auto``, ``on`` or ``off`` on rank 0 (:mod:`segcompress.progress`); besides the
+            ``log_every`` lines.
+    """
+
+    device: str | torch.device | None = None
+    stop_at: int | None = None
+    find_unused_parameters: bool = False
+    progress: str | bool = "auto"
+
+
 @dataclass
 class FitResult:
     """Outcome of :func:`fit`.
@@ -408,8 +481,8 @@ class FitResult:
     Args:
         model: the trained model (unwrapped, on the training device).
         step: iterations completed.
-        completed: whether the run finished (final model written when ``out`` was given); ``False``
-            when it stopped at ``stop_at``, leaving its resume point.
+        completed: whether the run finished (final model written when ``Output.path`` was given);
+            ``False`` when it stopped at ``Runtime.stop_at``, leaving its resume point.
         start_step: iteration this call started from (> 0 when it resumed).
         losses: world loss of each iteration this call ran.
         seconds: wall time of this call's iterations.
@@ -429,20 +502,12 @@ def fit(
         recipe: Recipe,
         *,
         seed: int,
-        out: str | Path | None = None,
-        resume_dir: str | Path | None = None,
-        teacher: nn.Module | None = None,
-        kd_weight: float = 1.0,
-        kd_temperature: float = 1.0,
+        output: Output | None = None,
+        distill: Distillation | None = None,
+        callbacks: Callbacks | None = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
-        on_grad: Callable[[StepInfo], None] | None = None,
-        on_step: Callable[[StepInfo], bool | None] | None = None,
         train_mode: bool = True,
-        device: str | torch.device | None = None,
-        stop_at: int | None = None,
-        find_unused_parameters: bool = False,
-        metadata: dict[str, str] | None = None,
-        progress: str | bool = "auto",
+        runtime: Runtime | None = None,
 ) -> FitResult:
     """Train ``model`` on ``dataset`` with Segmenter's recipe; resumable and multi-process.
 
@@ -453,55 +518,123 @@ def fit(
             generators (see the module docstring).
         recipe: optimisation settings.
         seed: the run's seed (data order, augmentation, drop-path).
-        out: final checkpoint (``.safetensors``, written by rank 0 with ``save_model``); ``None``
-            writes nothing at the end.
-        resume_dir: resume folder; default ``<out without suffix>.resume`` when ``out`` is given,
-            else no resume points.
-        teacher: dense teacher for per-pixel distillation (kept in eval mode, no gradients).
-        kd_weight: weight of the distillation term (``loss = ce + kd_weight * kd``).
-        kd_temperature: distillation temperature T.
+        output: final checkpoint, resume folder and metadata (default: nothing written).
+        distill: per-pixel distillation to a dense teacher (default: none).
+        callbacks: ``on_grad`` / ``on_step`` hooks (default: none).
         collate_fn: batches items; default stacks them (``torch.utils.data.default_collate``).
-        on_grad: called after backward, before the optimizer step (e.g. gradient-based importance).
-        on_step: called after each optimizer step; returning ``True`` ends the run early (as
-            finished). Under several processes it must return the same on every rank.
         train_mode: ``False`` keeps the model in eval mode (NViT fine-tunes so).
-        device: default: this rank's GPU, else the CPU.
-        stop_at: stop once this many iterations are done, writing a resume point there and
-            returning ``completed=False`` (time-limited jobs; tests).
-        find_unused_parameters: passed to DistributedDataParallel (models with unused parameters).
-        metadata: extra string metadata for the final safetensors file.
-        progress: ``auto``, ``on`` or ``off`` on rank 0 (:mod:`segcompress.progress`); besides the
-            ``log_every`` lines.
+        runtime: device, ``stop_at``, DDP's ``find_unused_parameters`` and progress display
+            (default: this rank's device, run to the end, a bar or heartbeat on rank 0).
     """
+    output = Output() if output is None else output
+    callbacks = Callbacks() if callbacks is None else callbacks
+    runtime = Runtime() if runtime is None else runtime
+    run = _setup(model, dataset, recipe, seed, output, distill, train_mode, runtime)
+    loader = _build_loader(run, dataset, collate_fn)
+    monitor = _Monitor(run, runtime.progress)
+    step, stopped_early = _train_loop(run, loader, callbacks, monitor)
+    seconds = monitor.close()
+    completed = _finish(run, output, step, stopped_early, seconds)
+    return FitResult(model, step, completed, run.start, monitor.losses, seconds)
+
+
+# --------------------------------------------------------------------------------- loop: setup
+
+
+@dataclass
+class _Run:
+    """The state one :func:`fit` call shares between its phases."""
+
+    model: nn.Module  # the model being trained, unwrapped
+    net: nn.Module  # what the forward pass calls: ``model``, its grid logits, wrapped in DDP
+    teacher: nn.Module | None  # the teacher's forward (its grid logits with a strided loss)
+    distill: Distillation | None
+    recipe: Recipe
+    seed: int
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    rank: int
+    world: int
+    resume_dir: str | Path | None
+    meta: dict[str, Any]
+    start: int
+    end: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def kd_weight(self) -> float:
+        return self.distill.weight if self.distill is not None else 1.0
+
+    @property
+    def kd_temperature(self) -> float:
+        return self.distill.temperature if self.distill is not None else 1.0
+
+    @property
+    def use_scaler(self) -> bool:
+        """AMP's loss scaling: float16 on CUDA only."""
+        return self.recipe.amp and self.device.type == "cuda"
+
+    @property
+    def amp_dtype(self) -> torch.dtype:
+        return torch.float16 if self.device.type == "cuda" else torch.bfloat16
+
+
+def _setup(
+        model: nn.Module, dataset: Dataset, recipe: Recipe, seed: int, output: Output,
+        distill: Distillation | None, train_mode: bool, runtime: Runtime,
+) -> _Run:
+    """Device, models, optimizer, AMP scaler and the resume point: everything but the data."""
     info = distributed.current()
-    rank, world = info.rank, info.world_size
-    device = torch.device(device) if device is not None else info.device
-    if recipe.batch_size % world:
-        raise ValueError(f"recipe batch_size {recipe.batch_size} (world batch) is not divisible by {world} processes")
-    if len(dataset) == 0:  # type: ignore[arg-type]
-        raise ValueError("the training dataset is empty")
-    if out is not None and resume_dir is None:
-        resume_dir = resume_dir_for(out)
+    device = torch.device(runtime.device) if runtime.device is not None else info.device
+    _check_inputs(dataset, recipe, info.world_size)
+    resume_dir = output.resume_folder()
+    teacher = distill.teacher if distill is not None else None
     model.to(device)
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
     optimizer = build_optimizer(model, recipe)
-    use_scaler = recipe.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=recipe.amp and device.type == "cuda")
+    meta = _run_meta(model, dataset, recipe, seed, distill)
+    start = _resume(resume_dir, meta, model, optimizer, scaler, info.is_main, recipe.iters)
+    end = recipe.iters if runtime.stop_at is None else min(recipe.iters, max(runtime.stop_at, start))
+    net, teacher_net = _forward_nets(model, teacher, recipe.loss_stride, info.world_size, device,
+                                     runtime.find_unused_parameters)
+    net.train(train_mode)
+    return _Run(model, net, teacher_net, distill, recipe, seed, optimizer, scaler, device, info.rank, info.world_size,
+                resume_dir, meta, start, end)
 
-    meta = _run_meta(model, dataset, recipe, seed, teacher, kd_weight, kd_temperature)
-    start = 0
+
+def _check_inputs(dataset: Dataset, recipe: Recipe, world: int) -> None:
+    if recipe.batch_size % world:
+        raise ValueError(f"recipe batch_size {recipe.batch_size} (world batch) is not divisible by {world} processes")
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise ValueError("the training dataset is empty")
+
+
+def _resume(
+        resume_dir: str | Path | None, meta: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler, is_main: bool, iters: int,
+) -> int:
+    """Load the latest resume point in ``resume_dir`` (after checking it is this run's); its iteration, else 0."""
     point = latest_resume(resume_dir) if resume_dir is not None else None
-    if point is not None:
-        _check_resume_meta(point.meta, meta, Path(resume_dir))
-        load_resume(point, model, optimizer, scaler)
-        start = point.step
-        if info.is_main:
-            log.info("resuming from %s (iteration %d of %d)", point.path, start, recipe.iters)
-    end = recipe.iters if stop_at is None else min(recipe.iters, max(stop_at, start))
+    if point is None:
+        return 0
+    _check_resume_meta(point.meta, meta, Path(resume_dir))  # type: ignore[arg-type]
+    load_resume(point, model, optimizer, scaler)
+    if is_main:
+        log.info("resuming from %s (iteration %d of %d)", point.path, point.step, iters)
+    return point.step
 
-    stride = recipe.loss_stride
+
+def _forward_nets(
+        model: nn.Module, teacher: nn.Module | None, stride: int, world: int, device: torch.device,
+        find_unused_parameters: bool,
+) -> tuple[nn.Module, nn.Module | None]:
+    """The student's and the teacher's forward: grid logits for a strided loss, the student in DDP."""
     net: nn.Module = model if stride == 1 else _GridLogits(model)
     teacher_net = teacher if teacher is None or stride == 1 else _GridLogits(teacher)
     if world > 1:
@@ -511,116 +644,187 @@ def fit(
             net, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=find_unused_parameters,
         )
-    net.train(train_mode)
+    return net, teacher_net
 
+
+def _build_loader(run: _Run, dataset: Dataset, collate_fn: Callable[[list[Any]], Any] | None) -> DataLoader:
+    """This rank's batches of iterations ``run.start .. run.end`` (:class:`WorldBatchSampler`)."""
     n_items = len(dataset)  # type: ignore[arg-type]
-    sampler = WorldBatchSampler(n_items, recipe.batch_size, rank, world, seed, start, end)
+    sampler = WorldBatchSampler(n_items, run.recipe.batch_size, run.rank, run.world, run.seed, run.start, run.end)
     loader = DataLoader(
-        SeededItems(dataset), batch_sampler=sampler, num_workers=recipe.num_workers,
-        collate_fn=collate_fn, pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(derive_seed(seed, "loader", rank)),
+        SeededItems(dataset), batch_sampler=sampler, num_workers=run.recipe.num_workers,
+        collate_fn=collate_fn, pin_memory=run.device.type == "cuda",
+        generator=torch.Generator().manual_seed(derive_seed(run.seed, "loader", run.rank)),
     )
-    if info.is_main:
+    if run.is_main:
         log.info(
             "training %d items, world batch %d over %d process(es) on %s, iterations %d..%d of %d",
-            len(dataset), recipe.batch_size, world, device, start, end, recipe.iters,  # type: ignore[arg-type]
+            n_items, run.recipe.batch_size, run.world, run.device, run.start, run.end, run.recipe.iters,
         )
+    return loader
 
-    losses: list[float] = []
-    step, stopped_early = start, False
-    window: list[float] = []
-    t0 = t_log = time.perf_counter()
-    bar = Progress(recipe.iters, "train", "it", progress if info.is_main else "off", initial=start)
+
+# ---------------------------------------------------------------------------------- loop: steps
+
+
+def _train_loop(run: _Run, loader: DataLoader, callbacks: Callbacks, monitor: _Monitor) -> tuple[int, bool]:
+    """Iterations ``run.start .. run.end``; the iterations done and whether ``on_step`` ended the run."""
+    step = run.start
     for images, labels in loader:
-        t = step
-        lr = poly_lr(t, recipe)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        seed_everything(derive_seed(seed, "step", t, rank))
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=recipe.amp):
-            logits = net(images)
-            teacher_logits = None
-            if teacher_net is not None:
-                with torch.no_grad():
-                    teacher_logits = teacher_net(images).float()
-        if stride > 1:
-            offset = loss_offset(seed, t, stride)
-            size = images.shape[-2:]
-            logits = sampled_logits(logits.float(), size, stride, offset)
-            if teacher_logits is not None:
-                teacher_logits = sampled_logits(teacher_logits, size, stride, offset)
-            labels = labels[:, offset[0]::stride, offset[1]::stride]
-        ce_sum, kd_sum, count = pixel_loss_sums(logits.float(), labels, teacher_logits, kd_temperature)
-        stats = torch.stack([count, ce_sum.detach().double(), kd_sum.detach().double()])
-        if world > 1:
-            dist.all_reduce(stats)
-        denom = stats[0].clamp(min=1.0)
-        loss = (ce_sum + kd_weight * kd_sum) * (world / denom).float()
-        ce, kd = (stats[1:] / denom).tolist()
-        loss_value = ce + kd_weight * kd
-        if not math.isfinite(loss_value) and not use_scaler:
-            raise ValueError(
-                f"training loss is {loss_value} at iteration {t + 1}; lower the recipe's 'lr' or check the labels"
+        info = _train_step(run, step, images, labels, callbacks.on_grad)
+        step = info.step
+        monitor.record(info)
+        if callbacks.on_step is not None and callbacks.on_step(info):
+            return step, True
+        if _resume_point_due(run, step):
+            save_resume(run.resume_dir, step, run.model, run.optimizer, run.meta, run.scaler)  # type: ignore[arg-type]
+    return step, False
+
+
+def _train_step(
+        run: _Run, t: int, images: torch.Tensor, labels: torch.Tensor,
+        on_grad: Callable[[StepInfo], None] | None,
+) -> StepInfo:
+    """Iteration ``t`` (0-based): lr, model-side seed, loss, backward, ``on_grad``, optimizer step."""
+    lr = poly_lr(t, run.recipe)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    seed_everything(derive_seed(run.seed, "step", t, run.rank))
+    images = images.to(run.device, non_blocking=True)
+    labels = labels.to(run.device, non_blocking=True)
+    loss, loss_value, ce, kd = _loss(run, t, images, labels)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    step = t + 1
+    if on_grad is not None:
+        run.scaler.unscale_(run.optimizer)
+        on_grad(_step_info(run, step, lr, loss_value, ce, kd))
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return _step_info(run, step, lr, loss_value, ce, kd)
+
+
+def _step_info(run: _Run, step: int, lr: float, loss: float, ce: float, kd: float) -> StepInfo:
+    return StepInfo(step, run.recipe.iters, lr, loss, ce, kd, run.model, run.optimizer, run.rank, run.world)
+
+
+def _loss(run: _Run, t: int, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float, float, float]:
+    """Iteration ``t``'s loss to backpropagate (normalised by the world's labelled pixels) and its
+    world means: the loss, ``ce`` and ``kd``."""
+    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.recipe.amp):
+        logits = run.net(images)
+        teacher_logits = None
+        if run.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = run.teacher(images).float()
+    stride = run.recipe.loss_stride
+    if stride > 1:
+        logits, teacher_logits, labels = _loss_pixels(run.seed, t, stride, images.shape[-2:], logits,
+                                                      teacher_logits, labels)
+    ce_sum, kd_sum, count = pixel_loss_sums(logits.float(), labels, teacher_logits, run.kd_temperature)
+    stats = torch.stack([count, ce_sum.detach().double(), kd_sum.detach().double()])
+    if run.world > 1:
+        dist.all_reduce(stats)
+    denom = stats[0].clamp(min=1.0)
+    loss = (ce_sum + run.kd_weight * kd_sum) * (run.world / denom).float()
+    ce, kd = (stats[1:] / denom).tolist()
+    loss_value = ce + run.kd_weight * kd
+    if not math.isfinite(loss_value) and not run.use_scaler:
+        raise ValueError(
+            f"training loss is {loss_value} at iteration {t + 1}; lower the recipe's 'lr' or check the labels"
+        )
+    return loss, loss_value, ce, kd
+
+
+def _loss_pixels(
+        seed: int, t: int, stride: int, size: Sequence[int], logits: torch.Tensor,
+        teacher_logits: torch.Tensor | None, labels: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Logits, teacher logits and labels at iteration ``t``'s strided loss pixels (:func:`loss_offset`)."""
+    offset = loss_offset(seed, t, stride)
+    logits = sampled_logits(logits.float(), size, stride, offset)
+    if teacher_logits is not None:
+        teacher_logits = sampled_logits(teacher_logits, size, stride, offset)
+    return logits, teacher_logits, labels[:, offset[0]::stride, offset[1]::stride]
+
+
+# ------------------------------------------------------------------ loop: logging, checkpoints
+
+
+class _Monitor:
+    """A run's losses, progress bar and ``log_every`` lines (rank 0 shows and logs)."""
+
+    def __init__(self, run: _Run, progress: str | bool) -> None:
+        self.run = run
+        self.losses: list[float] = []
+        self._window: list[float] = []
+        self._t0 = self._t_log = time.perf_counter()
+        self._bar = Progress(run.recipe.iters, "train", "it", progress if run.is_main else "off", initial=run.start)
+
+    def record(self, info: StepInfo) -> None:
+        """Count a finished iteration; log the mean loss since the last line when one is due."""
+        self.losses.append(info.loss)
+        self._window.append(info.loss)
+        self._bar.update(1)
+        every = self.run.recipe.log_every
+        if every and (info.step % every == 0 or info.step == self.run.end):
+            self._log(info)
+
+    def _log(self, info: StepInfo) -> None:
+        now = time.perf_counter()
+        if self.run.is_main:
+            iters = self.run.recipe.iters
+            mean, sec = sum(self._window) / len(self._window), (now - self._t_log) / len(self._window)
+            self._bar.set_postfix(loss=f"{mean:.4f}", lr=f"{info.lr:.2e}")
+            log.info(
+                "iter %d/%d  loss %.4f%s  lr %.3e  %.3f s/it  eta %s", info.step, iters, mean,
+                f" (ce {info.ce:.4f} kd {info.kd:.4f})" if self.run.teacher is not None else "",
+                info.lr, sec, _hms(sec * (iters - info.step)),
             )
+        self._window, self._t_log = [], now
 
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        step = t + 1
-        if on_grad is not None:
-            scaler.unscale_(optimizer)
-            on_grad(StepInfo(step, recipe.iters, lr, loss_value, ce, kd, model, optimizer, rank, world))
-        scaler.step(optimizer)
-        scaler.update()
+    def close(self) -> float:
+        """Close the bar; the seconds since the monitor started."""
+        self._bar.close()
+        return time.perf_counter() - self._t0
 
-        losses.append(loss_value)
-        window.append(loss_value)
-        bar.update(1)
-        if recipe.log_every and (step % recipe.log_every == 0 or step == end):
-            now = time.perf_counter()
-            if info.is_main:
-                sec = (now - t_log) / len(window)
-                bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", lr=f"{lr:.2e}")
-                log.info(
-                    "iter %d/%d  loss %.4f%s  lr %.3e  %.3f s/it  eta %s", step, recipe.iters,
-                    sum(window) / len(window), f" (ce {ce:.4f} kd {kd:.4f})" if teacher is not None else "",
-                    lr, sec, _hms(sec * (recipe.iters - step)),
-                )
-            window, t_log = [], now
-        info_step = StepInfo(step, recipe.iters, lr, loss_value, ce, kd, model, optimizer, rank, world)
-        if on_step is not None and on_step(info_step):
-            stopped_early = True
-            break
-        if (
-                resume_dir is not None and info.is_main and step < recipe.iters
-                and ((recipe.checkpoint_every and step % recipe.checkpoint_every == 0) or step == end)
-        ):
-            save_resume(resume_dir, step, model, optimizer, meta, scaler)
-    bar.close()
-    seconds = time.perf_counter() - t0
 
-    completed = stopped_early or step >= recipe.iters
-    if completed and info.is_main:
-        if out is not None:
-            from segcompress.models.checkpoint import save_model
+def _resume_point_due(run: _Run, step: int) -> bool:
+    """Whether rank 0 writes a resume point after ``step`` iterations: every ``checkpoint_every``
+    and at the last iteration of this call, unless the run is finished."""
+    if run.resume_dir is None or not run.is_main or step >= run.recipe.iters:
+        return False
+    every = run.recipe.checkpoint_every
+    return bool(every and step % every == 0) or step == run.end
 
-            tags = {"seed": str(seed), "iters": str(step), "recipe": _json(recipe.to_dict())}
-            save_model(model, out, metadata={**tags, **(metadata or {})})  # type: ignore[arg-type]
-            log.info("wrote %s after %d iterations (%.1f s)", out, step, seconds)
-        if resume_dir is not None:
-            clear_resume(resume_dir)
-    if world > 1:
+
+def _finish(run: _Run, output: Output, step: int, stopped_early: bool, seconds: float) -> bool:
+    """Whether the run completed; if so rank 0 writes the final model and clears the resume points."""
+    completed = stopped_early or step >= run.recipe.iters
+    if completed and run.is_main:
+        if output.path is not None:
+            _save_final(run, output, step, seconds)
+        if run.resume_dir is not None:
+            clear_resume(run.resume_dir)
+    if run.world > 1:
         dist.barrier()
-    return FitResult(model, step, completed, start, losses, seconds)
+    return completed
+
+
+def _save_final(run: _Run, output: Output, step: int, seconds: float) -> None:
+    """The trained model at ``output.path``, tagged with the seed, iterations, recipe and ``output.metadata``."""
+    from segcompress.models.checkpoint import save_model
+
+    tags = {"seed": str(run.seed), "iters": str(step), "recipe": _json(run.recipe.to_dict())}
+    save_model(run.model, output.path, metadata={**tags, **(output.metadata or {})})  # type: ignore[arg-type]
+    log.info("wrote %s after %d iterations (%.1f s)", output.path, step, seconds)
 
 
 # -------------------------------------------------------------------------------------- helpers
 
 
 def _run_meta(
-        model: nn.Module, dataset: Dataset, recipe: Recipe, seed: int, teacher: nn.Module | None,
-        kd_weight: float, kd_temperature: float,
+        model: nn.Module, dataset: Dataset, recipe: Recipe, seed: int, distill: Distillation | None,
 ) -> dict[str, Any]:
     """What a resume point must agree with for the resumed run to be the same run."""
     spec = getattr(model, "spec", None)
@@ -628,7 +832,7 @@ def _run_meta(
         "seed": seed,
         "recipe": {k: v for k, v in recipe.to_dict().items() if k not in Recipe.BOOKKEEPING},
         "dataset_size": len(dataset),  # type: ignore[arg-type]
-        "distill": {"weight": kd_weight, "temperature": kd_temperature} if teacher is not None else None,
+        "distill": {"weight": distill.weight, "temperature": distill.temperature} if distill is not None else None,
         "spec": spec.to_dict() if hasattr(spec, "to_dict") else None,
     }
 
@@ -667,6 +871,7 @@ def _hms(seconds: float) -> str:
 
 
 __all__: Sequence[str] = (
-    "FitResult", "OPTIMIZERS", "Recipe", "SeededItems", "StepInfo", "WorldBatchSampler", "bilinear_rows",
-    "build_optimizer", "fit", "loss_offset", "param_groups", "pixel_loss_sums", "poly_lr", "sampled_logits",
+    "Callbacks", "Distillation", "FitResult", "OPTIMIZERS", "Output", "Recipe", "Runtime", "SeededItems", "StepInfo",
+    "WorldBatchSampler", "bilinear_rows", "build_optimizer", "fit", "loss_offset", "param_groups", "pixel_loss_sums",
+    "poly_lr", "sampled_logits",
 )

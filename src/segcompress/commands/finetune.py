@@ -72,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
     from segcompress.methods import apply_method
     from segcompress.models.checkpoint import load_model, save_model
     from segcompress.resume import clear_resume, resume_dir_for
-    from segcompress.train import Recipe, fit
+    from segcompress.train import Distillation, Output, Recipe, Runtime, fit
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,10 +103,11 @@ def main(args: argparse.Namespace) -> int:
         # with a method attached, fit must not write the checkpoint: the method's own modules
         # would be in it; the bare model is written below instead
         result = fit(
-            net, dataset, recipe, seed=args.seed, out=None if attached else args.out, resume_dir=resume_dir,
-            teacher=teacher, kd_weight=float(extra["kd_weight"]), kd_temperature=float(extra["kd_temperature"]),
-            collate_fn=collate_train, train_mode=extra["train_mode"], device=info.device, stop_at=args.stop_at,
-            metadata=meta, progress=args.progress,
+            net, dataset, recipe, seed=args.seed, output=Output(None if attached else args.out, resume_dir, meta),
+            distill=None if teacher is None else Distillation(
+                teacher, float(extra["kd_weight"]), float(extra["kd_temperature"])),
+            collate_fn=collate_train, train_mode=extra["train_mode"],
+            runtime=Runtime(device=info.device, stop_at=args.stop_at, progress=args.progress),
         )
         if attached and result.completed and info.is_main:
             bare = apply_method(result.model, "dense", {})

@@ -62,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
     from segcompress.models.segmenter import build_segmenter
     from segcompress.models.spec import spec_from_arch
     from segcompress.seeding import seed_everything
-    from segcompress.train import Recipe, fit
+    from segcompress.train import Output, Recipe, Runtime, fit
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,9 +94,9 @@ def main(args: argparse.Namespace) -> int:
             n = sum(p.numel() for p in model.parameters())
             log.info("%s: %s, %.2fM parameters, %d training images", args.out, _describe(spec), n / 1e6, len(dataset))
         result = fit(
-            model, dataset, recipe, seed=args.seed, out=args.out, collate_fn=collate_train, stop_at=args.stop_at,
-            device=info.device,
-            metadata={"layout": args.layout, "arch": json.dumps(arch, sort_keys=True)}, progress=args.progress,
+            model, dataset, recipe, seed=args.seed, collate_fn=collate_train,
+            output=Output(args.out, metadata={"layout": args.layout, "arch": json.dumps(arch, sort_keys=True)}),
+            runtime=Runtime(device=info.device, stop_at=args.stop_at, progress=args.progress),
         )
     finally:
         distributed.cleanup_distributed()

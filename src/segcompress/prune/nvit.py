@@ -314,7 +314,7 @@ def prune(
     Raises:
         ValueError: the target is below what pruning can reach (every structure at its floor).
     """
-    from segcompress.train import Recipe, fit
+    from segcompress.train import Callbacks, Distillation, Recipe, Runtime, fit
 
     dense_params = count_params(model)
     dense = analytic_gmacs(model.spec)
@@ -351,9 +351,9 @@ def prune(
     log.info("pruning %.4f -> %.4f GFLOPs in %d steps of %d iterations (%s)", dense, target_gmacs, steps, interval,
              ", ".join(f"{k}: group {pruner.group[k]}" for k in pruner.keys if k.block in (None, 0)))
     with pruner.hooks():
-        fit(model, dataset, recipe, seed=seed, teacher=teacher, kd_weight=config.kd_weight,
-            kd_temperature=config.kd_temperature, collate_fn=collate_fn, on_grad=on_grad, on_step=on_step,
-            device=device)
+        fit(model, dataset, recipe, seed=seed,
+            distill=None if teacher is None else Distillation(teacher, config.kd_weight, config.kd_temperature),
+            callbacks=Callbacks(on_grad, on_step), collate_fn=collate_fn, runtime=Runtime(device=device))
     achieved = pruner.gmacs()
     small = pruner.shrink().eval()
     return PruneResult(small, dense, target_gmacs, achieved, dense_params, pruner.history, pruner.masks.state())
