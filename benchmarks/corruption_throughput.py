@@ -1,4 +1,4 @@
-"""Corruption-generation throughput: segcompress's parallel generator against a naive loop.
+"""Corruption-generation throughput: segcompress's corrupt jobs run side by side against a naive loop.
 
 Both run in the same invocation, each in a fresh Python process, on the same synthetic images
 and the whole protocol (16 Kamann & Rother corruptions x 5 severities by default):
@@ -6,19 +6,24 @@ and the whole protocol (16 Kamann & Rother corruptions x 5 severities by default
 * naive: a plain sequential loop over ``imagecorruptions.corrupt`` that saves each result with
   ``PIL.Image.save`` (PNG, default level), as a user would write it; it pays imports and
   glass_blur's numba compile in its one process;
-* segcompress: ``segcompress.corrupt.generate`` with ``--workers`` processes (default 2): seeded,
-  atomic writes, provenance, per-folder manifests; it also pays process start, imports and the
-  compile. It runs once per ``--compress-levels`` entry: its default PNG level 1, and level 6
-  (PIL's default, what the naive loop writes) to separate the gain of the workers from the gain
-  of the faster PNG level.
+* segcompress: one ``segcompress.corrupt.generate`` call per (corruption, severity) folder, as
+  the workflow's corrupt jobs, ``--workers`` folders at a time (default 2, as Snakemake runs
+  one-thread jobs side by side; this script's pool stands in for Snakemake) and each folder with
+  ``--processes`` processes (default 1; the SLURM profile gives a job 8): seeded, atomic writes,
+  provenance, per-folder manifests; it also pays process start, imports and each worker's
+  glass_blur compile. It runs once per ``--compress-levels`` entry: its default PNG level 1, and
+  level 6 (PIL's default, what the naive loop writes) to separate the gain of the workers from the
+  gain of the faster PNG level.
 
 Prints images/s per corruption (naive: wall time of its calls; segcompress: outputs divided by
-worker time / workers, the rate if the workers were evenly busy) and, the headline, the overall
-wall-clock ratio over the whole run (process start to exit). Then regenerates a few outputs
-in-process and checks they are byte-identical to what the pool wrote.
+the seconds spent on them / (workers x processes), the rate if every process were evenly busy)
+and, the headline, the overall wall-clock ratio over the whole run (process start to exit). Then
+regenerates a few outputs in-process and checks they are byte-identical to what the runs wrote.
 
     .venv/bin/python benchmarks/corruption_throughput.py                  # 4 images 1024x512
     .venv/bin/python benchmarks/corruption_throughput.py --images 2 --size 512x256 --severities 1 5
+    .venv/bin/python benchmarks/corruption_throughput.py --images 1 --size 128x64 --corruptions fog,glass_blur \
+        --severities 1 --compress-levels 1                                # a smoke test, seconds
 """
 
 from __future__ import annotations
@@ -99,22 +104,58 @@ def run_naive(root: Path, out: Path, corruptions: list[str], severities: list[in
     return {"seconds": seconds, "count": count, "import_s": import_s}
 
 
-def run_parallel(root: Path, out: Path, corruptions: list[str], severities: list[int], workers: int,
-                 compress_level: int) -> dict:
-    """segcompress's generator (runs in its own fresh process)."""
-    from segcompress.corrupt import CorruptConfig, generate
+def corruption_names(spec: str) -> list[str]:
+    """``kamann`` (16), ``all`` (19) or a comma list of names."""
+    from segcompress.corrupt import ALL_CORRUPTIONS, KAMANN_CORRUPTIONS, check_corruption
 
-    report = generate(CorruptConfig(layout="ade20k", root=root, out=out, dataset="bench", corruptions=corruptions,
-                                    severities=severities, workers=workers, progress=False,
-                                    compress_level=compress_level))
-    return {"seconds": report.worker_seconds, "count": report.generated_per_corruption,
-            "generate_s": report.seconds}
+    presets = {"kamann": KAMANN_CORRUPTIONS, "all": ALL_CORRUPTIONS}
+    names = presets.get(spec) or [check_corruption(c.strip()) for c in spec.split(",") if c.strip()]
+    if not names:
+        sys.exit("--corruptions: empty; pass kamann, all or names like fog,snow")
+    return list(dict.fromkeys(names))
+
+
+def _folder(root: Path, out: Path, corruption: str, severity: int, processes: int, compress_level: int):
+    """One workflow job: one folder (``segcompress corrupt --corruption C --severity S``)."""
+    from segcompress.corrupt import generate
+
+    return corruption, generate("ade20k", root, out, "bench", corruption, severity, processes=processes,
+                                compress_level=compress_level, progress=False)
+
+
+def _init_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # as a one-thread Snakemake job (OMP_NUM_THREADS=1)
+
+
+def run_parallel(root: Path, out: Path, corruptions: list[str], severities: list[int], workers: int,
+                 processes: int, compress_level: int) -> dict:
+    """segcompress's corrupt jobs, ``workers`` at a time (runs in its own fresh process)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    t0 = time.perf_counter()
+    folders = [(root, out, c, s, processes, compress_level) for c in corruptions for s in severities]
+    if workers == 1:
+        done = [_folder(*f) for f in folders]
+    else:
+        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+            done = list(pool.map(_folder, *zip(*folders)))
+    seconds = {c: 0.0 for c in corruptions}
+    count = {c: 0 for c in corruptions}
+    for c, report in done:
+        seconds[c] += report.worker_seconds
+        count[c] += report.generated
+    return {"seconds": seconds, "count": count, "generate_s": time.perf_counter() - t0}
 
 
 def timed_subprocess(mode: str, args: argparse.Namespace, root: Path, out: Path, level: int = 1) -> tuple[float, dict]:
     """Run this script in ``--_run MODE`` in a fresh interpreter; (wall seconds, its JSON)."""
     cmd = [sys.executable, __file__, "--_run", mode, "--_root", str(root), "--_out", str(out),
            "--corruptions", ",".join(args.corruption_list), "--workers", str(args.workers),
+           "--processes", str(args.processes),
            "--severities", *map(str, args.severities), "--compress-levels", str(level)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -146,7 +187,9 @@ def main() -> None:
     parser.add_argument("--size", default="1024x512", help="WxH of the images (default 1024x512)")
     parser.add_argument("--corruptions", default="kamann", help="kamann (default), all, or a comma list")
     parser.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="folders (workflow jobs) at a time (default 2)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="processes per folder, segcompress corrupt --processes (default 1)")
     parser.add_argument("--compress-levels", type=int, nargs="+", default=[1, 6],
                         help="PNG levels of the segcompress runs (default: 1 6; the naive loop writes 6)")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
@@ -155,15 +198,15 @@ def main() -> None:
     parser.add_argument("--_out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    from segcompress.corrupt import resolve_corruptions
-
-    args.corruption_list = list(resolve_corruptions(args.corruptions))
+    if args.workers < 1 or args.processes < 1:
+        sys.exit(f"--workers {args.workers} / --processes {args.processes}: each must be >= 1")
+    args.corruption_list = corruption_names(args.corruptions)
     if args._run == "naive":
         print(json.dumps(run_naive(args._root, args._out, args.corruption_list, args.severities)))
         return
     if args._run == "parallel":
         print(json.dumps(run_parallel(args._root, args._out, args.corruption_list, args.severities, args.workers,
-                                      args.compress_levels[0])))
+                                      args.processes, args.compress_levels[0])))
         return
 
     w, h = (int(v) for v in args.size.lower().split("x"))
@@ -186,16 +229,16 @@ def main() -> None:
             r_naive = naive["count"][c] / naive["seconds"][c]
             cells = ""
             for _, par in runs.values():
-                r_par = par["count"][c] / (par["seconds"][c] / args.workers)
+                r_par = par["count"][c] / (par["seconds"][c] / (args.workers * args.processes))
                 cells += f" {r_par:>16.2f} {r_par / r_naive:>5.2f}x"
             print(f"{c:<18} {r_naive:>12.2f}{cells}")
         print(f"naive loop (1 process, PNG level 6): {naive_wall:.1f} s wall = {n_out / naive_wall:.2f} img/s "
               f"(imports {naive['import_s']:.1f} s; "
               f"glass_blur incl. JIT {naive['seconds'].get('glass_blur', 0):.1f} s)")
         for lvl, (wall, par) in runs.items():
-            print(f"segcompress ({args.workers} workers, PNG level {lvl}): "
+            print(f"segcompress ({args.workers} jobs at a time x {args.processes} processes, PNG level {lvl}): "
                   f"{wall:.1f} s wall = {n_out / wall:.2f} img/s "
-                  f"(generate() {par['generate_s']:.1f} s); overall wall-clock ratio {naive_wall / wall:.2f}x")
+                  f"(the jobs {par['generate_s']:.1f} s); overall wall-clock ratio {naive_wall / wall:.2f}x")
         print("target: >= 1.8x on 2 cores")
         for lvl in runs:
             bad = verify(root, work / f"bench-c-{lvl}", args.corruption_list, args.severities, lvl)

@@ -51,7 +51,7 @@ def test_long_loops_take_progress_and_corrupt_takes_processes() -> None:
     parser = argparse.ArgumentParser()
     importlib.import_module("segcompress.commands.corrupt").add_arguments(parser)
     args = parser.parse_args(["--layout", "ade20k", "--root", "r", "--out", "o", "--dataset-name", "x",
-                              "--no-progress"])
+                              "--corruption", "fog", "--severity", "3", "--no-progress"])
     assert args.progress == "off"
 
 

@@ -1,5 +1,6 @@
-"""Corrupted val sets: per-image determinism (any order, any number of workers), all 19
-corruptions at both layouts' aspects, labels never copied, reruns skip finished outputs.
+"""Corrupted val sets, one (corruption, severity) folder per run as the workflow's jobs:
+per-image determinism (any order, any number of processes), all 19 corruptions at both layouts'
+aspects, labels never copied, reruns skip finished outputs.
 
 Tiny images (64x48 ADE-like, 96x48 Cityscapes-like). glass_blur's numba JIT is compiled once in
 this process and once in the pool's forkserver (its workers inherit it) per test session.
@@ -92,11 +93,14 @@ def city(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _config(root: Path, out: Path, layout: str = "ade20k", **kw) -> C.CorruptConfig:
-    kw.setdefault("corruptions", RNG_MIX)
-    kw.setdefault("severities", (1, 3))
-    kw.setdefault("progress", False)
-    return C.CorruptConfig(layout=layout, root=root, out=out, dataset=kw.pop("dataset", layout), **kw)
+def _generate(root: Path, out: Path, layout: str = "ade20k", corruptions: list[str] = RNG_MIX,
+              severities: tuple[int, ...] = (1, 3), **kw) -> list[C.CorruptReport]:
+    """Every (corruption, severity) folder, one ``generate`` call each (one workflow job each)."""
+    return [C.generate(layout, root, out, layout, c, s, progress=False, **kw) for c in corruptions for s in severities]
+
+
+def _sum(reports: list[C.CorruptReport], field: str) -> int:
+    return sum(getattr(r, field) for r in reports)
 
 
 # ----------------------------------------------------------------------------- protocol
@@ -106,28 +110,26 @@ def test_protocol_lists() -> None:
     assert len(C.KAMANN_CORRUPTIONS) == 16 and len(C.ALL_CORRUPTIONS) == 19
     from imagecorruptions import get_corruption_names
 
-    assert set(C.ALL_CORRUPTIONS) == set(get_corruption_names("all"))
-    assert C.resolve_corruptions("kamann") == C.KAMANN_CORRUPTIONS
-    assert C.resolve_corruptions("fog, snow,fog") == ("fog", "snow")
+    assert set(C.ALL_CORRUPTIONS) == set(get_corruption_names("all")) == set(C.CATEGORY_OF)
     assert C.corruption_category("speckle_noise") == "noise" and C.corruption_category("spatter") == "weather"
     with pytest.raises(ValueError, match="unknown corruption 'fogg'"):
-        C.resolve_corruptions("fogg")
+        C.check_corruption("fogg")
 
 
-def test_plan_category_severities_and_subsets() -> None:
-    cfg = C.CorruptConfig("ade20k", Path("."), Path("."), "x", category_severities={"noise": (1, 2, 3)})
-    plan = cfg.plan()
-    assert len(plan) == 16 and plan["shot_noise"] == (1, 2, 3) and plan["fog"] == (1, 2, 3, 4, 5)
-    four = C.select_corruptions(C.KAMANN_CORRUPTIONS, 4, seed=0)
-    assert {C.corruption_category(c) for c in four} == set(C.CATEGORIES)
-    assert set(four) <= set(C.select_corruptions(C.KAMANN_CORRUPTIONS, 6, seed=0))
+def test_bad_corruption_or_severity_is_refused(ade: Path, tmp_path: Path) -> None:
+    for corruption, severity, match in (("fogg", 3, "unknown corruption 'fogg'"), ("clean", 3, "'clean'"),
+                                        ("fog", 0, "severity: 0 .*1..5"), ("fog", 6, "severity: 6 .*1..5")):
+        with pytest.raises(ValueError, match=match):
+            C.generate("ade20k", ade, tmp_path / "o", "ade20k", corruption, severity, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_image_subsets() -> None:
     images = [f"images/validation/ADE_val_{i:08d}.jpg" for i in range(50)]
     sub = C.select_images(images, 5, seed=0, dataset="ade")
     assert sub == sorted(sub) and sub == C.select_images(list(reversed(images)), 5, seed=0, dataset="ade")
     assert set(sub) <= set(C.select_images(images, 9, seed=0, dataset="ade"))
     assert sub != C.select_images(images, 5, seed=1, dataset="ade")
-    with pytest.raises(ValueError, match="1..5"):
-        C.CorruptConfig("ade20k", Path("."), Path("."), "x", severities=(0, 6)).plan()
 
 
 @pytest.mark.parametrize("shape", [(*ADE_SIZE, 3), (ADE_SIZE[1], ADE_SIZE[0], 3), (*CITY_SIZE, 3)],
@@ -151,16 +153,16 @@ def test_every_corruption_runs_and_is_seeded(jit: None, shape: tuple[int, int, i
 
 
 @pytest.fixture(scope="module")
-def ade_c(jit: None, ade: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, C.CorruptReport]:
-    """The reference output: one worker, in-process."""
+def ade_c(jit: None, ade: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[C.CorruptReport]]:
+    """The reference output: one process, in-process."""
     out = tmp_path_factory.mktemp("out") / "ade-c"
-    return out, C.generate(_config(ade, out, workers=1))
+    return out, _generate(ade, out, processes=1)
 
 
-def test_layout_and_manifest(ade: Path, ade_c: tuple[Path, C.CorruptReport]) -> None:
-    out, report = ade_c
-    assert report.generated == 3 * len(RNG_MIX) * 2 and report.skipped == 0
-    assert len(report.manifests) == len(RNG_MIX) * 2
+def test_layout_and_manifest(ade: Path, ade_c: tuple[Path, list[C.CorruptReport]]) -> None:
+    out, reports = ade_c
+    assert _sum(reports, "generated") == 3 * len(RNG_MIX) * 2 and _sum(reports, "skipped") == 0
+    assert len({r.manifest for r in reports}) == len(RNG_MIX) * 2 and all(r.manifest.is_file() for r in reports)
     assert sorted(p.name for p in out.iterdir()) == sorted(RNG_MIX)  # only what was asked for
     man = json.loads((out / "glass_blur" / "3" / "manifest.json").read_text())
     assert man["category"] == "blur" and man["severity"] == 3 and man["num_images"] == 3
@@ -172,21 +174,21 @@ def test_layout_and_manifest(ade: Path, ade_c: tuple[Path, C.CorruptReport]) -> 
             assert im.format == "PNG" and im.size == (ADE_SIZE[1], ADE_SIZE[0])
 
 
-def test_labels_untouched(ade: Path, ade_c: tuple[Path, C.CorruptReport]) -> None:
+def test_labels_untouched(ade: Path, ade_c: tuple[Path, list[C.CorruptReport]]) -> None:
     out, _ = ade_c
     before = _tree(ade)
     files = [p.relative_to(out) for p in out.rglob("*") if p.is_file()]
     assert files and all(p.name == "manifest.json" or p.parts[2:4] == ("images", "validation") for p in files)
     assert not any("annotations" in p.parts or p.name.startswith(".") for p in files)
-    C.generate(_config(ade, out, workers=1))
+    _generate(ade, out, processes=1)
     assert _tree(ade) == before
 
 
-def test_same_bytes_with_two_workers_and_any_order(ade: Path, ade_c: tuple[Path, C.CorruptReport],
-                                                   tmp_path: Path) -> None:
+def test_same_bytes_with_two_processes_and_any_order(ade: Path, ade_c: tuple[Path, list[C.CorruptReport]],
+                                                     tmp_path: Path) -> None:
     ref, _ = ade_c
     two = tmp_path / "two"
-    C.generate(_config(ade, two, workers=2))
+    _generate(ade, two, processes=2)
     assert _tree(two) == _tree(ref)  # images and manifests
     # One folder at a time, in reverse order, one image at a time: still the same bytes.
     images = C.list_val_images("ade20k", ade)
@@ -196,11 +198,11 @@ def test_same_bytes_with_two_workers_and_any_order(ade: Path, ade_c: tuple[Path,
                 data = C.corrupt_file(ade / rel, rel, "ade20k", name, severity, seed=0)
                 assert data == (ref / name / str(severity) / C.output_relpath(rel)).read_bytes(), (name, severity, rel)
     single = tmp_path / "single"
-    C.generate(_config(ade, single, corruptions=["frost"], severities=[3], workers=1))
+    C.generate("ade20k", ade, single, "ade20k", "frost", 3, processes=1, progress=False)
     assert _tree(single / "frost") == {k[len("frost/"):]: v for k, v in _tree(ref).items() if k.startswith("frost/3/")}
 
 
-def test_seed_and_dataset_name_change_the_images(ade: Path, ade_c: tuple[Path, C.CorruptReport],
+def test_seed_and_dataset_name_change_the_images(ade: Path, ade_c: tuple[Path, list[C.CorruptReport]],
                                                  tmp_path: Path) -> None:
     ref, _ = ade_c
     rel = C.list_val_images("ade20k", ade)[0]
@@ -209,30 +211,32 @@ def test_seed_and_dataset_name_change_the_images(ade: Path, ade_c: tuple[Path, C
     assert base != C.corrupt_file(ade / rel, rel, "other", "gaussian_noise", 3, seed=0)
 
 
-def test_rerun_skips_and_repairs(ade: Path, tmp_path: Path, ade_c: tuple[Path, C.CorruptReport]) -> None:
+def test_rerun_skips_and_repairs(ade: Path, tmp_path: Path, ade_c: tuple[Path, list[C.CorruptReport]]) -> None:
     ref, _ = ade_c
     out = tmp_path / "ade-c"
-    C.generate(_config(ade, out, workers=1))
+    _generate(ade, out, processes=1)
     stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    again = C.generate(_config(ade, out, workers=2))
-    assert again.generated == 0 and again.skipped == 30 and len(again.manifests) == 10
+    again = _generate(ade, out, processes=2)
+    assert _sum(again, "generated") == 0 and _sum(again, "skipped") == 30 and len({r.manifest for r in again}) == 10
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamp  # nothing rewritten
 
     folder = out / "impulse_noise" / "3" / "images" / "validation"
     victims = sorted(folder.glob("*.png"))
     victims[0].unlink()  # missing
     victims[1].write_bytes(victims[1].read_bytes()[:-20])  # truncated (e.g. a non-atomic copy)
-    repaired = C.generate(_config(ade, out, workers=2))
-    assert repaired.generated == 2 and repaired.generated_per_corruption["impulse_noise"] == 2
+    repaired = _generate(ade, out, processes=2)
+    assert [r.generated for r in repaired] == [2 if r.manifest.parts[-3:-1] == ("impulse_noise", "3") else 0
+                                               for r in repaired]
+    assert _sum(repaired, "generated") == 2
     assert _tree(out) == _tree(ref)
 
-    reseeded = C.generate(_config(ade, out, workers=1, seed=7, corruptions=["gaussian_noise"], severities=[1]))
+    reseeded = C.generate("ade20k", ade, out, "ade20k", "gaussian_noise", 1, seed=7, processes=1, progress=False)
     assert reseeded.generated == 3  # stale provenance: regenerated, not reused
 
 
 def test_max_images_subset(ade: Path, tmp_path: Path) -> None:
     out = tmp_path / "sub"
-    report = C.generate(_config(ade, out, corruptions=["contrast"], severities=[2], max_images=2, workers=1))
+    report = C.generate("ade20k", ade, out, "ade20k", "contrast", 2, max_images=2, processes=1, progress=False)
     man = json.loads((out / "contrast" / "2" / "manifest.json").read_text())
     assert report.generated == 2 and man["num_images"] == 2 and man["max_images"] == 2
     chosen = C.select_images(C.list_val_images("ade20k", ade), 2, 0, "ade20k")
@@ -241,8 +245,8 @@ def test_max_images_subset(ade: Path, tmp_path: Path) -> None:
 
 def test_cityscapes_layout(jit: None, city: Path, tmp_path: Path) -> None:
     out = tmp_path / "city-c"
-    report = C.generate(_config(city, out, layout="cityscapes", corruptions="all", severities=[5], workers=2))
-    assert report.generated == 3 * 19 and len(report.manifests) == 19
+    reports = _generate(city, out, layout="cityscapes", corruptions=C.ALL_CORRUPTIONS, severities=(5,), processes=2)
+    assert _sum(reports, "generated") == 3 * 19 and len({r.manifest for r in reports}) == 19
     files = sorted(p.relative_to(out / "snow" / "5").as_posix() for p in (out / "snow" / "5").rglob("*.png"))
     assert files == [
         "leftImg8bit/val/frankfurt/frankfurt_000001_000019_leftImg8bit.png",
@@ -255,37 +259,49 @@ def test_cityscapes_layout(jit: None, city: Path, tmp_path: Path) -> None:
 def test_bad_image_names_the_file_and_leaves_no_manifest(ade: Path, tmp_path: Path) -> None:
     root, out = tmp_path / "ade", tmp_path / "out"
     shutil.copytree(ade, root)
-    cfg = _config(root, out, corruptions=["contrast"], severities=[1], workers=1)
-    C.generate(cfg)
+    C.generate("ade20k", root, out, "ade20k", "contrast", 1, processes=1, progress=False)
     manifest = out / "contrast" / "1" / "manifest.json"
     assert manifest.is_file()
     bad = root / "images" / "validation" / "ADE_val_00000003.jpg"
     Image.fromarray(np.zeros((20, 40, 3), np.uint8)).save(bad)
     with pytest.raises(ValueError, match=r"ADE_val_00000003\.jpg: 40x20 is too small"):
-        C.generate(_config(root, out, corruptions=["contrast"], severities=[1], workers=1, seed=5))
+        C.generate("ade20k", root, out, "ade20k", "contrast", 1, seed=5, processes=1, progress=False)
     assert not manifest.exists()  # the folder was being rewritten: no manifest vouches for it
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
-def test_cli_one_folder(ade: Path, tmp_path: Path, ade_c: tuple[Path, C.CorruptReport]) -> None:
+@pytest.mark.parametrize(("corruption", "processes"), [("impulse_noise", "1"), ("glass_blur", "2")])
+def test_cli_one_folder(ade: Path, tmp_path: Path, ade_c: tuple[Path, list[C.CorruptReport]],
+                        corruption: str, processes: str) -> None:
+    """The workflow's command (rule corrupt; --processes is the job's threads, 8 under SLURM)."""
     ref, _ = ade_c
     out = tmp_path / "cli"
     rc = cli_main(["corrupt", "--layout", "ade20k", "--root", str(ade), "--out", str(out), "--dataset-name", "ade20k",
-                   "--corruption", "impulse_noise", "--severity", "3", "--processes", "1", "--no-progress"])
+                   "--corruption", corruption, "--severity", "3", "--seed", "0", "--processes", processes,
+                   "--no-progress"])
     assert rc == 0
-    assert _tree(out) == {k: v for k, v in _tree(ref).items() if k.startswith("impulse_noise/3/")}
+    assert _tree(out) == {k: v for k, v in _tree(ref).items() if k.startswith(f"{corruption}/3/")}
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["corrupt", "--layout", "ade20k", "--root", str(tmp_path), "--out", str(tmp_path / "o"),
+            "--dataset-name", "x"]
     rc = cli_main(["corrupt", "--layout", "ade20k", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
-                   "--dataset-name", "x", "--no-progress"])
+                   "--dataset-name", "x", "--corruption", "fog", "--severity", "3", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "nope" in err and "segcompress data" in err
-    rc = cli_main(["corrupt", "--layout", "ade20k", "--root", str(tmp_path), "--out", str(tmp_path / "o"),
-                   "--dataset-name", "x", "--corruption", "fog"])
-    assert rc == 2 and "--severity" in capsys.readouterr().err
+    for args, bad in ((["--corruption", "fogg", "--severity", "3"], "'fogg'"),
+                      (["--corruption", "fog", "--severity", "7"], "severity: 7"),
+                      (["--corruption", "fog", "--severity", "3", "--processes", "0"], "--processes: 0")):
+        rc = cli_main([*base, *args, "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "\n" not in err and bad in err, err
+    # one folder per run: both are required
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([*base, "--corruption", "fog"])
+    assert exit_.value.code == 2 and "--severity" in capsys.readouterr().err
 
 
 def test_png_provenance_reader(tmp_path: Path) -> None:

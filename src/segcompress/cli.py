@@ -20,7 +20,7 @@ LOG_COMMAND_ENV = "SEGCOMPRESS_LOG_COMMAND"
 
 VERBS: dict[str, str] = {
     "data": "generate (synthetic) or verify a dataset and write its manifest",
-    "corrupt": "generate seeded corrupted val sets (ADE20K-C / Cityscapes-C), resumable",
+    "corrupt": "generate one seeded corrupted val set (a corruption at a severity; ADE20K-C / Cityscapes-C), resumable",
     "train": "train a dense Segmenter (resumable; torchrun for several GPUs)",
     "prune": "NViT-style structural pruning of a dense model to a GFLOPs target",
     "finetune": "fine-tune a pruned (or merged) model, optionally distilling from the dense one",

@@ -1,14 +1,15 @@
 """Seeded, resumable corrupted validation sets (ADE20K-C, Cityscapes-C) after Kamann & Rother.
 
-Output layout (docs/contracts.md): ``<out>/<corruption>/<severity>/<relpath>.png`` where
+One call of :func:`generate` (one ``segcompress corrupt`` job of the workflow) writes one
+(corruption, severity) folder: ``<out>/<corruption>/<severity>/<relpath>.png`` where
 ``<relpath>`` is the clean val image's path relative to the dataset root (suffix ``.png``,
-lossless); labels are never copied, readers take them from the clean root. Each
-(corruption, severity) folder gets ``manifest.json`` once all of its images exist.
+lossless); labels are never copied, readers take them from the clean root. The folder gets
+``manifest.json`` (docs/contracts.md) once all of its images exist.
 
 Determinism. Every output image is a pure function of (dataset name, relative image path,
-corruption, severity, global seed) and the clean image, whatever the order, the number of workers
-or which other images are generated. imagecorruptions-imaug 1.1.5 draws randomness from three
-places, and each is seeded per image from one SHA-256 digest of those five values:
+corruption, severity, global seed) and the clean image, whatever the order, the number of
+processes or which other images are generated. imagecorruptions-imaug 1.1.5 draws randomness
+from three places, and each is seeded per image from one SHA-256 digest of those five values:
 
 * NumPy's legacy global ``RandomState`` (gaussian/shot/speckle noise, motion_blur angle, snow,
   spatter, fog's plasma fractal, frost's image choice and crop, elastic_transform): reseeded with
@@ -44,10 +45,10 @@ import multiprocessing as mp
 import os
 import struct
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,6 @@ CATEGORY_OF: dict[str, str] = {
     **{c: cat for cat, names in CATEGORIES.items() for c in names},
     **EXTRA_CORRUPTIONS,
 }
-PRESETS: dict[str, tuple[str, ...]] = {"kamann": KAMANN_CORRUPTIONS, "all": ALL_CORRUPTIONS}
 
 _VAL_IMAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     # layout: (folder under root, glob below it, accepted suffixes)
@@ -101,71 +101,16 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # ----------------------------------------------------------------------------- protocol
 
 
+def check_corruption(name: str) -> str:
+    """``name`` if it is one of the 19 corruptions, else a ValueError naming it."""
+    if name not in CATEGORY_OF:
+        raise ValueError(f"unknown corruption {name!r}; choose from {', '.join(ALL_CORRUPTIONS)}")
+    return name
+
+
 def corruption_category(name: str) -> str:
     """The category (blur, noise, digital, weather) of a corruption; ``clean`` for ``clean``."""
-    if name == "clean":
-        return "clean"
-    try:
-        return CATEGORY_OF[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown corruption {name!r}; choose from {', '.join(ALL_CORRUPTIONS)}"
-        ) from None
-
-
-def resolve_corruptions(spec: str | Sequence[str]) -> tuple[str, ...]:
-    """Corruption names from ``kamann``, ``all``, a comma list, or a list of names/presets."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    out: list[str] = []
-    for item in (s.strip() for s in items):
-        if not item:
-            continue
-        for name in PRESETS.get(item, (item,)):
-            corruption_category(name)  # validates
-            if name not in out:
-                out.append(name)
-    if not out:
-        raise ValueError("corruptions: empty list; pass 'kamann', 'all' or names like 'fog,snow'")
-    return tuple(out)
-
-
-def check_severities(severities: Iterable[int], what: str = "severities") -> tuple[int, ...]:
-    """Sorted unique severities, each in 1..5."""
-    out = tuple(sorted({int(s) for s in severities}))
-    bad = [s for s in out if s not in SEVERITIES]
-    if bad or not out:
-        raise ValueError(f"{what}: {bad or 'empty'} not allowed; use integers in 1..5")
-    return out
-
-
-def severities_for(
-    corruption: str,
-    severities: Sequence[int] = SEVERITIES,
-    category_severities: Mapping[str, Sequence[int]] | None = None,
-) -> tuple[int, ...]:
-    """Severities for one corruption: its category's override (e.g. noise 1-3) or the default."""
-    override = (category_severities or {}).get(corruption_category(corruption))
-    return check_severities(override if override is not None else severities)
-
-
-def select_corruptions(corruptions: Sequence[str], max_corruptions: int | None, seed: int) -> tuple[str, ...]:
-    """A fixed seeded subset, one category after another so small subsets cover every category.
-
-    Subsets are nested: the subset of size n is a prefix-by-rank of the subset of size n + 1.
-    """
-    if max_corruptions is None or max_corruptions >= len(corruptions):
-        return tuple(corruptions)
-    by_cat: dict[str, list[str]] = {}
-    for c in corruptions:
-        by_cat.setdefault(corruption_category(c), []).append(c)
-    for names in by_cat.values():
-        names.sort(key=lambda c: _digest("corruption-subset", seed, c))
-    picked: list[str] = []
-    while len(picked) < max_corruptions:
-        for names in by_cat.values():
-            if names and len(picked) < max_corruptions:
-                picked.append(names.pop(0))
-    return tuple(c for c in corruptions if c in picked)
+    return "clean" if name == "clean" else CATEGORY_OF[check_corruption(name)]
 
 
 # ----------------------------------------------------------------------------- images
@@ -367,31 +312,23 @@ def png_provenance(path: str | Path) -> str | None:
         return None
 
 
-# ----------------------------------------------------------------------------- jobs
+# ----------------------------------------------------------------------------- one folder
 
 
 @dataclass(frozen=True)
-class _Output:
-    folder: tuple[str, int]  # (corruption, severity)
+class _Job:
+    """One output image of the folder."""
+
+    source: str  # absolute clean image path
     path: str  # absolute output path
-    relpath: str  # relative to the folder
+    relpath: str  # output path relative to the folder
     provenance: str
     seed: ImageSeed
-
-
-@dataclass(frozen=True)
-class _Task:
-    source: str  # absolute clean image path
-    corruption: str
-    outputs: tuple[_Output, ...]
-    severities: tuple[int, ...]
-    todo: tuple[bool, ...]  # per output: must be (re)generated
-    compress_level: int
+    todo: bool  # must be (re)generated: missing, incomplete or stale when planned
 
 
 @dataclass(frozen=True)
 class _Result:
-    folder: tuple[str, int]
     relpath: str
     sha256: str
     size: int
@@ -399,29 +336,23 @@ class _Result:
     seconds: float
 
 
-def _run_task(task: _Task) -> list[_Result]:
-    """Generate the missing outputs of one (image, corruption) for all its severities."""
-    results: list[_Result] = []
-    image: np.ndarray | None = None
-    for out, severity, todo in zip(task.outputs, task.severities, task.todo):
-        t0 = time.perf_counter()
-        if todo and png_provenance(out.path) != out.provenance:
-            if image is None:
-                image = read_rgb(task.source)
-            try:
-                corrupted = corrupt_array(image, task.corruption, severity, out.seed)
-            except Exception as e:  # name the image; worker tracebacks are unreadable
-                what = f"{task.corruption} severity {severity}"
-                raise ValueError(f"{task.source}: {what} failed: {type(e).__name__}: {e}") from None
-            data = encode_png(corrupted, out.provenance, task.compress_level)
-            atomic_write_bytes(out.path, data)
-            generated = True
-        else:
-            data = Path(out.path).read_bytes()
-            generated = False
-        sha = hashlib.sha256(data).hexdigest()
-        results.append(_Result(out.folder, out.relpath, sha, len(data), generated, time.perf_counter() - t0))
-    return results
+def _run_job(job: _Job, corruption: str, severity: int, compress_level: int) -> _Result:
+    """Generate one output unless it is already there (complete, same provenance); hash it."""
+    t0 = time.perf_counter()
+    if job.todo and png_provenance(job.path) != job.provenance:
+        image = read_rgb(job.source)
+        try:
+            corrupted = corrupt_array(image, corruption, severity, job.seed)
+        except Exception as e:  # name the image; worker tracebacks are unreadable
+            what = f"{corruption} severity {severity}"
+            raise ValueError(f"{job.source}: {what} failed: {type(e).__name__}: {e}") from None
+        data = encode_png(corrupted, job.provenance, compress_level)
+        atomic_write_bytes(job.path, data)
+        generated = True
+    else:
+        data = Path(job.path).read_bytes()
+        generated = False
+    return _Result(job.relpath, hashlib.sha256(data).hexdigest(), len(data), generated, time.perf_counter() - t0)
 
 
 def _init_worker(warm_glass_blur: bool) -> None:
@@ -441,67 +372,19 @@ def warm_up() -> float:
     return time.perf_counter() - t0
 
 
-# ----------------------------------------------------------------------------- the generator
-
-
-@dataclass
-class CorruptConfig:
-    """What to generate.
-
-    Args:
-        layout: ``ade20k`` or ``cityscapes`` (which clean val images to list).
-        root: clean dataset root (``data/<ds>``).
-        out: corrupted set root (``data/<ds>-c``).
-        dataset: dataset name that enters every image's seed (``<ds>``).
-        corruptions: names or presets (``kamann``: 16, ``all``: 19).
-        severities: default severities.
-        category_severities: per-category override, e.g. ``{"noise": (1, 2, 3)}``.
-        seed: global seed.
-        workers: processes (default: the CPUs this process may use); 1 runs in-process.
-        max_images: fixed seeded subset of the val images (None: all).
-        max_corruptions: fixed seeded subset of the corruptions, spread over categories.
-        compress_level: PNG zlib level 0..9 (lossless at every level; see DEFAULT_COMPRESS_LEVEL).
-        progress: ``auto``, ``on`` or ``off`` (:mod:`segcompress.progress`).
-        start_method: multiprocessing start method (default ``forkserver``; see ``_pool``).
-    """
-
-    layout: str
-    root: Path
-    out: Path
-    dataset: str
-    corruptions: Sequence[str] | str = "kamann"
-    severities: Sequence[int] = SEVERITIES
-    category_severities: Mapping[str, Sequence[int]] = field(default_factory=dict)
-    seed: int = 0
-    workers: int | None = None
-    max_images: int | None = None
-    max_corruptions: int | None = None
-    compress_level: int = DEFAULT_COMPRESS_LEVEL
-    progress: str | bool = "auto"
-    start_method: str | None = None
-
-    def plan(self) -> dict[str, tuple[int, ...]]:
-        """Corruption -> severities to generate."""
-        for cat in self.category_severities:
-            if cat not in CATEGORIES:
-                raise ValueError(f"category_severities: unknown category {cat!r}; choose from {', '.join(CATEGORIES)}")
-        names = select_corruptions(resolve_corruptions(self.corruptions), self.max_corruptions, self.seed)
-        return {c: severities_for(c, self.severities, self.category_severities) for c in names}
-
-
 @dataclass
 class CorruptReport:
-    """What a run did: manifests written, outputs generated vs. skipped, seconds per corruption."""
+    """What a run did: the folder's manifest, outputs generated vs. skipped, wall seconds, and the
+    seconds spent on its images summed over the processes."""
 
-    manifests: list[Path]
+    manifest: Path
     generated: int
     skipped: int
     seconds: float
-    worker_seconds: dict[str, float]
-    generated_per_corruption: dict[str, int]
+    worker_seconds: float
 
 
-def default_workers() -> int:
+def default_processes() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -513,152 +396,122 @@ def folder_of(out: str | Path, corruption: str, severity: int) -> Path:
     return Path(out) / corruption / str(int(severity))
 
 
-def generate(config: CorruptConfig) -> CorruptReport:
-    """Generate (or complete) every configured (corruption, severity) folder; return a report."""
+def generate(
+    layout: str,
+    root: str | Path,
+    out: str | Path,
+    dataset: str,
+    corruption: str,
+    severity: int,
+    *,
+    seed: int = 0,
+    processes: int | None = None,
+    max_images: int | None = None,
+    compress_level: int = DEFAULT_COMPRESS_LEVEL,
+    progress: str | bool = "auto",
+) -> CorruptReport:
+    """Generate (or complete) the folder ``<out>/<corruption>/<severity>`` of ``dataset``'s val images.
+
+    Args:
+        layout: ``ade20k`` or ``cityscapes`` (which clean val images to list).
+        root: clean dataset root (``data/<ds>``).
+        out: corrupted set root (``data/<ds>-c``).
+        dataset: dataset name that enters every image's seed (``<ds>``).
+        corruption: one of :data:`ALL_CORRUPTIONS`.
+        severity: 1..5.
+        seed: global seed.
+        processes: worker processes (None: the CPUs this process may use); 1 runs in-process.
+        max_images: fixed seeded subset of the val images (None: all).
+        compress_level: PNG zlib level 0..9 (lossless at every level; see DEFAULT_COMPRESS_LEVEL).
+        progress: ``auto``, ``on`` or ``off`` (:mod:`segcompress.progress`).
+    """
     t_start = time.perf_counter()
-    plan = config.plan()
-    root, out = Path(config.root), Path(config.out)
-    images = select_images(list_val_images(config.layout, root), config.max_images, config.seed, config.dataset)
-    if config.compress_level not in range(10):
-        raise ValueError(f"compress_level: {config.compress_level} must be in 0..9")
+    check_corruption(corruption)
+    if severity not in SEVERITIES:
+        raise ValueError(f"severity: {severity} is not allowed; use an integer in 1..5")
+    if compress_level not in range(10):
+        raise ValueError(f"compress_level: {compress_level} must be in 0..9")
+    severity, seed, root, folder = int(severity), int(seed), Path(root), folder_of(out, corruption, severity)
+    images = select_images(list_val_images(layout, root), max_images, seed, dataset)
+    jobs = []
+    for rel in images:
+        path, text = folder / output_relpath(rel), provenance(dataset, rel, corruption, severity, seed)
+        jobs.append(_Job(str(root / rel), str(path), output_relpath(rel), text,
+                         ImageSeed.derive(dataset, rel, corruption, severity, seed), png_provenance(path) != text))
+    pending = sum(job.todo for job in jobs)
+    if pending:  # the manifest vouches for the whole folder: remove it before touching any file there
+        (folder / MANIFEST_NAME).unlink(missing_ok=True)
+    workers = max(1, min(processes or default_processes(), pending))
+    log.info("corrupt %s %s/%d: %d images, %d to generate, %d processes",
+             dataset, corruption, severity, len(images), pending, workers)
 
-    tasks: list[_Task] = []
-    for corruption, severities in plan.items():
-        for rel in images:
-            outs = tuple(
-                _Output(
-                    folder=(corruption, s),
-                    path=str(folder_of(out, corruption, s) / output_relpath(rel)),
-                    relpath=output_relpath(rel),
-                    provenance=provenance(config.dataset, rel, corruption, s, config.seed),
-                    seed=ImageSeed.derive(config.dataset, rel, corruption, s, config.seed),
-                )
-                for s in severities
-            )
-            todo = tuple(png_provenance(o.path) != o.provenance for o in outs)
-            tasks.append(_Task(str(root / rel), corruption, outs, severities, todo, config.compress_level))
+    from segcompress.progress import Progress
 
-    # A manifest vouches for its whole folder: remove it before touching any file there.
-    for folder in {o.folder for t in tasks for o, todo in zip(t.outputs, t.todo) if todo}:
-        (folder_of(out, *folder) / MANIFEST_NAME).unlink(missing_ok=True)
+    results: dict[str, _Result] = {}
+    with Progress(len(jobs), f"corrupt {dataset}", "img", progress) as bar:
+        if workers == 1:
+            for job in jobs:
+                results[job.relpath] = _run_job(job, corruption, severity, compress_level)
+                bar.update(1)
+        else:
+            # Pending images first so the pool's time goes to work; the others only hash existing files.
+            ordered = sorted(jobs, key=lambda job: not job.todo)
+            with _pool(workers, warm=corruption == "glass_blur") as pool:
+                futures = [pool.submit(_run_job, job, corruption, severity, compress_level) for job in ordered]
+                try:
+                    for future in as_completed(futures):
+                        result = future.result()
+                        results[result.relpath] = result
+                        bar.update(1)
+                except BrokenProcessPool:
+                    raise RuntimeError(
+                        f"corrupt {dataset}: a worker process died (out of memory?); finished images are kept, "
+                        "rerun with fewer --processes to complete the rest"
+                    ) from None
+                finally:
+                    for future in futures:
+                        future.cancel()
 
-    pending = sum(any(t.todo) for t in tasks)
-    workers = max(1, min(config.workers or default_workers(), pending))
-    warm = any(t.corruption == "glass_blur" and any(t.todo) for t in tasks)
-    log.info(
-        "corrupt %s: %d images x %d folders, %d outputs to generate, %d workers",
-        config.dataset, len(images), sum(len(s) for s in plan.values()), sum(sum(t.todo) for t in tasks), workers,
-    )
-
-    expected = {(c, s): len(images) for c, sev in plan.items() for s in sev}
-    done: dict[tuple[str, int], list[_Result]] = {k: [] for k in expected}
-    manifests: list[Path] = []
-    worker_seconds: dict[str, float] = {c: 0.0 for c in plan}
-    generated_per: dict[str, int] = {c: 0 for c in plan}
-
-    def collect(results: list[_Result]) -> None:
-        for r in results:
-            done[r.folder].append(r)
-            worker_seconds[r.folder[0]] += r.seconds
-            generated_per[r.folder[0]] += int(r.generated)
-            if len(done[r.folder]) == expected[r.folder]:
-                manifests.append(_write_manifest(config, out, r.folder, images, done[r.folder]))
-
-    total = sum(len(t.outputs) for t in tasks)
-    if workers == 1:
-        with _progress(total, config) as bar:
-            for task in tasks:
-                results = _run_task(task)
-                collect(results)
-                bar.update(len(results))
-    else:
-        # Pending tasks first so the pool's time goes to work; the others only hash existing files.
-        ordered = sorted(tasks, key=lambda t: not any(t.todo))
-        with _pool(workers, warm, config.start_method) as pool, _progress(total, config) as bar:
-            futures = [pool.submit(_run_task, task) for task in ordered]
-            try:
-                for future in as_completed(futures):
-                    results = future.result()
-                    collect(results)
-                    bar.update(len(results))
-            except BrokenProcessPool:
-                raise RuntimeError(
-                    f"corrupt {config.dataset}: a worker process died (out of memory?); finished images are kept, "
-                    "rerun with fewer --workers to complete the rest"
-                ) from None
-            finally:
-                for future in futures:
-                    future.cancel()
-
-    generated = sum(generated_per.values())
-    return CorruptReport(
-        manifests=manifests,
-        generated=generated,
-        skipped=total - generated,
-        seconds=time.perf_counter() - t_start,
-        worker_seconds=worker_seconds,
-        generated_per_corruption=generated_per,
-    )
+    manifest = {
+        "protocol": PROTOCOL,
+        "library": library_version(),
+        "dataset": dataset,
+        "layout": layout,
+        "corruption": corruption,
+        "category": corruption_category(corruption),
+        "severity": severity,
+        "seed": seed,
+        "max_images": max_images,
+        "num_images": len(images),
+        "images": [
+            {"path": r.relpath, "source": rel, "sha256": r.sha256, "bytes": r.size}
+            for rel, r in ((rel, results[output_relpath(rel)]) for rel in images)
+        ],
+    }
+    path, text = folder / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n"
+    if not (path.is_file() and path.read_text() == text):  # keep mtime if nothing changed
+        atomic_write_text(path, text)
+    generated = sum(r.generated for r in results.values())
+    return CorruptReport(path, generated, len(results) - generated, time.perf_counter() - t_start,
+                         sum(r.seconds for r in results.values()))
 
 
-def _pool(workers: int, warm: bool, start_method: str | None) -> Any:
+def _pool(workers: int, warm: bool) -> Any:
     """A process pool whose workers start with glass_blur compiled (when ``warm``).
 
-    Default start method: ``forkserver``. Plain ``fork`` is unsafe here: a parent that has run
-    OpenCV holds its thread pool's condition variables, and ``cv2.setNumThreads`` in a forked
-    child can then block forever (seen in tests). The forkserver is a fresh process that never ran
-    OpenCV; it preloads this module and, when ``warm``, compiles glass_blur once, so the workers
-    forked from it inherit the compiled kernel. With ``spawn``, or a forkserver already started
-    without it, each worker compiles it once in the initializer.
+    Start method ``forkserver`` where available, else ``spawn``. Plain ``fork`` is unsafe here: a
+    parent that has run OpenCV holds its thread pool's condition variables, and
+    ``cv2.setNumThreads`` in a forked child can then block forever (seen in tests). The forkserver
+    is a fresh process that never ran OpenCV; it preloads this module and, when ``warm``, compiles
+    glass_blur once (:mod:`segcompress._corrupt_warm`), so the workers forked from it inherit the
+    compiled kernel. With ``spawn``, or a forkserver already started without it, each worker
+    compiles it once in the initializer.
     """
-    methods = mp.get_all_start_methods()
-    method = start_method or ("forkserver" if "forkserver" in methods else "spawn")
-    if method not in methods:
-        raise ValueError(f"start_method: {method!r} is not available here; choose from {', '.join(methods)}")
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     ctx = mp.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload(["segcompress.corrupt", *(["segcompress._corrupt_warm"] if warm else [])])
     return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(warm,))
-
-
-def _progress(total: int, config: CorruptConfig) -> Any:
-    from segcompress.progress import Progress
-
-    return Progress(total, f"corrupt {config.dataset}", "img", config.progress)
-
-
-def _write_manifest(
-    config: CorruptConfig, out: Path, folder: tuple[str, int], images: Sequence[str], results: Sequence[_Result]
-) -> Path:
-    """Write ``manifest.json`` of one finished folder (deterministic; untouched if unchanged)."""
-    corruption, severity = folder
-    by_rel = {r.relpath: r for r in results}
-    manifest: dict[str, Any] = {
-        "protocol": PROTOCOL,
-        "library": library_version(),
-        "dataset": config.dataset,
-        "layout": config.layout,
-        "corruption": corruption,
-        "category": corruption_category(corruption),
-        "severity": severity,
-        "seed": config.seed,
-        "max_images": config.max_images,
-        "num_images": len(images),
-        "images": [
-            {
-                "path": output_relpath(rel),
-                "source": rel,
-                "sha256": by_rel[output_relpath(rel)].sha256,
-                "bytes": by_rel[output_relpath(rel)].size,
-            }
-            for rel in images
-        ],
-    }
-    path = folder_of(out, corruption, severity) / MANIFEST_NAME
-    text = json.dumps(manifest, indent=2) + "\n"
-    if not (path.is_file() and path.read_text() == text):  # keep mtime if nothing changed
-        atomic_write_text(path, text)
-    return path
 
 
 def corrupt_file(
