@@ -5,9 +5,10 @@
 #                                         up to one phase (phase_data ... phase_analyse, phase_report)
 #   snakemake --configfile .test/config.yaml --cores 2
 #
-# Rules live in workflow/rules/<phase>.smk, helpers in workflow/rules/common.smk, the config
-# schema in workflow/schemas/config.schema.yaml, local defaults in profiles/default/ (Snakemake
-# loads them by itself); on a cluster `--workflow-profile profiles/slurm` replaces them.
+# Rules live in workflow/rules/<phase>.smk, the plan they call in src/segcompress/plan/ (bound in
+# workflow/rules/common.smk), the config schema in workflow/schemas/config.schema.yaml, local
+# defaults in profiles/default/ (Snakemake loads them by itself); on a cluster
+# `--workflow-profile profiles/slurm` replaces them.
 # After a crash or a kill, Snakemake keeps the folder locked: `snakemake --unlock`, then rerun.
 
 from snakemake.utils import min_version, validate

@@ -105,7 +105,7 @@ def test_plugins_join_the_registry_from_a_file(tmp_path: Path, monkeypatch):
         assert methods.get("myplug").label == "My plug-in"
         assert methods.names()[-1] == "myplug" and methods.labels()["myplug"] == "My plug-in"
         assert methods.get("myplug").parse_settings({"strength": 2}).strength == 2
-        with pytest.raises(ValueError, match="strength must be a number"):
+        with pytest.raises(ValueError, match="strength' must be a number"):
             methods.get("myplug").parse_settings({"strength": "x"})
         (tmp_path / "broken.py").write_text("X = 1\n")
         monkeypatch.setenv(methods.PLUGINS_ENV, str(tmp_path / "broken.py"))

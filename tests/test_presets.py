@@ -53,7 +53,7 @@ def test_preset_is_paper_scale_and_valid(preset: str) -> None:
     assert (recipe["momentum"], recipe["weight_decay"], recipe["poly_power"], recipe["min_lr"]) == (0.9, 0, 0.9, 1e-5)
     assert (recipe["optimizer"], recipe["warmup_iters"], recipe["loss_stride"]) == ("sgd", 0, 1)  # Segmenter's
     assert data["photometric"] is True  # Segmenter's augmentation, not the synthetic study's switch
-    assert study["methods"] == ["dense", "tome", "algm", "cts", "nvit", "nvit_tome"]
+    assert study["methods"] == ["dense", "tome", "tofu", "algm", "cts", "nvit", "nvit_tome"]
     assert study["targets"] == [0.9, 0.75, 0.6, 0.5, 0.4, 0.3]
     assert len(study["corruptions"]) == 16 and study["severities"] == [1, 2, 3, 4, 5]
 

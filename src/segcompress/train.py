@@ -31,7 +31,6 @@ differ with ``W``).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -49,6 +48,7 @@ from segcompress import distributed
 from segcompress.progress import Progress
 from segcompress.resume import clear_resume, latest_resume, load_resume, resume_dir_for, save_resume
 from segcompress.seeding import derive_seed, preserved_global_rng, seed_everything
+from segcompress.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Recipe(Settings):
     """Optimisation settings of one training run (defaults: Segmenter on ADE20K).
 
     Args:
@@ -100,25 +100,14 @@ class Recipe:
     warmup_iters: int = 0
     loss_stride: int = 1
 
+    what = "recipe"
+    accepts_none = False  # from_dict(None) is refused, as any non-mapping
+
     #: settings that do not change the trained weights (may differ between a run and its resume)
     BOOKKEEPING = ("checkpoint_every", "log_every", "num_workers")
 
     def __post_init__(self) -> None:
-        kinds = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type == "bool":
-                ok = isinstance(value, bool)
-            elif f.type == "str":
-                ok = isinstance(value, str)
-            elif f.type == "int":
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            else:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                if ok:
-                    object.__setattr__(self, f.name, float(value))
-            if not ok:
-                raise ValueError(f"recipe key {f.name!r} must be {kinds[str(f.type)]}, got {value!r}")
+        super().__post_init__()
         checks = [
             (self.iters >= 1, "iters", ">= 1"),
             (self.batch_size >= 1, "batch_size", ">= 1"),
@@ -137,27 +126,6 @@ class Recipe:
         for ok, key, want in checks:
             if not ok:
                 raise ValueError(f"recipe key {key!r} must be {want}, got {getattr(self, key)!r}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> "Recipe":
-        """Build from a config mapping; unknown keys are rejected by name.
-
-        Args:
-            source: how the mapping is named in error messages (a file or option).
-        """
-        if not isinstance(data, dict):
-            raise ValueError(f"{source}: must be a mapping of recipe keys, got {type(data).__name__}")
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(allowed))
-        if unknown:
-            raise ValueError(f"{source}: unknown recipe key(s) {', '.join(unknown)} (allowed: {', '.join(allowed)})")
-        try:
-            return cls(**data)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def poly_lr(step: int, recipe: Recipe) -> float:

@@ -24,7 +24,7 @@ rule report_inputs:
 
 
 # `snakemake --report report.html` (after a run): the workflow's description, then the figures and
-# tables of REPORT_CAPTIONS (common.smk) with their captions from workflow/report/, and the
+# tables of REPORT_CAPTIONS (segcompress.plan.paths) with their captions from workflow/report/, and the
 # qualitative panels (analyse.smk).
 report: "../report/workflow.rst"
 

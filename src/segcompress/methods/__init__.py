@@ -29,10 +29,11 @@ import importlib.util
 import os
 import sys
 import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from segcompress.settings import Settings
 
 if TYPE_CHECKING:
     from torch import nn
@@ -45,74 +46,6 @@ FAMILIES: tuple[str, ...] = ("reference", "token", "structural", "hybrid")
 
 #: The dense model trained for the compressed variants' budget: a reference variant, not a method.
 DENSE_CONTROL = "dense_control"
-
-
-def _check_type(value: Any, hint: Any, key: str, source: str) -> None:
-    """Raise when ``value`` does not fit the annotation ``hint`` (bool, int, float, str, list,
-    dict, ``X | None`` and nested :class:`Settings`)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                _check_type(value, arg, key, source)
-                return
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(errors[0])
-    want = origin or hint
-    if want is Any:
-        return
-    ok = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str),
-        list: lambda v: isinstance(v, (list, tuple)),
-        tuple: lambda v: isinstance(v, (list, tuple)),
-        dict: lambda v: isinstance(v, dict),
-    }.get(want)
-    if ok is not None and not ok(value):
-        name = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-                list: "a list", tuple: "a list", dict: "a mapping"}[want]
-        raise ValueError(f"{source}: {key} must be {name}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Base of a method's settings: a frozen dataclass that reads and writes plain JSON.
-
-    Subclasses add fields with defaults (the reference's) and validate in ``__post_init__``
-    (raise ``ValueError`` naming the key).
-    """
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None, source: str = "settings") -> "Settings":
-        """Build from a mapping; unknown keys and values of the wrong type are refused by name."""
-        data = dict(data or {})
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(fields) or 'none'})")
-        hints = typing.get_type_hints(cls)
-        for key, value in data.items():
-            _check_type(value, hints[key], key, source)
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {e}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def keys(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,11 @@ place, so a preset can override it by name (``segcompress prune --config-json '{
 
 from __future__ import annotations
 
-import dataclasses
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
-from segcompress.methods import Settings
+from segcompress.settings import Settings
 
 #: Kinds of prunable structure, in the order they are listed and tie-broken.
 #: ``emb`` is global (the residual width E shared by every block); the others are per block.
@@ -100,6 +99,8 @@ class PruneConfig(Settings):
             :data:`PTM_PRUNE_SHARE` = 0.5 for prune-then-merge (see ``docs/pruning.md``).
     """
 
+    what = "prune config"
+
     prune_emb: bool = True
     prune_heads: bool = True
     prune_qk: bool = True
@@ -138,15 +139,7 @@ class PruneConfig(Settings):
     prune_share: float = 1.0
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type == "bool" and not isinstance(value, bool):
-                raise ValueError(f"prune config key {f.name!r} must be true or false, got {value!r}")
-            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):
-                raise ValueError(f"prune config key {f.name!r} must be an integer, got {value!r}")
-            if f.type == "float" and (
-                    not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
-                raise ValueError(f"prune config key {f.name!r} must be a number, got {value!r}")
+        super().__post_init__()
         checks = [
             (all(self.group_size(k) >= 1 for k in KINDS), "group_*", ">= 1"),
             (self.group_clamp >= 1, "group_clamp", ">= 1"),
@@ -159,9 +152,7 @@ class PruneConfig(Settings):
             (self.steps >= 1, "steps", ">= 1"),
             (self.interval >= 1, "interval", ">= 1"),
             (0.0 <= self.tolerance < 1.0, "tolerance", "in [0, 1)"),
-            (self.min_keep is None or (isinstance(self.min_keep, int) and not isinstance(self.min_keep, bool)
-                                       and self.min_keep >= 1), "min_keep", "an integer >= 1 or null"),
-            (isinstance(self.recipe, dict), "recipe", "a mapping of train recipe keys"),
+            (self.min_keep is None or self.min_keep >= 1, "min_keep", "an integer >= 1 or null"),
             (self.kd_weight >= 0, "kd_weight", ">= 0"),
             (self.kd_temperature > 0, "kd_temperature", "> 0"),
             (0.0 < self.prune_share <= 1.0, "prune_share", "in (0, 1]"),
@@ -187,22 +178,12 @@ class PruneConfig(Settings):
         return float(getattr(self, f"scale_{kind}"))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None, source: str = "prune config") -> "PruneConfig":
-        """Build from a mapping (e.g. the config's ``prune`` section); unknown keys are rejected by name."""
-        data = dict(data or {})
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(allowed))
-        if unknown:
-            raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(allowed)})")
-        if isinstance(data.get("recipe"), dict):
-            data["recipe"] = {**cls().recipe, **data["recipe"]}
-        try:
-            return cls(**data)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def from_dict(cls, data: Mapping[str, Any] | None, source: str | None = None) -> Self:
+        """Build from a mapping (e.g. the config's ``prune`` section); unknown keys are rejected by
+        name. A ``recipe`` given is merged over the default one."""
+        if isinstance(data, Mapping) and isinstance(data.get("recipe"), dict):
+            data = {**data, "recipe": {**cls().recipe, **data["recipe"]}}
+        return super().from_dict(data, source)
 
 
 def prune_target_gmacs(dense_gmacs: float, overall_target_gmacs: float, prune_share: float) -> float:

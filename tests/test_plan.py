@@ -1,0 +1,106 @@
+"""The study's plan (segcompress.plan): variants and their identity, equal training budgets, the
+files and inputs of each stage, the config checks. In-process, without Snakemake."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from segcompress import methods as registry
+from segcompress.plan import Plan, Variant
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def config(**changes) -> dict:
+    """The default config validated by the schema (its defaults filled in), with ``changes``
+    (``section=dict``) merged one level deep."""
+    from snakemake.utils import validate
+
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    for section, values in changes.items():
+        cfg[section] = {**cfg.get(section, {}), **values} if isinstance(values, dict) else values
+    validate(cfg, str(SCHEMA))
+    return copy.deepcopy(cfg)
+
+
+def w(**kw) -> SimpleNamespace:
+    return SimpleNamespace(**kw)
+
+
+def test_variants_carry_their_identity_and_are_looked_up_not_parsed() -> None:
+    plan = Plan(config())
+    variants = plan.variants("ade20k", "vit_p8_d12", 0)
+    methods = config()["study"]["methods"]
+    targets = config()["study"]["targets"]
+    assert len(variants) == 2 + (len(methods) - 1) * len(targets)  # dense, dense control, the grid
+    v = plan.variant("ade20k", "vit_p8_d12", "nvit_tome-0.35-seed0")
+    assert v == Variant("ade20k", "vit_p8_d12", "nvit_tome", "0.35", "0") and v.applied == "tome"
+    assert plan.variant("ade20k", "vit_p8_d12", "nvit-0.75-seed0").applied == "dense"
+    assert "tome-0.5-seed0" not in [v.name for v in variants]  # 0.5 is not a target of the default,
+    # but its files can be asked for by path: the name then gives the identity
+    assert plan.variant("ade20k", "vit_p8_d12", "tome-0.5-seed1") == Variant("ade20k", "vit_p8_d12", "tome", "0.5", "1")
+    with pytest.raises(ValueError, match="unknown method 'tomee'"):
+        plan.variant("ade20k", "vit_p8_d12", "tomee-0.5-seed0")
+
+
+@pytest.mark.parametrize("token_methods", [False, True])
+def test_every_variant_trained_after_compression_gets_the_same_budget(token_methods: bool) -> None:
+    plan = Plan(config(finetune={"token_methods": token_methods}))
+    nvit = config()["methods"]["nvit"]
+    budget = nvit["steps"] * nvit["interval"] + config()["finetune"]["recipe"]["iters"]
+    assert plan.post_train_iters("dense") == 0
+    for method in ("dense_control", "nvit", "nvit_tome"):
+        assert plan.post_train_iters(method) == budget, method
+    for method in registry.names(family="token"):
+        assert plan.post_train_iters(method) == (budget if token_methods else 0), method
+    # what each fine-tuning job runs: the rest of its budget (a pruned model trained while pruning)
+    iters = {stem: json.loads(plan.finetune_recipe(w(stem=stem)))["iters"] for stem in ("dense", "nvit-0.75")}
+    assert iters == {"dense": budget, "nvit-0.75": budget - nvit["steps"] * nvit["interval"]}
+
+
+def test_inputs_follow_the_registry() -> None:
+    plan = Plan(config())
+    ptm = plan.match_inputs(w(ds="ade20k", arch="vit_p8_d12", seed="0", method="nvit_tome", target="0.35"))
+    assert ptm["model"] == "models/ade20k/vit_p8_d12/seed0/nvit-0.5916-ft.safetensors"  # 0.35 ** 0.5
+    assert "policy" not in ptm
+    cts = plan.match_inputs(w(ds="ade20k", arch="vit_p8_d12", seed="0", method="cts", target="0.35"))
+    assert cts["policy"] == "models/ade20k/vit_p8_d12/seed0/cts-policy.safetensors"
+    assert cts["model"] == "models/ade20k/vit_p8_d12/seed0/dense.safetensors"
+    nvit = plan.evaluate_inputs(w(ds="ade20k", arch="vit_p8_d12", variant="nvit-0.35-seed0"))
+    assert nvit["match"].endswith("nvit-0.35.report.json") and nvit["model"].endswith("nvit-0.35-ft.safetensors")
+    tofu = plan.evaluate_inputs(w(ds="ade20k", arch="vit_p8_d12", variant="tofu-0.75-seed0"))
+    assert tofu["match"] == "matches/ade20k/vit_p8_d12/seed0/tofu-0.75.json"
+    assert len(tofu["images"]) == len(plan.conditions()) - 1
+    options = plan.match_options(w(ds="ade20k", method="nvit_tome"), w(dense="D", manifest="data/ade20k/manifest.json"))
+    assert "--method tome --settings '{\"decoder_on_merged\":true,\"prop_attn\":true}'" in options
+
+
+def test_stages_produce_the_grid() -> None:
+    cfg = config()
+    plan = Plan(cfg)
+    n_ds, targets = len(cfg["study"]["datasets"]), len(cfg["study"]["targets"])
+    assert len(plan.match_targets()) == n_ds * (1 + len(registry.names(matched=True)) * targets)
+    assert plan.prune_fractions() == ["0.866", "0.75", "0.5916", "0.35"]  # NViT's and sqrt(target)
+    assert len(plan.evaluate_targets()) == n_ds * len(plan.variants("x", "y", 0)) * len(plan.conditions())
+    assert sum(p.endswith("cts-policy.safetensors") for p in plan.train_targets()) == n_ds
+    no_cts = Plan(config(study={"methods": ["dense", "tome"]}))
+    assert not any(p.endswith("cts-policy.safetensors") for p in no_cts.train_targets())
+    assert no_cts.prune_targets() == [] and no_cts.pruning_iters() == 0
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"study": {"methods": ["dense", "tomee"]}}, "study.methods names tomee"),
+    ({"methods": {"algm": {"window": 1}}}, "methods.algm: window must hold at least 2 patches"),
+    ({"datasets": {"ade20k": {**yaml.safe_load((ROOT / "config.yaml").read_text())["datasets"]["ade20k"],
+                              "crop": 100}}}, "datasets.ade20k.crop 100 is not a multiple"),
+])
+def test_config_checks_name_the_key(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Plan(config(**changes))
