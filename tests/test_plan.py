@@ -65,6 +65,23 @@ def test_every_variant_trained_after_compression_gets_the_same_budget(token_meth
     assert iters == {"dense": budget, "nvit-0.75": budget - nvit["steps"] * nvit["interval"]}
 
 
+def test_a_second_structural_method_gets_its_own_models_and_the_same_budget() -> None:
+    methods = [*config()["study"]["methods"], "depgraph"]
+    plan = Plan(config(study={"methods": methods}))
+    nvit = config()["methods"]["nvit"]
+    budget = nvit["steps"] * nvit["interval"] + config()["finetune"]["recipe"]["iters"]
+    assert plan.post_train_iters("depgraph") == plan.post_train_iters("nvit") == budget
+    # DepGraph prunes without training: its fine-tuning runs the whole budget
+    assert json.loads(plan.finetune_recipe(w(stem="depgraph-0.35")))["iters"] == budget
+    assert "models/ade20k/vit_p8_d12/seed0/depgraph-0.35.safetensors" in plan.prune_targets()
+    assert "models/ade20k/vit_p8_d12/seed0/depgraph-0.5916.safetensors" not in plan.prune_targets()  # NViT's job
+    inputs = plan.evaluate_inputs(w(ds="ade20k", arch="vit_p8_d12", variant="depgraph-0.35-seed0"))
+    assert inputs["model"] == "models/ade20k/vit_p8_d12/seed0/depgraph-0.35-ft.safetensors"
+    assert inputs["match"] == "models/ade20k/vit_p8_d12/seed0/depgraph-0.35.report.json"
+    assert plan.finetune_inputs(w(ds="ade20k", arch="vit_p8_d12", seed="0", stem="depgraph-0.35"))["model"] == (
+        "models/ade20k/vit_p8_d12/seed0/depgraph-0.35.safetensors")
+
+
 def test_inputs_follow_the_registry() -> None:
     plan = Plan(config())
     ptm = plan.match_inputs(w(ds="ade20k", arch="vit_p8_d12", seed="0", method="nvit_tome", target="0.35"))

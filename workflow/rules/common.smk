@@ -81,7 +81,8 @@ evaluate_inputs, rank_inputs, bench_inputs = PLAN.evaluate_inputs, PLAN.rank_inp
 qualitative_inputs = PLAN.qualitative_inputs
 # params: the config as command-line options
 data_options, training_data, finetune_recipe = PLAN.data_options, PLAN.training_data, PLAN.finetune_recipe
-finetune_method_options, match_options = PLAN.finetune_method_options, PLAN.match_options
+finetune_method_options, match_options, pruner_settings = (PLAN.finetune_method_options, PLAN.match_options,
+                                                            PLAN.pruner_settings)
 eval_img_scale, eval_stride, eval_max_images = PLAN.eval_img_scale, PLAN.eval_stride, PLAN.eval_max_images
 eval_conditions, eval_method_options, variant_tags = PLAN.eval_conditions, PLAN.eval_method_options, PLAN.variant_tags
 rank_condition_options, rank_options = PLAN.rank_condition_options, PLAN.rank_options
@@ -97,6 +98,7 @@ SEED_RE = r"[0-9]+"
 _REFERENCES = _alternation(["dense", DENSE_CONTROL])
 _COMPRESSED = _alternation(registry.names()[1:])
 _MATCHED = _alternation(registry.names(matched=True))
+_PRUNERS = _alternation(registry.names(family="structural"))
 
 
 wildcard_constraints:
@@ -106,10 +108,11 @@ wildcard_constraints:
     fraction=FRACTION_RE,
     target=FRACTION_RE,
     method=_MATCHED,
+    pruner=_PRUNERS,
     corruption=_alternation(["clean", *CATEGORY_OF]),
     severity="[0-5]",
     variant=rf"(?:{_REFERENCES})-seed{SEED_RE}|(?:{_COMPRESSED})-{FRACTION_RE}-seed{SEED_RE}",
-    stem=rf"dense|nvit-{FRACTION_RE}|(?:{_MATCHED})-{FRACTION_RE}",
+    stem=rf"dense|(?:{_PRUNERS}|{_MATCHED})-{FRACTION_RE}",
 
 
 def report_outputs():

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 #: Built-in method modules (``segcompress.methods.<name>``), in the reports' drawing order.
-BUILTIN: tuple[str, ...] = ("dense", "nvit", "tome", "tofu", "algm", "cts", "nvit_tome")
+BUILTIN: tuple[str, ...] = ("dense", "nvit", "depgraph", "tome", "tofu", "algm", "cts", "nvit_tome")
 ENTRY_POINT_GROUP = "segcompress.methods"
 PLUGINS_ENV = "SEGCOMPRESS_PLUGINS"
 FAMILIES: tuple[str, ...] = ("reference", "token", "structural", "hybrid")

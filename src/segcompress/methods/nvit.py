@@ -24,3 +24,17 @@ def cost(spec: Any, knob: dict[str, Any], model: Any = None, images: Any = None)
     if knob:
         raise ValueError(f"a pruned model takes no knob, got {knob}")
     return Cost(analytic_gmacs(spec))
+
+
+def pruning_iters(settings: PruneConfig) -> int:
+    """Training iterations spent while pruning: ``steps`` × ``interval``."""
+    return int(settings.steps) * int(settings.interval)
+
+
+def prune(model: Any, dataset: Any, target_gmacs: float, settings: PruneConfig, *, seed: int,
+          collate_fn: Any = None, device: Any = None) -> Any:
+    """Prune ``model`` to ``target_gmacs`` while training on ``dataset``
+    (:func:`segcompress.prune.nvit.prune`)."""
+    from segcompress.prune.nvit import prune as nvit_prune
+
+    return nvit_prune(model, dataset, target_gmacs, settings, seed=seed, collate_fn=collate_fn, device=device)

@@ -62,7 +62,7 @@ class Inputs(Study):
         outside the grid, asked for by its path, is what its stem says."""
         if stem == "dense":
             return "dense", None
-        planned = {f"nvit-{f}": ("nvit", f) for f in self.prune_fractions()}
+        planned = {f"{p}-{f}": (p, f) for p in dict.fromkeys([*self.pruners(), "nvit"]) for f in self.prune_fractions(p)}
         planned |= {f"{m}-{t}": (m, t) for m, t in self.compressed(registry.names(matched=True))}
         if stem in planned:
             return planned[stem]
@@ -80,7 +80,7 @@ class Inputs(Study):
         if v.reference:
             inputs["match"] = dense_flops_path(ds, arch, seed)
         elif registry.get(v.method).applied == "dense":
-            inputs["match"] = prune_report_path(ds, arch, seed, v.target or "")
+            inputs["match"] = prune_report_path(ds, arch, seed, v.target or "", pruner=v.method)
         else:
             inputs["match"] = match_path(ds, arch, seed, v.method, v.target or "")
         if v.method not in REFERENCES and registry.get(v.method).needs_policy:

@@ -60,6 +60,10 @@ class Options(Inputs):
 
         return as_json
 
+    def pruner_settings(self, wildcards: Any) -> str:
+        """``methods.<pruner>`` as compact JSON (keys left out take the method's defaults)."""
+        return _compact(self.config["methods"].get(wildcards.pruner, {}))
+
     def _dataset(self, wildcards: Any) -> dict[str, Any]:
         return self.config["datasets"][wildcards.ds]
 

@@ -71,9 +71,9 @@ def dense_flops_path(ds: str, arch: str, seed: str | int) -> str:
     return f"{MATCH_DIR.format(ds=ds, arch=arch, seed=seed)}/dense.json"
 
 
-def prune_report_path(ds: str, arch: str, seed: str | int, fraction: float | str) -> str:
+def prune_report_path(ds: str, arch: str, seed: str | int, fraction: float | str, pruner: str = "nvit") -> str:
     """What `segcompress prune` reports beside a pruned model: target and achieved GFLOPs."""
-    return f"{MODEL_DIR.format(ds=ds, arch=arch, seed=seed)}/nvit-{fraction_text(fraction)}.report.json"
+    return f"{MODEL_DIR.format(ds=ds, arch=arch, seed=seed)}/{pruner}-{fraction_text(fraction)}.report.json"
 
 
 def policy_path(ds: str, arch: str, seed: str | int) -> str:

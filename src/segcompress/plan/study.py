@@ -160,18 +160,31 @@ class Study:
     # ------------------------------------------------- post-compression training budget
     # Every variant trained after compression gets the same number of training iterations on top
     # of the dense model: NViT trains while it prunes (methods.nvit steps x interval) and is then
-    # fine-tuned for finetune.recipe.iters; the dense control and every fine-tuned token method
-    # get those two numbers together, in one fine-tuning run with the same recipe and
-    # distillation. Prune-then-merge fine-tunes its raw pruned model with ToMe attached
-    # (finetune.token_methods) or merges the fine-tuned pruned model off the shelf: the same
-    # total either way.
+    # fine-tuned for finetune.recipe.iters; the dense control, every fine-tuned token method and
+    # every structural method that prunes without training (DepGraph) get those two numbers
+    # together, in one fine-tuning run with the same recipe and distillation. Prune-then-merge
+    # fine-tunes its raw pruned model with ToMe attached (finetune.token_methods) or merges the
+    # fine-tuned pruned model off the shelf: the same total either way.
 
     def pruning_iters(self) -> int:
-        """Training iterations of one NViT pruning run (0 when the study prunes nothing)."""
+        """Training iterations of one NViT pruning run, the budget's first part (0 when the study
+        prunes nothing)."""
         if not self.compressed(registry.names(pruned=True)):
             return 0
-        nvit = self.settings("nvit")
-        return int(nvit["steps"]) * int(nvit["interval"])
+        return self.iters_while_pruning("nvit")
+
+    def iters_while_pruning(self, method: str) -> int:
+        """Training iterations a model of ``method`` has had by the time it is pruned: its
+        pruner's (a structural method's ``pruning_iters``; prune-then-merge: NViT's), else 0."""
+        if method in REFERENCES or not registry.get(method).pruned:
+            return 0
+        pruner = method if registry.get(method).family == "structural" else "nvit"
+        m = registry.get(pruner)
+        return int(m.code().pruning_iters(m.parse_settings(self.config["methods"].get(pruner))))
+
+    def pruners(self) -> list[str]:
+        """The study's structural methods (each writes its own pruned models)."""
+        return [m for m in self.study["methods"] if registry.get(m).family == "structural"]
 
     def post_train_iters(self, method: str) -> int:
         """Training iterations a variant of ``method`` gets after the dense model (0: off the shelf)."""
@@ -181,7 +194,9 @@ class Study:
         if method == DENSE_CONTROL:
             return self.pruning_iters() + tuned
         if registry.get(method).applied == "dense":  # a pruned model, evaluated as it is
-            return self.pruning_iters() + (tuned if ft["pruned"] else 0)
+            if not ft["pruned"]:
+                return self.iters_while_pruning(method)
+            return self.pruning_iters() + tuned
         if registry.get(method).pruned:  # a token method on a pruned model
             return self.pruning_iters() + (tuned if ft["pruned"] or ft["token_methods"] else 0)
         return self.pruning_iters() + tuned if ft["token_methods"] else 0
@@ -189,16 +204,16 @@ class Study:
     def recipe_json(self, method: str) -> str:
         """finetune.recipe as JSON, its iterations topped up so that a model of ``method`` ends
         with its post-compression budget (a pruned model has already trained while pruning)."""
-        already = self.pruning_iters() if method != DENSE_CONTROL and registry.get(method).pruned else 0
+        already = self.iters_while_pruning(method)
         recipe = {**self.finetune["recipe"], "iters": self.post_train_iters(method) - already}
         return json.dumps(recipe, sort_keys=True, separators=(",", ":"))
 
     # ------------------------------------------------------------------------------ models
 
-    def pruned_model(self, ds: str, arch: str, seed: str, fraction: str) -> str:
-        """The pruned model at ``fraction`` as later stages use it (fine-tuned unless
+    def pruned_model(self, ds: str, arch: str, seed: str, fraction: str, pruner: str = "nvit") -> str:
+        """The model ``pruner`` pruned to ``fraction`` as later stages use it (fine-tuned unless
         finetune.pruned is false)."""
-        name = f"nvit-{fraction_text(fraction)}"
+        name = f"{pruner}-{fraction_text(fraction)}"
         return model_path(ds, arch, seed, f"{name}-ft" if self.finetune["pruned"] else name)
 
     def merge_base(self, ds: str, arch: str, seed: str, target: str) -> str:
@@ -220,7 +235,7 @@ class Study:
         method = registry.get(v.method)
         assert v.target is not None
         if method.applied == "dense":
-            return self.pruned_model(ds, arch, seed, v.target)
+            return self.pruned_model(ds, arch, seed, v.target, pruner=v.method)
         if self.finetune["token_methods"]:
             return model_path(ds, arch, seed, f"{v.method}-{v.target}-ft")
         if method.pruned:
@@ -245,14 +260,18 @@ class Study:
                 out.append(policy_path(ds, arch, seed))
         return out
 
-    def prune_fractions(self) -> list[str]:
-        """Every pruning target the study needs: NViT's own, and prune-then-merge's first step."""
-        fractions = {t for _m, t in self.compressed(("nvit",))}
-        fractions |= {self.prune_fraction(t) for _m, t in self.compressed(("nvit_tome",))}
+    def prune_fractions(self, pruner: str = "nvit") -> list[str]:
+        """Every pruning target the study needs from ``pruner``: its own, and for NViT
+        prune-then-merge's first step."""
+        fractions = {t for _m, t in self.compressed((pruner,))}
+        if pruner == "nvit":
+            fractions |= {self.prune_fraction(t) for _m, t in self.compressed(("nvit_tome",))}
         return sorted(fractions, key=float, reverse=True)
 
     def prune_targets(self) -> list[str]:
-        return [model_path(ds, arch, seed, f"nvit-{f}") for ds, arch, seed in self.grid() for f in self.prune_fractions()]
+        pruners = dict.fromkeys([*self.pruners(), *(["nvit"] if "nvit_tome" in self.study["methods"] else [])])
+        return [model_path(ds, arch, seed, f"{p}-{f}") for ds, arch, seed in self.grid()
+                for p in pruners for f in self.prune_fractions(p)]
 
     def match_targets(self) -> list[str]:
         out = []
@@ -268,10 +287,12 @@ class Study:
             if ft["dense_control"]:
                 out.append(model_path(ds, arch, seed, "dense-ft"))
             if ft["pruned"]:  # prune-then-merge fine-tunes its own pruned models with ToMe attached
-                fractions = [t for _m, t in self.compressed(("nvit",))]
-                if not ft["token_methods"]:
-                    fractions += [self.prune_fraction(t) for _m, t in self.compressed(("nvit_tome",))]
-                out += [self.pruned_model(ds, arch, seed, f) for f in sorted(set(fractions), key=float, reverse=True)]
+                for pruner in dict.fromkeys([*self.pruners(), "nvit"]):
+                    fractions = [t for _m, t in self.compressed((pruner,))]
+                    if pruner == "nvit" and not ft["token_methods"]:
+                        fractions += [self.prune_fraction(t) for _m, t in self.compressed(("nvit_tome",))]
+                    out += [self.pruned_model(ds, arch, seed, f, pruner)
+                            for f in sorted(set(fractions), key=float, reverse=True)]
             if ft["token_methods"]:
                 out += [model_path(ds, arch, seed, f"{m}-{t}-ft") for m, t in self.compressed(registry.names(matched=True))]
         return out

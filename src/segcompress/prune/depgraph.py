@@ -53,78 +53,12 @@ from segcompress.flops import analytic_gmacs, count_params
 from segcompress.models.segmenter import Segmenter, build_segmenter, spec_scale
 from segcompress.models.spec import BlockDims, SegmenterSpec
 from segcompress.models.vit import Attention
-from segcompress.settings import Settings
+from segcompress.methods.depgraph import IMPORTANCES, DepGraphSettings  # noqa: F401 (re-export)
 
 log = logging.getLogger(__name__)
 
-#: Importance criteria (torch-pruning's ``GroupTaylorImportance`` and ``GroupMagnitudeImportance``).
-IMPORTANCES: tuple[str, ...] = ("taylor", "magnitude")
-
 Batch = Sequence[torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-# ------------------------------------------------------------------------------ settings
-
-
-@dataclass(frozen=True)
-class DepGraphSettings(Settings):
-    """Settings of DepGraph pruning (defaults: the Isomorphic-Pruning DeiT recipe, one knob ``p``).
-
-    Ranking:
-        importance: ``"taylor"`` (Σ|w·∂L/∂w| over the calibration batches, the examples'
-            recommendation for ViTs) or ``"magnitude"`` (L2 norm of the weights, no data).
-        global_pruning: rank channels across layers (heads across all blocks).
-        isomorphic: give each family of groups of the same topology its own scope (E alone, all
-            MLPs, all head-dim groups), so each removes exactly its ratio; needs global_pruning.
-    Ratios (for a channel ratio ``p``):
-        head_ratio_scale: heads removed = ``p · head_ratio_scale`` of all heads; 0 keeps every head.
-        head_dim_scope: head dimensions removed = ``p · head_dim_scope`` of the dims of all
-            blocks; 0 keeps the head widths (heads can still be removed).
-        round_to: kept channels of a group are a multiple of this (the library rounds a head
-            group against the whole ``proj`` width, so keep it at most 2).
-        prune_embedding: prune the residual width E; false keeps E (the patch embedding is
-            ignored, which protects the whole E group).
-    Taylor gradients:
-        calibration_batches: batches of the segmentation loss accumulated (the loader's batch size).
-    Target search (:func:`prune_to_target`):
-        tolerance: relative window under the target, ``[target·(1-tol), target]`` (NViT's 1%).
-        max_ratio: the largest ``p`` tried (bisection on ``[0, max_ratio]``).
-        max_bisection_steps: candidates pruned after the one at ``max_ratio``.
-    """
-
-    what = "depgraph settings"
-
-    importance: str = "taylor"
-    global_pruning: bool = True
-    isomorphic: bool = True
-    head_ratio_scale: float = 1.0
-    head_dim_scope: float = 0.5
-    round_to: int = 2
-    prune_embedding: bool = True
-    calibration_batches: int = 10
-    tolerance: float = 0.01
-    max_ratio: float = 0.9
-    max_bisection_steps: int = 20
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        checks = [
-            (self.importance in IMPORTANCES, "importance", " or ".join(repr(v) for v in IMPORTANCES)),
-            (self.global_pruning or not self.isomorphic, "isomorphic", "false when global_pruning is false"),
-            (0.0 < self.max_ratio < 1.0, "max_ratio", "in (0, 1)"),
-            (0.0 <= self.head_ratio_scale and self.head_ratio_scale * self.max_ratio < 1.0, "head_ratio_scale",
-             ">= 0 with head_ratio_scale * max_ratio < 1"),
-            (0.0 <= self.head_dim_scope and self.head_dim_scope * self.max_ratio < 1.0, "head_dim_scope",
-             ">= 0 with head_dim_scope * max_ratio < 1"),
-            (self.round_to >= 1, "round_to", ">= 1"),
-            (self.calibration_batches >= 1, "calibration_batches", ">= 1"),
-            (0.0 <= self.tolerance < 1.0, "tolerance", "in [0, 1)"),
-            (self.max_bisection_steps >= 1, "max_bisection_steps", ">= 1"),
-        ]
-        for ok, key, want in checks:
-            if not ok:
-                raise ValueError(f"depgraph settings key {key!r} must be {want}")
 
 
 class ZeroHeadsError(ValueError):
