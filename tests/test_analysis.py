@@ -12,30 +12,23 @@ import torch
 from segcompress.analysis import NORMALISE, RankSettings, image_rank, image_raw_rank, rank_dataset, window_features
 from segcompress.cli import VERBS, main
 from segcompress.data.datasets import build_dataset
-from segcompress.data.synthetic import generate
 from segcompress.evaluate import sliding_windows
 from segcompress.methods import apply_method
-from segcompress.models import SegmenterSpec, build_segmenter
 from segcompress.models.checkpoint import save_model
 from segcompress.qualitative import boundaries, colorize, palette, zoom_box
 from segcompress.rank import effective_rank
 from segcompress.tokens import restored_state
+from tiny_segmenter import SEGMENTER_DROPOUT, tiny_model, tiny_spec
 
 torch.set_num_threads(1)
 
-SPEC = SegmenterSpec(num_classes=150, img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-
-
-def tiny(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build_segmenter(SPEC).eval()
+SPEC = tiny_spec(64, num_classes=150, **SEGMENTER_DROPOUT)  # 8 px patches, width 32, 2 blocks
 
 
 @pytest.fixture(scope="module")
-def ade(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("ade20k")
-    generate("ade20k", root, num_train=1, num_val=3, seed=0, progress=False)
-    return root
+def ade(synthetic_ade20k: Path) -> Path:
+    """The session's synthetic ADE20K (read only); these tests read its 3 val images."""
+    return synthetic_ade20k
 
 
 def _dataset(root: Path, **kw):
@@ -95,7 +88,7 @@ def test_default_normalisation_ranks_images_as_their_raw_erank_whatever_the_widt
 
 
 def test_window_features_cover_every_window(ade: Path) -> None:
-    model = tiny()
+    model = tiny_model(SPEC)
     item = _dataset(ade)[0]
     feats = window_features(model, item["image"], 64, 48, batch_size=2)
     _, boxes = sliding_windows(item["image"], 64, 48)
@@ -111,7 +104,7 @@ def test_window_features_cover_every_window(ade: Path) -> None:
 
 
 def test_rank_on_a_tiny_random_model_is_in_unit_interval(ade: Path) -> None:
-    result = rank_dataset(tiny(), _dataset(ade), 64, 48, RankSettings(reference_width=32), progress=False)
+    result = rank_dataset(tiny_model(SPEC), _dataset(ade), 64, 48, RankSettings(reference_width=32), progress=False)
     assert result["num_images"] == 3 and len(result["erank_per_image"]) == 3
     assert all(0 < v <= 1 for v in result["erank_per_image"])
     # rows > E_ref = 32: the normalised values are the raw ones over 32
@@ -122,8 +115,8 @@ def test_rank_on_a_tiny_random_model_is_in_unit_interval(ade: Path) -> None:
     assert result["erank_mean"] == pytest.approx(float(np.mean(result["erank_per_image"])))
     assert result["erank_std"] == pytest.approx(float(np.std(result["erank_per_image"])))
     assert result["width"] == 32 and result["rows"] % 64 == 0
-    centred = rank_dataset(tiny(), _dataset(ade, max_images=1), 64, 48, RankSettings(centre=True, reference_width=32),
-                            progress=False)
+    centred = rank_dataset(tiny_model(SPEC), _dataset(ade, max_images=1), 64, 48,
+                           RankSettings(centre=True, reference_width=32), progress=False)
     assert 0 < centred["erank_mean"] <= 1 and centred["num_images"] == 1
 
 
@@ -132,8 +125,8 @@ def test_merged_features_are_capped_by_the_distinct_tokens(ade: Path) -> None:
     image = _dataset(ade)[0]["image"]
     crop = image[None, :, :64, :64]  # one window
     raw = RankSettings(normalise="none")
-    dense = image_rank(window_features(tiny(), crop, 64, 64), raw)
-    merged_model = apply_method(tiny(), "tome", {"r": 28})  # 64 patches, 2 blocks: 64 -> 36 -> 18 tokens
+    dense = image_rank(window_features(tiny_model(SPEC), crop, 64, 64), raw)
+    merged_model = apply_method(tiny_model(SPEC), "tome", {"r": 28})  # 64 patches, 2 blocks: 64 -> 36 -> 18 tokens
     state = restored_state(merged_model, crop)
     distinct = len(torch.unique(state.token_of[0]))
     merged = image_rank(window_features(merged_model, crop, 64, 64), raw)
@@ -150,7 +143,7 @@ def test_merged_features_are_capped_by_the_distinct_tokens(ade: Path) -> None:
 def test_rank_verb_writes_an_evaluate_like_row(ade: Path, tmp_path: Path) -> None:
     assert "rank" in VERBS
     ckpt = tmp_path / "m" / "dense.safetensors"
-    save_model(tiny(), ckpt)
+    save_model(tiny_model(SPEC), ckpt)
     match = tmp_path / "tome-0.5.json"
     match.write_text(json.dumps({"knob": {"r": 8}, "target_fraction": 0.5, "achieved_gflops": 0.01,
                                  "target_gflops": 0.011, "gflops_std": 0.0}))
@@ -169,10 +162,8 @@ def test_rank_verb_writes_an_evaluate_like_row(ade: Path, tmp_path: Path) -> Non
     assert row["stride"] == 48 and row["params_m"] > 0 and len(row["erank_per_image"]) == 2
     assert row["erank_raw_mean"] == pytest.approx(32 * row["erank_mean"]) and row["reference_width"] is None
     # the default normalisation: by the width of --reference-model's spec, the raw values alike
-    pruned = SegmenterSpec(num_classes=150, img_size=64, patch_size=8, embed_dim=16, depth=2, num_heads=2)
-    torch.manual_seed(1)
     narrow = tmp_path / "m" / "nvit.safetensors"
-    save_model(build_segmenter(pruned).eval(), narrow)
+    save_model(tiny_model(tiny_spec(64, num_classes=150, embed_dim=16, **SEGMENTER_DROPOUT), 1), narrow)
     assert main(["rank", "--model", str(narrow), "--reference-model", str(ckpt), "--layout", "ade20k", "--root",
                  str(ade), "--img-scale", "256", "64", "--stride", "48", "--max-images", "2", "--out", str(out),
                  "--no-progress"]) == 0
@@ -183,7 +174,7 @@ def test_rank_verb_writes_an_evaluate_like_row(ade: Path, tmp_path: Path) -> Non
 
 def test_rank_verb_errors(ade: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = tmp_path / "dense.safetensors"
-    save_model(tiny(), ckpt)
+    save_model(tiny_model(SPEC), ckpt)
     base = ["rank", "--model", str(ckpt), "--layout", "ade20k", "--root", str(ade), "--img-scale", "256", "64",
             "--out", str(tmp_path / "r.json"), "--no-progress"]
     for tag in ("erank_mean=1", "erank_raw_mean=1", "reference_width=8"):
@@ -217,7 +208,7 @@ def test_zoom_box_goes_where_boundaries_are_densest() -> None:
 
 def test_qualitative_verb_draws_a_panel(ade: Path, tmp_path: Path) -> None:
     ckpt = tmp_path / "dense.safetensors"
-    save_model(tiny(), ckpt)
+    save_model(tiny_model(SPEC), ckpt)
     match = tmp_path / "tome.json"
     match.write_text(json.dumps({"knob": {"r": 20}, "achieved_gflops": 0.012}))
     out = tmp_path / "q.png"
@@ -233,7 +224,7 @@ def test_qualitative_verb_draws_a_panel(ade: Path, tmp_path: Path) -> None:
 
 def test_bench_takes_the_knob_of_a_match_file_and_tags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = tmp_path / "dense.safetensors"
-    save_model(tiny(), ckpt)
+    save_model(tiny_model(SPEC), ckpt)
     match = tmp_path / "tome-0.5.json"
     match.write_text(json.dumps({"knob": {"r": 8}, "achieved_gflops": 0.01}))
     out = tmp_path / "b.json"

@@ -10,12 +10,13 @@ import torch
 
 from segcompress.bench import measure_throughput, measure_throughputs, resolve_device
 from segcompress.cli import main as cli
-from segcompress.models import SegmenterSpec, build_segmenter
+from segcompress.models import build_segmenter
 from segcompress.models.checkpoint import save_model
+from tiny_segmenter import SEGMENTER_DROPOUT, tiny_spec
 
 torch.set_num_threads(1)
 
-SPEC = SegmenterSpec(num_classes=3, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+SPEC = tiny_spec(num_classes=3, **SEGMENTER_DROPOUT)  # 32 px, 8 px patches, width 32, 2 blocks
 
 FIELDS = {"images_per_s", "images_per_s_min", "images_per_s_max", "batch_time_s", "batch_time_s_min",
           "batch_time_s_max", "batch", "crop", "warmup", "repeats", "dtype", "device", "device_type", "threads",

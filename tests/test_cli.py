@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from segcompress import __version__
-from segcompress.models import SegmenterSpec, build_segmenter
+from segcompress.models import build_segmenter
 from segcompress.models.checkpoint import save_model
+from tiny_segmenter import SEGMENTER_DROPOUT, tiny_spec
 
 ARCH = '{"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}'
 
@@ -48,8 +49,7 @@ def test_verbose_before_or_after_the_verb(tmp_path):
 @pytest.mark.parametrize("cut", [0, 40, -64])
 def test_truncated_or_garbage_weights_are_one_line_naming_the_file(tmp_path, cut):
     path = tmp_path / "dense.safetensors"
-    save_model(build_segmenter(SegmenterSpec(num_classes=5, img_size=32, patch_size=8, embed_dim=32, depth=1,
-                                             num_heads=2)), path)
+    save_model(build_segmenter(tiny_spec(depth=1, **SEGMENTER_DROPOUT)), path)
     path.write_bytes(b"not a checkpoint at all" if cut == 0 else path.read_bytes()[:cut])
     line = one_line_error(run("flops", "--model", str(path)), "flops")
     assert str(path) in line and "safetensors" in line
@@ -76,8 +76,7 @@ def test_tampered_spec_is_one_line_naming_the_key(tmp_path):
     """A spec edited after saving so that every shape still fits (norm_eps) would silently change
     the model: the verb stops with one line naming the spec and the changed key."""
     path = tmp_path / "dense.safetensors"
-    save_model(build_segmenter(SegmenterSpec(num_classes=5, img_size=32, patch_size=8, embed_dim=32, depth=1,
-                                             num_heads=2)), path)
+    save_model(build_segmenter(tiny_spec(depth=1, **SEGMENTER_DROPOUT)), path)
     spec = path.with_suffix(".json")
     spec.write_text(spec.read_text().replace('"norm_eps": 1e-06', '"norm_eps": 0.001'))
     line = one_line_error(run("flops", "--model", str(path)), "flops")

@@ -236,13 +236,11 @@ def test_policy_pretrained_errors_are_one_clear_line(tmp_path, timm_weights):
         PolicyNet(pretrained=str(tmp_path / "partial.safetensors"))
 
 
-def test_policy_verb_records_the_init(tmp_path, timm_weights, capsys):
+def test_policy_verb_records_the_init(tmp_path, timm_weights, capsys, synthetic_ade20k):
     from segcompress.cli import main
-    from segcompress.data.synthetic import generate
     from segcompress.tokens.cts import policy_init_of
 
-    root = tmp_path / "ade"
-    generate("ade20k", root, num_train=2, num_val=0, seed=0, progress=False)
+    root = synthetic_ade20k  # trains on its 2 train images
     weights = timm_weights[0] / "lite0.safetensors"
     base = ["policy", "--layout", "ade20k", "--root", str(root), "--crop", "64", "--img-scale", "128", "64",
             "--iters", "1", "--recipe", '{"batch_size": 2, "log_every": 0}']

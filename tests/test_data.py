@@ -27,19 +27,15 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def ade(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("ade") / "ADEChallengeData2016"
-    assert cli_main(["data", "--layout", "ade20k", "--root", str(root), "--synthetic", "--num-train", "3",
-                     "--num-val", "3", "--seed", "0", "--no-progress"]) == 0
-    return root
+def ade(synthetic_dataset) -> Path:
+    """ADE20K by ``segcompress data --synthetic``: 3 train, 3 val images, seed 0 (the session's; read only)."""
+    return synthetic_dataset("ade20k", 3, 3, manifest=True)
 
 
 @pytest.fixture(scope="module")
-def city(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cityscapes")
-    assert cli_main(["data", "--layout", "cityscapes", "--root", str(root), "--synthetic", "--num-train", "3",
-                     "--num-val", "4", "--seed", "0", "--no-progress"]) == 0
-    return root
+def city(synthetic_dataset) -> Path:
+    """Cityscapes by ``segcompress data --synthetic``: 3 train, 4 val images, seed 0 (the session's; read only)."""
+    return synthetic_dataset("cityscapes", 3, 4, manifest=True)
 
 
 def _copy(src: Path, tmp_path: Path) -> Path:

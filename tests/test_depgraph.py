@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch
 from segcompress.flops import analytic_gmacs, count_gmacs
 from segcompress.models.checkpoint import load_model, save_model
 from segcompress.models.segmenter import Segmenter, build_segmenter
-from segcompress.models.spec import BlockDims, SegmenterSpec
+from segcompress.models.spec import BlockDims
 from segcompress.prune.depgraph import (
     DepGraphSettings,
     ZeroHeadsError,
@@ -25,23 +26,16 @@ from segcompress.prune.depgraph import (
     to_project,
     traceable_attention,
 )
-from segcompress.seeding import seed_everything
+from tiny_segmenter import tiny_model
+from tiny_segmenter import tiny_spec as _tiny_spec
 
 NUM_CLASSES = 4
 CROP = 32
 
 
-def tiny_spec(**kw) -> SegmenterSpec:
-    """E 64, 3 blocks of 4 heads (head width 16), 4x4 patches of 8 px, decoder width 32."""
-    base = dict(num_classes=NUM_CLASSES, img_size=CROP, patch_size=8, embed_dim=64, depth=3, num_heads=4,
-                decoder_dim=32, decoder_heads=1, drop_path_rate=0.0, decoder_dropout=0.0)
-    base.update(kw)
-    return SegmenterSpec(**base)
-
-
-def tiny_model(seed: int = 0, **kw) -> Segmenter:
-    seed_everything(seed)
-    return build_segmenter(tiny_spec(**kw)).eval()
+#: E 64, 3 blocks of 4 heads (head width 16), 4x4 patches of 8 px, decoder width 32.
+tiny_spec = partial(_tiny_spec, img_size=CROP, depth=3, num_classes=NUM_CLASSES, embed_dim=64, num_heads=4,
+                    decoder_dim=32, decoder_heads=1)
 
 
 def calibration(n: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -61,7 +55,7 @@ def images(n: int = 2) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def dense() -> Segmenter:
-    return tiny_model()
+    return tiny_model(tiny_spec())
 
 
 @pytest.fixture(scope="module")
@@ -128,10 +122,10 @@ def test_traceable_attention_computes_the_same_and_is_restored(dense):
 
 
 def test_taylor_gradients_sum_the_batches_and_leave_grad_alone(dense, grads):
-    model = tiny_model().train()
+    model = tiny_model(tiny_spec()).train()
     got = taylor_gradients(model, iter(calibration()), num_batches=2)
     assert model.training and all(p.grad is None for p in model.parameters())
-    ref = tiny_model()  # eval mode: backward per batch, no zero_grad between
+    ref = tiny_model(tiny_spec())  # eval mode: backward per batch, no zero_grad between
     for x, y in calibration()[:2]:
         logits = ref(x)
         torch.nn.functional.cross_entropy(logits, y, ignore_index=255).backward()

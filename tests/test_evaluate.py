@@ -15,22 +15,18 @@ from torch import nn
 
 from segcompress.cli import main as cli_main
 from segcompress.data.datasets import build_dataset
-from segcompress.data.synthetic import generate
 from segcompress.evaluate import (
     SegMetric, areas_from_per_image, evaluate, miou_of, predict, slide_inference, window_starts,
 )
-from segcompress.models import SegmenterSpec, build_segmenter
 from segcompress.models.checkpoint import save_model
 from segcompress.provenance import settings_hash
-from tiny_segmenter import tiny_model, tiny_spec
+from tiny_segmenter import SEGMENTER_DROPOUT, tiny_model, tiny_spec
 
 torch.set_num_threads(1)
 
 
-def tiny(num_classes: int = 150, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    spec = SegmenterSpec(num_classes=num_classes, img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-    return build_segmenter(spec).eval()
+ADE_SPEC = tiny_spec(64, num_classes=150, **SEGMENTER_DROPOUT)  # 8 px patches, width 32, 2 blocks
+CITY_SPEC = tiny_spec(64, num_classes=19, **SEGMENTER_DROPOUT)
 
 
 class PixelModel(nn.Module):
@@ -68,7 +64,7 @@ def test_window_starts() -> None:
 
 
 def test_slide_equals_plain_forward_when_image_is_the_crop() -> None:
-    model = tiny()
+    model = tiny_model(ADE_SPEC)
     img = torch.randn(3, 64, 64)
     with torch.inference_mode():
         ref = model(img[None])[0]
@@ -87,7 +83,7 @@ def test_slide_of_a_per_pixel_model_is_one_pass(size: tuple[int, int]) -> None:
 
 
 def test_slide_averages_overlaps_and_batching_does_not_matter() -> None:
-    model = tiny(seed=3)
+    model = tiny_model(ADE_SPEC, 3)
     img = torch.randn(3, 64, 112)
     with torch.inference_mode():
         left, right = model(img[None, :, :, :64])[0], model(img[None, :, :, 48:])[0]
@@ -156,14 +152,13 @@ def test_areas_from_per_image_and_miou_of_by_hand() -> None:
 
 
 @pytest.fixture(scope="module")
-def city(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cityscapes")
-    generate("cityscapes", root, num_train=1, num_val=3, seed=0, progress=False)
-    return root
+def city(synthetic_cityscapes: Path) -> Path:
+    """The session's synthetic Cityscapes (read only); these tests read its 3 val images."""
+    return synthetic_cityscapes
 
 
 def test_evaluate_on_dataset_matches_independent_metric(city: Path) -> None:
-    model = tiny(19)
+    model = tiny_model(CITY_SPEC)
     ds = build_dataset("cityscapes", city, "val", "test", 64, (256, 96))
     result = evaluate(model, ds, 64, 40, num_classes=19, batch_size=4, progress=False)
     preds, labels = [], []
@@ -192,7 +187,7 @@ def assert_per_image_gives_the_metrics(row: dict, num_classes: int) -> None:
 
 def test_evaluate_verb_writes_a_row(city: Path, tmp_path: Path) -> None:
     ckpt = tmp_path / "dense.safetensors"
-    save_model(tiny(19), ckpt)
+    save_model(tiny_model(CITY_SPEC), ckpt)
     match = tmp_path / "match.json"
     match.write_text(json.dumps({"knob": {}, "target_fraction": 0.5, "achieved_gflops": 0.01, "target_gflops": 0.011}))
     out = tmp_path / "results/raw/cityscapes/vit/dense/clean/0.json"
@@ -211,7 +206,7 @@ def test_evaluate_verb_writes_a_row(city: Path, tmp_path: Path) -> None:
     # an input-independent method keeps the match file's cost
     assert row["gflops_source"] == "match" and row["calibration_gflops"] == 0.01 and row["gflops_std"] is None
     # same model, same data: same numbers through the Python API
-    ref = evaluate(tiny(19), build_dataset("cityscapes", city, "val", "test", 64, (256, 96)), 64, 40, 19,
+    ref = evaluate(tiny_model(CITY_SPEC), build_dataset("cityscapes", city, "val", "test", 64, (256, 96)), 64, 40, 19,
                    progress=False)
     assert row["miou"] == pytest.approx(ref["miou"], abs=1e-12)
 
@@ -221,7 +216,7 @@ def test_evaluate_verb_runs_several_conditions_in_one_process(city: Path, tmp_pa
     import shutil
 
     ckpt = tmp_path / "dense.safetensors"
-    save_model(tiny(19), ckpt)
+    save_model(tiny_model(CITY_SPEC), ckpt)
     # a "corrupted" set: the val images, flipped upside down, as .png under the same relative paths
     from PIL import Image
 
@@ -255,7 +250,7 @@ def test_evaluate_rows_carry_provenance(city: Path, tmp_path: Path) -> None:
     import segcompress
 
     ckpt = tmp_path / "dense.safetensors"
-    save_model(tiny(19), ckpt)
+    save_model(tiny_model(CITY_SPEC), ckpt)
     base = ["evaluate", "--model", str(ckpt), "--layout", "cityscapes", "--root", str(city), "--img-scale", "256",
             "96", "--no-progress", "--tag", "seed=0", "--max-images", "1"]
     rows = {}
@@ -317,7 +312,7 @@ def test_algm_rows_measure_gflops_on_their_own_condition(city: Path, tmp_path: P
 
 def test_evaluate_verb_errors(city: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = tmp_path / "ade.safetensors"
-    save_model(tiny(150), ckpt)
+    save_model(tiny_model(ADE_SPEC), ckpt)
     base = ["evaluate", "--model", str(ckpt), "--root", str(city), "--img-scale", "256", "96", "--out",
             str(tmp_path / "r.json"), "--no-progress"]
     assert cli_main(base + ["--layout", "cityscapes"]) == 2

@@ -18,11 +18,10 @@ from PIL import Image
 
 from segcompress.cli import main as cli_main
 from segcompress.data.datasets import ChangedFileError, build_dataset, list_samples
-from segcompress.data.synthetic import generate
-from segcompress.models import SegmenterSpec, build_segmenter
 from segcompress.models.checkpoint import save_model
 from segcompress.provenance import code_provenance
 from test_cli import one_line_error, run
+from tiny_segmenter import SEGMENTER_DROPOUT, tiny_model, tiny_spec
 
 torch.set_num_threads(1)
 
@@ -39,18 +38,15 @@ def error_line(result: subprocess.CompletedProcess, verb: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with ``city`` (written and verified by ``segcompress data``), its corrupted set
+def study(tmp_path_factory: pytest.TempPathFactory, synthetic_dataset) -> Path:
+    """A folder with ``city`` (a copy of the session's ``segcompress data`` set), its corrupted set
     ``city-c/gaussian_noise/3`` (``segcompress corrupt``) and a 19-class checkpoint ``m.safetensors``."""
     top = tmp_path_factory.mktemp("study")
-    assert cli_main(["data", "--layout", "cityscapes", "--root", str(top / "city"), "--synthetic", "--num-train", "1",
-                     "--num-val", "2", "--no-progress"]) == 0
+    shutil.copytree(synthetic_dataset("cityscapes", 1, 2, manifest=True), top / "city")
     assert cli_main(["corrupt", "--layout", "cityscapes", "--root", str(top / "city"), "--out", str(top / "city-c"),
                      "--dataset-name", "cityscapes", "--corruption", "gaussian_noise", "--severity", "3",
                      "--processes", "1", "--no-progress"]) == 0
-    torch.manual_seed(0)
-    spec = SegmenterSpec(num_classes=19, img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-    save_model(build_segmenter(spec).eval(), top / "m.safetensors")
+    save_model(tiny_model(tiny_spec(64, num_classes=19, **SEGMENTER_DROPOUT)), top / "m.safetensors")
     return top
 
 
@@ -194,9 +190,9 @@ def test_condition_checks(study: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert (row["corruption"], row["severity"], row["num_images"]) == ("gaussian_noise", 3, 2)
 
 
-def test_skipped_files_are_reported_once_per_split(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    root = tmp_path / "ade"
-    generate("ade20k", root, num_train=1, num_val=2, seed=0, progress=False)
+def test_skipped_files_are_reported_once_per_split(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                   synthetic_dataset) -> None:
+    root = Path(shutil.copytree(synthetic_dataset("ade20k", 1, 2), tmp_path / "ade"))  # a copy: files are added
     val = root / "images/validation"
     jpg = sorted(val.glob("*.jpg"))[0]
     for name in ("ADE_val_extra.jpeg", "ADE_val_other.png", ".DS_Store"):

@@ -188,13 +188,10 @@ def test_cli_flops_bad_input(tmp_path, capsys):
     assert math.isfinite(analytic_gmacs(TINY_SPECS["dense"]))
 
 
-def test_cli_flops_and_bench_on_calibration_images(tmp_path, capsys):
+def test_cli_flops_and_bench_on_calibration_images(tmp_path, capsys, synthetic_ade20k):
     """With --calib-root every calibration image is counted (mean and std reported); bench times the first."""
     pytest.importorskip("segcompress.data.datasets")
-    from segcompress.data.synthetic import generate
-
-    root = tmp_path / "ade20k"
-    generate("ade20k", root, num_train=0, num_val=3, seed=0, progress=False)
+    root = synthetic_ade20k  # calibrates on its val images
     model = tmp_path / "dense.safetensors"
     save_model(build_segmenter(TINY_SPECS["dense"]), model)
     calib = ["--calib-root", str(root), "--calib-layout", "ade20k", "--calib-images", "2"]

@@ -78,13 +78,11 @@ def test_the_console_command_uses_the_server_it_is_given(server, tmp_path):
         assert (out.returncode, out.stdout.strip()) == (0, "segcompress 0.1.0")
 
 
-def test_a_killed_command_takes_its_child_along(server, tmp_path):
+def test_a_killed_command_takes_its_child_along(server, tmp_path, synthetic_ade20k):
     """Snakemake cancelling a job (SIGTERM to its process group) or killing it (SIGKILL) must not
     leave the served child running."""
     exe = Path(sys.executable).with_name("segcompress")
-    data = tmp_path / "ade20k"
-    subprocess.run([exe, "data", "--layout", "ade20k", "--root", data, "--synthetic", "--num-train", "2",
-                    "--num-val", "1"], check=True, capture_output=True)
+    data = synthetic_ade20k  # read only: the runs are killed while training
     arch = json.dumps({"embed_dim": 16, "depth": 1, "num_heads": 1, "patch_size": 16})
     recipe = json.dumps({"iters": 100000, "batch_size": 1, "log_every": 1, "checkpoint_every": 0, "num_workers": 0})
     cmd = [str(exe), "train", "--layout", "ade20k", "--root", str(data), "--crop", "64", "--img-scale", "128", "64",

@@ -1,6 +1,7 @@
 """FLOPs matching of the token methods' knobs, and the `segcompress match` verb."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -8,20 +9,17 @@ import torch.nn.functional as F
 
 from segcompress.cli import main as cli_main
 from segcompress.flops import analytic_gmacs
-from segcompress.models import SegmenterSpec, build_segmenter
+from segcompress.models import build_segmenter
 from segcompress.methods import solve
 from segcompress.tokens.algm import algm_cost
 from segcompress.tokens.cts import cts_gmacs
 from segcompress.tokens.tome import tome_gmacs
+from tiny_segmenter import tiny_spec
 
 torch.set_num_threads(1)
 
 
-def spec(**kw) -> SegmenterSpec:
-    base = dict(num_classes=4, img_size=128, patch_size=16, embed_dim=32, depth=6, num_heads=2,
-                drop_path_rate=0.0, decoder_dropout=0.0)
-    base.update(kw)
-    return SegmenterSpec(**base)
+spec = partial(tiny_spec, img_size=128, patch_size=16, depth=6, num_classes=4)
 
 
 @pytest.mark.parametrize("fraction", [0.9, 0.75, 0.6])
@@ -96,15 +94,7 @@ def test_match_verb_rejects_dense_and_algm_without_images(capsys):
     assert "--calib-root" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def synthetic_ade(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ade") / "ade"
-    assert cli_main(["data", "--layout", "ade20k", "--root", str(root), "--synthetic", "--num-train", "2",
-                     "--num-val", "3", "--no-progress"]) == 0
-    return root
-
-
-def test_policy_and_algm_match_verbs_on_a_dataset(synthetic_ade, tmp_path, capsys):
+def test_policy_and_algm_match_verbs_on_a_dataset(synthetic_ade20k, tmp_path, capsys):
     from segcompress.models.checkpoint import save_model
     from segcompress.tokens.cts import load_policy
 
@@ -112,18 +102,19 @@ def test_policy_and_algm_match_verbs_on_a_dataset(synthetic_ade, tmp_path, capsy
     model_path = tmp_path / "dense.safetensors"
     save_model(build_segmenter(spec(img_size=64, depth=4)), model_path)
     policy = tmp_path / "policy.safetensors"
-    assert cli_main(["policy", "--model", str(model_path), "--layout", "ade20k", "--root", str(synthetic_ade),
+    assert cli_main(["policy", "--model", str(model_path), "--layout", "ade20k", "--root", str(synthetic_ade20k),
                      "--img-scale", "128", "64", "--recipe", '{"iters": 1, "batch_size": 2}', "--out", str(policy)]) == 0
     load_policy(policy)
     capsys.readouterr()
     assert cli_main(["match", "--method", "algm", "--target-fraction", "0.8", "--model", str(model_path),
-                     "--calib-root", str(synthetic_ade), "--calib-images", "3", "--settings", '{"layers": [1, 3]}']) == 0
+                     "--calib-root", str(synthetic_ade20k), "--calib-images", "3",
+                     "--settings", '{"layers": [1, 3]}']) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["calibration_images"] == 3 and out["knob"]["layers"] == [1, 3] and "threshold" in out["knob"]
     assert out["within_tolerance"] or out["message"]
 
 
-def test_random_weights_of_arch_and_backbone_are_seeded(synthetic_ade, capsys):
+def test_random_weights_of_arch_and_backbone_are_seeded(synthetic_ade20k, capsys):
     """--arch/--backbone build their random weights from --seed: the same ALGM match twice, and
     the global generator is left alone."""
     import argparse
@@ -148,7 +139,7 @@ def test_random_weights_of_arch_and_backbone_are_seeded(synthetic_ade, capsys):
     for _ in range(2):
         torch.manual_seed(len(runs) + 7)  # whatever the global generator holds
         assert cli_main(["match", "--method", "algm", "--target-fraction", "0.9", *common, "--calib-root",
-                         str(synthetic_ade), "--calib-images", "2", "--settings", '{"layers": [1, 3]}']) == 0
+                         str(synthetic_ade20k), "--calib-images", "2", "--settings", '{"layers": [1, 3]}']) == 0
         runs.append(json.loads(capsys.readouterr().out))
     assert runs[0]["knob"] == runs[1]["knob"] and runs[0]["achieved_gflops"] == runs[1]["achieved_gflops"]
     assert runs[0]["weights"] == "random init (seed 0)"

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -10,14 +11,13 @@ import torch
 from segcompress.models import BlockDims, SegmenterSpec, build_segmenter, spec_from_timm, unfused_attention
 from segcompress.models.checkpoint import load_model, save_model, spec_path
 from segcompress.models.spec import spec_from_arch
+from tiny_segmenter import SEGMENTER_DROPOUT
+from tiny_segmenter import tiny_spec as _tiny_spec
 
 torch.set_num_threads(1)
 
 
-def tiny_spec(**kw) -> SegmenterSpec:
-    base = dict(num_classes=7, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-    base.update(kw)
-    return SegmenterSpec(**base)
+tiny_spec = partial(_tiny_spec, num_classes=7, **SEGMENTER_DROPOUT)  # 32 px, 8 px patches, 2 blocks
 
 
 def test_forward_shape_and_decoder_defaults():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -12,24 +13,15 @@ import torch.nn.functional as F
 
 from segcompress.flops import analytic_gmacs, count_gmacs
 from segcompress.models.checkpoint import load_model, save_model
-from segcompress.models.segmenter import Segmenter, build_segmenter
-from segcompress.models.spec import SegmenterSpec
+from segcompress.models.segmenter import Segmenter
 from segcompress.prune import Key, NViTPruner, PruneConfig, prune, prune_target_gmacs
-from segcompress.seeding import seed_everything
+from tiny_segmenter import tiny_model
+from tiny_segmenter import tiny_spec as _tiny_spec
 
 NUM_CLASSES = 4
 
 
-def tiny_spec(**kw) -> SegmenterSpec:
-    base = dict(num_classes=NUM_CLASSES, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                decoder_dim=24, decoder_heads=1, drop_path_rate=0.0, decoder_dropout=0.0)
-    base.update(kw)
-    return SegmenterSpec(**base)
-
-
-def tiny_model(seed: int = 0, **kw) -> Segmenter:
-    seed_everything(seed)
-    return build_segmenter(tiny_spec(**kw))
+tiny_spec = partial(_tiny_spec, num_classes=NUM_CLASSES, decoder_dim=24, decoder_heads=1)  # 32 px, 2 blocks
 
 
 class Scenes(torch.utils.data.Dataset):
@@ -70,7 +62,7 @@ def images(n: int = 2) -> torch.Tensor:
 
 
 def test_depgraph_finds_every_embedding_slice():
-    pruner = NViTPruner(tiny_model(), PruneConfig())
+    pruner = NViTPruner(tiny_model(tiny_spec(), train=True), PruneConfig())
     got = {(s.name, s.dim) for s in pruner.space.emb_slices}
     want = {("encoder.patch_embed.proj.weight", 0), ("encoder.patch_embed.proj.bias", 0), ("encoder.cls_token", 2),
             ("encoder.pos_embed", 2), ("encoder.norm.weight", 0), ("encoder.norm.bias", 0),
@@ -108,7 +100,7 @@ def prune_some_of_everything(pruner: NViTPruner) -> None:
 
 
 def test_masked_model_equals_the_physically_smaller_one_and_reloads(tmp_path):
-    model = tiny_model().eval()
+    model = tiny_model(tiny_spec())
     pruner = NViTPruner(model, PruneConfig())
     prune_some_of_everything(pruner)
     x = images()
@@ -143,7 +135,7 @@ def test_masked_model_equals_the_physically_smaller_one_and_reloads(tmp_path):
 
 
 def test_analytic_flops_of_a_pruned_spec_equal_the_fvcore_count():
-    pruner = NViTPruner(tiny_model(), PruneConfig())
+    pruner = NViTPruner(tiny_model(tiny_spec(), train=True), PruneConfig())
     prune_some_of_everything(pruner)
     small = pruner.shrink()
     assert analytic_gmacs(small.spec) == pytest.approx(count_gmacs(small, images(1)), rel=1e-9)
@@ -154,7 +146,7 @@ def test_analytic_flops_of_a_pruned_spec_equal_the_fvcore_count():
 
 
 def test_a_zeroed_head_is_pruned_first():
-    model = tiny_model()
+    model = tiny_model(tiny_spec(), train=True)
     qkv = model.encoder.blocks[0].attn.qkv
     with torch.no_grad():  # head 1 of block 0: q, k, v rows (16 each, 2 heads) -> 0
         for part in range(3):
@@ -173,7 +165,7 @@ def test_a_zeroed_head_is_pruned_first():
 
 
 def test_zeroed_mlp_channels_are_pruned_before_any_other():
-    model = tiny_model()
+    model = tiny_model(tiny_spec(), train=True)
     dead = torch.tensor([3, 10, 11, 40, 41, 42, 77, 90, 91, 92, 93, 100, 101, 102, 120, 127, 5, 6, 7, 8])
     with torch.no_grad():
         model.encoder.blocks[1].mlp.fc1.weight[dead] = 0
@@ -190,7 +182,7 @@ def test_zeroed_mlp_channels_are_pruned_before_any_other():
 
 
 def test_saliency_momentum_and_pruned_units_score_zero():
-    model = tiny_model()
+    model = tiny_model(tiny_spec(), train=True)
     pruner = NViTPruner(model, PruneConfig(momentum=0.9))
     with pruner.hooks():
         backward_on_batch(model, seed=0)
@@ -208,7 +200,7 @@ def test_saliency_momentum_and_pruned_units_score_zero():
 
 def test_emb_saliency_sums_the_reference_slices_or_the_whole_group():
     """The default EMB saliency is NViT's sum; ``group`` adds the LayerNorms, tokens and decoder input."""
-    model = tiny_model()
+    model = tiny_model(tiny_spec(), train=True)
     backward_on_batch(model)
     params = dict(model.named_parameters())
 
@@ -230,7 +222,7 @@ def test_emb_saliency_sums_the_reference_slices_or_the_whole_group():
 
 @pytest.mark.parametrize("reset", [True, False])
 def test_saliency_average_restarts_after_the_first_prune_unless_kept(reset):
-    model = tiny_model()
+    model = tiny_model(tiny_spec(), train=True)
     pruner = NViTPruner(model, PruneConfig(momentum=0.9, reset_saliency=reset))
 
     def batch(seed: int) -> dict[Key, torch.Tensor]:
@@ -258,7 +250,7 @@ def test_saliency_average_restarts_after_the_first_prune_unless_kept(reset):
 
 
 def test_prune_hits_the_target_within_one_percent_and_reloads(tmp_path):
-    model = tiny_model()
+    model = tiny_model(tiny_spec(), train=True)
     dense = analytic_gmacs(model.spec)
     target = 0.6 * dense
     result = prune(model, Scenes(), target, fast_config(), seed=0)
@@ -277,7 +269,7 @@ def test_prune_hits_the_target_within_one_percent_and_reloads(tmp_path):
 
 
 def test_subtractive_flops_term_also_reaches_the_target():
-    model = tiny_model(seed=1)
+    model = tiny_model(tiny_spec(), 1, train=True)
     target = 0.55 * analytic_gmacs(model.spec)
     result = prune(model, Scenes(), target, fast_config(flops_mode="subtract", eta=0.5, kd_weight=0.0), seed=1)
     assert 0.99 * target <= result.achieved_gmacs <= target
@@ -286,18 +278,19 @@ def test_subtractive_flops_term_also_reaches_the_target():
 def test_every_structure_keeps_one_group_unless_min_keep_says_otherwise():
     """NViT keeps at least one group per layer: near the floor every width is still >= its group."""
     dense = analytic_gmacs(tiny_spec())
-    floor = NViTPruner(tiny_model(), PruneConfig()).min_gmacs()
-    assert NViTPruner(tiny_model(), PruneConfig(min_keep=1)).min_gmacs() < floor
+    floor = NViTPruner(tiny_model(tiny_spec(), train=True), PruneConfig()).min_gmacs()
+    assert NViTPruner(tiny_model(tiny_spec(), train=True), PruneConfig(min_keep=1)).min_gmacs() < floor
     # tiny groups (clamped to a quarter of each width): E 8, heads 1, QK 4, V 4, MLP 16
-    small = prune(tiny_model(), Scenes(), 1.02 * floor, fast_config(), seed=0).model.spec
+    small = prune(tiny_model(tiny_spec(), train=True), Scenes(), 1.02 * floor, fast_config(), seed=0).model.spec
     assert small.embed_dim >= 8 and analytic_gmacs(small) < 0.6 * dense
     assert all(b.num_heads >= 1 and b.qk_dim >= 4 and b.v_dim >= 4 and b.mlp_hidden >= 16 for b in small.blocks)
-    loose = prune(tiny_model(), Scenes(), 1.02 * floor, fast_config(min_keep=1), seed=0).model.spec
+    loose = prune(tiny_model(tiny_spec(), train=True), Scenes(), 1.02 * floor, fast_config(min_keep=1),
+                  seed=0).model.spec
     assert min(min(b.qk_dim, b.v_dim) for b in loose.blocks) < 4 or loose.embed_dim < 8
 
 
 def test_dense_target_changes_nothing():
-    model = tiny_model()
+    model = tiny_model(tiny_spec(), train=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = prune(model, Scenes(), analytic_gmacs(model.spec), fast_config(), seed=0)
     assert result.model is model and result.steps == []
@@ -314,7 +307,7 @@ def test_dense_target_changes_nothing():
 
 
 def test_unreachable_target_is_a_clear_error():
-    model = tiny_model()
+    model = tiny_model(tiny_spec(), train=True)
     with pytest.raises(ValueError, match="below the smallest prunable model.*one group each"):
         prune(model, Scenes(), 1e-6, fast_config(), seed=0)
 
@@ -327,20 +320,18 @@ def test_config_validation_and_budget_split():
     assert PruneConfig.from_dict({"recipe": {"lr": 0.01}}).recipe["batch_size"] == 8
     assert prune_target_gmacs(40.0, 10.0, 0.5) == pytest.approx(20.0)
     assert prune_target_gmacs(40.0, 10.0, 1.0) == pytest.approx(10.0)
-    pruner = NViTPruner(tiny_model(), PruneConfig())
+    pruner = NViTPruner(tiny_model(tiny_spec(), train=True), PruneConfig())
     assert pruner.group[Key("emb")] == 8 and pruner.group[Key("heads", 0)] == 1  # clamped to the tiny widths
 
 
 # ------------------------------------------------------------------------------ CLI
 
 
-def test_cli_prune_then_finetune_on_synthetic_cityscapes(tmp_path):
+def test_cli_prune_then_finetune_on_synthetic_cityscapes(tmp_path, synthetic_cityscapes):
     from segcompress.cli import main
-    from segcompress.data.synthetic import generate
 
-    root = tmp_path / "cs"
-    generate("cityscapes", root, num_train=2, num_val=0, seed=0, progress=False)
-    model = tiny_model(num_classes=19)
+    root = synthetic_cityscapes  # trains on its 2 train images
+    model = tiny_model(tiny_spec(num_classes=19), train=True)
     dense = tmp_path / "m" / "dense.safetensors"
     save_model(model, dense)
     out = tmp_path / "m" / "nvit-50.safetensors"

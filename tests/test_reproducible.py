@@ -37,12 +37,10 @@ def test_safetensors_bytes_do_not_depend_on_key_order(tmp_path):
     assert n % 8 == 0 and json.loads(a.read_bytes()[8:8 + n])["__metadata__"] == meta
 
 
-def test_two_trainings_of_the_same_settings_give_the_same_file(tmp_path):
+def test_two_trainings_of_the_same_settings_give_the_same_file(tmp_path, synthetic_dataset):
     from segcompress.cli import main
-    from segcompress.data.synthetic import generate
 
-    root = tmp_path / "ade20k"
-    generate("ade20k", root, num_train=4, num_val=0, seed=0, progress=False)
+    root = synthetic_dataset("ade20k", 4, 0)
     arch = '{"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}'
     recipe = json.dumps({"iters": 2, "batch_size": 2, "lr": 0.01, "num_workers": 0, "log_every": 0,
                          "checkpoint_every": 0})

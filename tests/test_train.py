@@ -19,7 +19,8 @@ from segcompress.train import (
     Callbacks, Distillation, Output, Recipe, Runtime, WorldBatchSampler, build_optimizer, fit, loss_offset,
     pixel_loss_sums, poly_lr, sampled_logits,
 )
-from toy_training import ToyScenes, tiny_model
+from tiny_segmenter import tiny_model
+from toy_training import ToyScenes, tiny_spec
 
 torch.set_num_threads(1)
 
@@ -58,8 +59,9 @@ def test_recipe_defaults_are_segmenter_ade20k():
     assert (r.iters, r.batch_size, r.lr, r.min_lr, r.momentum, r.weight_decay, r.poly_power, r.amp) == (
         160_000, 8, 1e-3, 1e-5, 0.9, 0.0, 0.9, False)
     assert (r.optimizer, r.warmup_iters, r.loss_stride) == ("sgd", 0, 1)  # SGD, no warm-up, every pixel
-    assert isinstance(build_optimizer(tiny_model(0), r), torch.optim.SGD)
-    adamw = build_optimizer(tiny_model(0), Recipe(optimizer="adamw", lr=2e-3, weight_decay=0.05))
+    assert isinstance(build_optimizer(tiny_model(tiny_spec(), 0, train=True), r), torch.optim.SGD)
+    adamw = build_optimizer(tiny_model(tiny_spec(), 0, train=True),
+                            Recipe(optimizer="adamw", lr=2e-3, weight_decay=0.05))
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.05
 
 
@@ -167,11 +169,11 @@ def test_loss_offsets_cover_every_pixel_and_are_seeded():
 def test_strided_loss_trains_and_needs_grid_logits():
     recipe = Recipe(iters=30, batch_size=4, lr=3e-3, optimizer="adamw", warmup_iters=3, loss_stride=2,
                     checkpoint_every=0, log_every=0, num_workers=0)
-    teacher = tiny_model(1)
-    res = fit(tiny_model(0), ToyScenes(), recipe, seed=0, runtime=CPU)
+    teacher = tiny_model(tiny_spec(), 1, train=True)
+    res = fit(tiny_model(tiny_spec(), 0, train=True), ToyScenes(), recipe, seed=0, runtime=CPU)
     assert sum(res.losses[-5:]) / 5 < 0.5 * res.losses[0]  # learns: well below the initial loss
-    kd = fit(tiny_model(0), ToyScenes(), Recipe(**{**recipe.to_dict(), "iters": 2}), seed=0, runtime=CPU,
-             distill=Distillation(teacher), callbacks=Callbacks(on_step=lambda info: info.kd <= 0))
+    kd = fit(tiny_model(tiny_spec(), 0, train=True), ToyScenes(), Recipe(**{**recipe.to_dict(), "iters": 2}), seed=0,
+             runtime=CPU, distill=Distillation(teacher), callbacks=Callbacks(on_step=lambda info: info.kd <= 0))
     assert kd.step == 2  # the distillation term is taken on the same pixels
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1))
     with pytest.raises(ValueError, match="loss_stride.*forward_masks"):
@@ -183,7 +185,7 @@ def test_strided_loss_trains_and_needs_grid_logits():
 
 def test_loss_decreases_on_a_learnable_task():
     recipe = Recipe(iters=40, batch_size=4, lr=0.1, checkpoint_every=0, log_every=0, num_workers=0)
-    res = fit(tiny_model(0), ToyScenes(), recipe, seed=0, runtime=CPU)
+    res = fit(tiny_model(tiny_spec(), 0, train=True), ToyScenes(), recipe, seed=0, runtime=CPU)
     assert res.completed and res.step == 40 and len(res.losses) == 40
     first, last = sum(res.losses[:5]) / 5, sum(res.losses[-5:]) / 5
     assert last < 0.6 * first, (first, last)
@@ -192,7 +194,8 @@ def test_loss_decreases_on_a_learnable_task():
 
 def test_amp_on_cpu_trains():
     recipe = Recipe(iters=12, batch_size=4, lr=0.1, checkpoint_every=0, log_every=0, num_workers=0, amp=True)
-    res = fit(tiny_model(0), ToyScenes(), recipe, seed=0, runtime=CPU)  # bfloat16 autocast on the CPU
+    # bfloat16 autocast on the CPU
+    res = fit(tiny_model(tiny_spec(), 0, train=True), ToyScenes(), recipe, seed=0, runtime=CPU)
     assert all(math.isfinite(x) for x in res.losses)
     assert sum(res.losses[-3:]) < sum(res.losses[:3])
     assert all(p.dtype == torch.float32 for p in res.model.parameters())
@@ -211,10 +214,10 @@ def test_distillation_and_callbacks(tmp_path):
         assert info.kd > 0 and info.loss == pytest.approx(info.ce + 0.5 * info.kd)
         return info.step == 2  # end early
 
-    teacher = tiny_model(1)
+    teacher = tiny_model(tiny_spec(), 1, train=True)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     out = tmp_path / "nvit.safetensors"
-    res = fit(tiny_model(0), ToyScenes(), recipe, seed=0, runtime=CPU, output=Output(out),
+    res = fit(tiny_model(tiny_spec(), 0, train=True), ToyScenes(), recipe, seed=0, runtime=CPU, output=Output(out),
               distill=Distillation(teacher, weight=0.5, temperature=2.0), callbacks=Callbacks(on_grad, on_step),
               train_mode=False)
     assert seen == [("grad", 1), ("step", 1), ("grad", 2), ("step", 2)]
@@ -227,7 +230,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
     """6 iterations, a resume point every 3; the crashed run is SIGKILLed during iteration 5 (with 2
     loader workers), then resumed here from iteration 3 on a model with a different init."""
     recipe = Recipe(iters=6, batch_size=4, lr=0.05, checkpoint_every=3, log_every=0, num_workers=0)
-    ref = fit(tiny_model(0), ToyScenes(), recipe, seed=7, runtime=CPU,
+    ref = fit(tiny_model(tiny_spec(), 0, train=True), ToyScenes(), recipe, seed=7, runtime=CPU,
               output=Output(tmp_path / "ref" / "dense.safetensors"))
     assert ref.completed and not (tmp_path / "ref" / "dense.resume").exists()
 
@@ -241,7 +244,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
     assert sorted(p.name for p in point.path.iterdir()) == ["model.safetensors", "optimizer.safetensors", "state.json"]
     assert json.loads((point.path / "state.json").read_text())["optimizer"]["names"]  # momentum buffers by name
 
-    res = fit(tiny_model(123), ToyScenes(), recipe, seed=7, runtime=CPU, output=Output(out))
+    res = fit(tiny_model(tiny_spec(), 123, train=True), ToyScenes(), recipe, seed=7, runtime=CPU, output=Output(out))
     assert res.start_step == 3 and res.completed and len(res.losses) == 3
     assert res.losses == ref.losses[3:]
     assert _max_diff(load_model(out).state_dict(), load_model(tmp_path / "ref" / "dense.safetensors").state_dict()) == 0
@@ -251,16 +254,18 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
 def test_stop_at_then_resume_and_changed_recipe_is_refused(tmp_path):
     recipe = Recipe(iters=4, batch_size=2, lr=0.05, checkpoint_every=0, log_every=0, num_workers=0)
     out = tmp_path / "dense.safetensors"
-    res = fit(tiny_model(0), ToyScenes(), recipe, seed=1, runtime=Runtime(device="cpu", stop_at=2), output=Output(out))
+    res = fit(tiny_model(tiny_spec(), 0, train=True), ToyScenes(), recipe, seed=1,
+              runtime=Runtime(device="cpu", stop_at=2), output=Output(out))
     assert not res.completed and res.step == 2 and not out.exists()
     assert latest_resume(out.with_suffix(".resume")).step == 2  # written at the stop even with checkpoint_every=0
     changed = Recipe(iters=4, batch_size=2, lr=0.01, checkpoint_every=0, log_every=0, num_workers=0)
     with pytest.raises(ValueError, match=r"recipe\.lr"):
-        fit(tiny_model(0), ToyScenes(), changed, seed=1, runtime=CPU, output=Output(out))
+        fit(tiny_model(tiny_spec(), 0, train=True), ToyScenes(), changed, seed=1, runtime=CPU, output=Output(out))
     with pytest.raises(ValueError, match="different spec"):
-        fit(tiny_model(0, embed_dim=16), ToyScenes(), recipe, seed=1, runtime=CPU, output=Output(out))
+        fit(tiny_model(tiny_spec(embed_dim=16), 0, train=True), ToyScenes(), recipe, seed=1, runtime=CPU,
+            output=Output(out))
     bookkeeping = Recipe(iters=4, batch_size=2, lr=0.05, checkpoint_every=1, log_every=1, num_workers=0)
-    res = fit(tiny_model(0), ToyScenes(), bookkeeping, seed=1, runtime=CPU, output=Output(out))
+    res = fit(tiny_model(tiny_spec(), 0, train=True), ToyScenes(), bookkeeping, seed=1, runtime=CPU, output=Output(out))
     assert res.start_step == 2 and res.completed and out.is_file()
 
 
@@ -279,8 +284,9 @@ def test_two_process_gloo_run_equals_one_process(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["dense.json", "dense.safetensors"]  # rank 0 wrote alone
 
     recipe = Recipe(iters=4, batch_size=4, lr=0.05, checkpoint_every=0, log_every=0, num_workers=0)
-    single = fit(tiny_model(0, drop_path_rate=0.0, decoder_dropout=0.0), ToyScenes(), recipe, seed=7, runtime=CPU)
-    init = tiny_model(0, drop_path_rate=0.0, decoder_dropout=0.0).state_dict()
+    no_dropout = tiny_spec(drop_path_rate=0.0, decoder_dropout=0.0)
+    single = fit(tiny_model(no_dropout, 0, train=True), ToyScenes(), recipe, seed=7, runtime=CPU)
+    init = tiny_model(no_dropout, 0, train=True).state_dict()
     ddp = load_model(out).state_dict()
     assert _max_diff(ddp, init) > 1e-2  # it trained
     assert _max_diff(ddp, single.model.state_dict()) < 1e-5
@@ -329,7 +335,7 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, capsys, extra, words):
         assert w in err
 
 
-def test_cli_trains_on_synthetic_ade20k_and_resumes_exactly(tmp_path):
+def test_cli_trains_on_synthetic_ade20k_and_resumes_exactly(tmp_path, synthetic_dataset):
     """`segcompress train` on a synthetic ADE20K folder (mmseg's augmentation): stopped at 2 of 4
     iterations with a loader worker, then resumed, it ends where an uninterrupted run without
     workers ends."""
@@ -337,10 +343,8 @@ def test_cli_trains_on_synthetic_ade20k_and_resumes_exactly(tmp_path):
     from safetensors.torch import load_file
 
     from segcompress.cli import main
-    from segcompress.data.synthetic import generate
 
-    root = tmp_path / "ade20k"
-    generate("ade20k", root, num_train=6, num_val=0, seed=0, progress=False)
+    root = synthetic_dataset("ade20k", 6, 0)
     arch = '{"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}'
 
     def train(out: Path, workers: int, *extra: str) -> int:

@@ -10,12 +10,12 @@ import argparse
 import os
 import signal
 import sys
+from functools import partial
 
 import torch
 
-from segcompress.models.segmenter import Segmenter, build_segmenter
-from segcompress.models.spec import SegmenterSpec
-from segcompress.seeding import seed_everything
+from tiny_segmenter import SEGMENTER_DROPOUT, tiny_model
+from tiny_segmenter import tiny_spec as _tiny_spec
 
 NUM_CLASSES = 3
 COLORS = torch.tensor([[1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [-1.0, -1.0, 1.0]])
@@ -43,15 +43,8 @@ class ToyScenes(torch.utils.data.Dataset):
         return img, lab
 
 
-def tiny_spec(**kw) -> SegmenterSpec:
-    base = dict(num_classes=NUM_CLASSES, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-    base.update(kw)
-    return SegmenterSpec(**base)
-
-
-def tiny_model(seed: int = 0, **kw) -> Segmenter:
-    seed_everything(seed)
-    return build_segmenter(tiny_spec(**kw))
+#: The toy task's spec: 32 px crops, 2 blocks, Segmenter's dropout (``tiny_model(tiny_spec(), seed, train=True)``).
+tiny_spec = partial(_tiny_spec, num_classes=NUM_CLASSES, **SEGMENTER_DROPOUT)
 
 
 def _main() -> int:
@@ -72,14 +65,14 @@ def _main() -> int:
                 sys.stdout.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        fit(tiny_model(0), ToyScenes(), recipe, seed=7, output=Output(a.out), callbacks=Callbacks(on_step=die),
-            runtime=Runtime(device="cpu"))
+        fit(tiny_model(tiny_spec(), 0, train=True), ToyScenes(), recipe, seed=7, output=Output(a.out),
+            callbacks=Callbacks(on_step=die), runtime=Runtime(device="cpu"))
         return 1  # not reached
     from segcompress import distributed
 
     distributed.init_distributed(device="cpu")
     recipe = Recipe(iters=4, batch_size=4, lr=0.05, checkpoint_every=2, log_every=1, num_workers=0)
-    model = tiny_model(0, drop_path_rate=0.0, decoder_dropout=0.0)
+    model = tiny_model(tiny_spec(drop_path_rate=0.0, decoder_dropout=0.0), 0, train=True)
     fit(model, ToyScenes(), recipe, seed=7, output=Output(a.out), runtime=Runtime(device="cpu"))
     distributed.cleanup_distributed()
     return 0

@@ -11,7 +11,10 @@ The module also holds the method's functions, which the registry imports only wh
 * ``cost(spec, knob, model=None, images=None)``: its GFLOPs, a
   :class:`~segcompress.tokens.cost.Cost` (input-dependent methods measure ``images``);
 * ``solve(problem)``: the knob that meets a FLOPs target, a :class:`~segcompress.tokens.match.Match`
-  (methods whose knob is matched; the problem is a :class:`~segcompress.tokens.match.Problem`).
+  (methods whose knob is matched; the problem is a :class:`~segcompress.tokens.match.Problem`);
+* ``prune(model, dataset, target_gmacs, settings, *, seed, collate_fn, device)`` and
+  ``pruning_iters(settings)``: a structural method's smaller model (with a ``report()``) and the
+  training iterations it spent on the way (``segcompress prune --method <name>``).
 
 The built-in methods are the modules of this package (:data:`BUILTIN`, in the reports' drawing
 order). A method outside the package joins the registry through the ``segcompress.methods`` entry
@@ -65,7 +68,7 @@ class Method:
         settings: its settings dataclass (``methods.<name>`` in the config).
         knob_keys: keys a knob may hold besides the settings (what ``solve`` finds, e.g. ``r``).
         matched: its knob is solved for a FLOPs target by ``segcompress match``.
-        pruned: it acts on a model pruned by ``segcompress prune`` (which trains while it prunes).
+        pruned: it is, or acts on, a model pruned by ``segcompress prune``.
         input_dependent: its GFLOPs depend on the image (measured on each evaluated condition).
         needs_policy: its knob names a policy network trained by ``segcompress policy`` (CTS).
         applies: the method a variant's checkpoint is evaluated with when it is not the method
