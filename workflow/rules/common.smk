@@ -54,10 +54,10 @@ if _bin not in os.environ.get("PATH", "").split(os.pathsep):
 CONDA_ENV = "../../envs/segcompress.yaml"
 
 # Methods defined outside the package (config `plugins`: module names or .py paths) join the
-# registry here and in every job (segcompress.methods reads SEGCOMPRESS_PLUGINS).
+# registry here and in every job (segcompress.methods reads SEGCOMPRESS_PLUGINS); a module name
+# resolves from the project folder too, in every job.
 if config.get("plugins"):
-    os.environ[registry.PLUGINS_ENV] = ",".join(str(p) for p in config["plugins"])
-    registry.reload()
+    registry.use_plugins(config["plugins"], workflow.basedir)
 
 try:
     PLAN = Plan(config)
@@ -96,7 +96,7 @@ def _alternation(names):
 FRACTION_RE = r"[0-9]*\.?[0-9]+"
 SEED_RE = r"[0-9]+"
 _REFERENCES = _alternation(["dense", DENSE_CONTROL])
-_COMPRESSED = _alternation(registry.names()[1:])
+_COMPRESSED = _alternation([m for m in registry.names() if m != "dense"])
 _MATCHED = _alternation(registry.names(matched=True))
 _PRUNERS = _alternation(registry.names(family="structural"))
 

@@ -41,12 +41,9 @@ def analytic_for(variant: Variant, images: list[Any] | None = None) -> float | N
     from segcompress.methods import get, method_cost
 
     method = get(variant.method)
-    if method.input_dependent and not images:
+    if (method.input_dependent and not images) or not hasattr(method.code(), "cost"):
         return None
-    try:
-        return method_cost(variant.method, variant.knob, variant.spec, variant.model, images).mean
-    except ValueError:
-        return None
+    return method_cost(variant.method, variant.knob, variant.spec, variant.model, images).mean
 
 
 def measure_flops(variant: Variant, args: argparse.Namespace) -> dict[str, Any]:

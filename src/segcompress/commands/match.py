@@ -82,8 +82,8 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     method = methods.get(args.method)
     if not hasattr(method.code(), "solve"):
-        raise ValueError(f"--method {args.method}: its knob is not solved for a target "
-                         f"(matched methods: {', '.join(methods.names(matched=True))})")
+        solvable = [m for m in methods.names() if hasattr(methods.get(m).code(), "solve")]
+        raise ValueError(f"--method {args.method}: its knob is not solved for a target (choose one of {', '.join(solvable)})")
     if args.flops_per != "crop":
         raise ValueError("--flops-per image is not matched: knobs are solved per crop (the anchors' convention)")
     if args.target_fraction is not None and not 0 < args.target_fraction:

@@ -122,6 +122,7 @@ class Method:
 
 _registry: dict[str, Method] = {}
 _loaded: str | None = None  # the SEGCOMPRESS_PLUGINS the registry was loaded with
+_loading = False
 
 
 def register(method: Method, module: str | None = None) -> Method:
@@ -150,7 +151,11 @@ def _import_plugin(ref: str) -> types.ModuleType:
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]  # the next attempt runs it again and shows its own error
+            raise
         return module
     return importlib.import_module(ref)
 
@@ -165,12 +170,12 @@ def _register_module(module: types.ModuleType, where: str) -> None:
 def _load() -> None:
     """Register the built-ins, the entry points and the plug-ins; again when SEGCOMPRESS_PLUGINS
     changed (a job forked from a process that loaded the registry under another environment)."""
-    global _loaded
+    global _loaded, _loading
     plugins = os.environ.get(PLUGINS_ENV, "")
-    if _loaded == plugins:
+    if _loaded == plugins or _loading:  # loaded; or a plug-in looking methods up while it loads
         return
     _registry.clear()
-    _loaded = None
+    _loaded, _loading = None, True
     try:
         for name in BUILTIN:
             _register_module(importlib.import_module(f"{__name__}.{name}"), "built-in methods")
@@ -183,7 +188,22 @@ def _load() -> None:
     except BaseException:
         _registry.clear()
         raise
+    finally:
+        _loading = False
     _loaded = plugins
+
+
+def use_plugins(refs: list[str], folder: str | Path | None = None) -> None:
+    """Register the plug-ins ``refs`` (module names or ``.py`` paths) here and in every process
+    started from here (``SEGCOMPRESS_PLUGINS``); module names also resolve from ``folder`` (the
+    project's, put on ``PYTHONPATH``)."""
+    os.environ[PLUGINS_ENV] = ",".join(str(r) for r in refs)
+    if folder is not None:
+        paths = [str(folder), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+    _load()
 
 
 def reload() -> None:

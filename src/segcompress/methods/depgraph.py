@@ -101,15 +101,20 @@ def pruning_iters(settings: DepGraphSettings) -> int:
 
 def prune(model: Any, dataset: Any, target_gmacs: float, settings: DepGraphSettings, *, seed: int,
           collate_fn: Any = None, device: Any = None) -> Any:
-    """Prune ``model`` to ``target_gmacs``: Taylor gradients on ``calibration_batches`` seeded
-    batches of ``dataset``, then :func:`segcompress.prune.depgraph.prune_to_target`."""
+    """Prune ``model`` to ``target_gmacs``: Taylor gradients on ``calibration_batches`` batches of
+    ``dataset`` (order and augmentation drawn from ``seed``), then
+    :func:`segcompress.prune.depgraph.prune_to_target`."""
     import itertools
 
     import torch
     from torch.utils.data import DataLoader
 
     from segcompress.prune.depgraph import prune_to_target
+    from segcompress.seeding import seed_everything
 
+    if len(dataset) == 0:
+        raise ValueError("depgraph: the training set is empty; its Taylor importance needs images")
+    seed_everything(seed)  # the augmentation draws from the global generators
     model = model.to(device) if device is not None else model
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=generator,

@@ -52,7 +52,7 @@ def check_config(config: dict[str, Any]) -> None:
     study, known = config["study"], registry.names()
     _check_names("methods", study["methods"], known)
     _check_names("methods", config["methods"], known, key="methods")
-    for name in study["methods"]:
+    for name in dict.fromkeys([*study["methods"], *config["methods"]]):
         try:
             registry.get(name).parse_settings(config["methods"].get(name))
         except ValueError as e:

@@ -9,7 +9,7 @@ from segcompress import methods as registry
 from segcompress.plan.paths import (
     corrupt_manifest, dataset_manifest, dense_flops_path, match_path, model_path, policy_path, prune_report_path,
 )
-from segcompress.plan.study import REFERENCES, Study, Variant
+from segcompress.plan.study import Study, Variant
 
 
 class Inputs(Study):
@@ -35,7 +35,7 @@ class Inputs(Study):
         method = registry.get(wildcards.method)
         if method.pruned:
             inputs["model"] = self.merge_base(ds, arch, seed, wildcards.target)
-        if method.needs_policy:
+        if self.needs_policy(method.name):
             inputs["policy"] = policy_path(ds, arch, seed)
         return inputs
 
@@ -52,7 +52,7 @@ class Inputs(Study):
         assert target is not None
         inputs["match"] = match_path(ds, arch, seed, method, target)
         inputs["model"] = self.merge_base(ds, arch, seed, target) if registry.get(method).pruned else dense
-        if registry.get(method).needs_policy:
+        if self.needs_policy(method):
             inputs["policy"] = policy_path(ds, arch, seed)
         return inputs
 
@@ -83,7 +83,7 @@ class Inputs(Study):
             inputs["match"] = prune_report_path(ds, arch, seed, v.target or "", pruner=v.method)
         else:
             inputs["match"] = match_path(ds, arch, seed, v.method, v.target or "")
-        if v.method not in REFERENCES and registry.get(v.method).needs_policy:
+        if self.needs_policy(v.method):
             inputs["policy"] = policy_path(ds, arch, seed)
         return inputs
 

@@ -118,7 +118,7 @@ class Options(Inputs):
             f"--tolerance {self.config['matching']['tolerance']}",
             f"--flops-per {self.config['flops']['per']}",
         ]
-        if method.needs_policy:
+        if self.needs_policy(wildcards.method):
             opts.append(f"--policy {input.policy}")
         return " ".join(opts)
 

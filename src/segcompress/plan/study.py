@@ -88,6 +88,14 @@ class Study:
         """``methods.<name>`` checked by the method's settings dataclass, its defaults filled in."""
         return registry.get(name).parse_settings(self.config["methods"].get(name)).to_dict()
 
+    def needs_policy(self, method: str) -> bool:
+        """Whether a variant of ``method`` reads a CTS policy network (its own, or the method it
+        is evaluated with)."""
+        if method in REFERENCES:
+            return False
+        m = registry.get(method)
+        return m.needs_policy or registry.get(m.applied).needs_policy
+
     def prune_fraction(self, target: float | str) -> str:
         """Pruning target of prune-then-merge at FLOPs ``target``: target**prune_share of dense."""
         settings = registry.get("nvit_tome").parse_settings(self.config["methods"].get("nvit_tome"))
@@ -204,8 +212,11 @@ class Study:
     def recipe_json(self, method: str) -> str:
         """finetune.recipe as JSON, its iterations topped up so that a model of ``method`` ends
         with its post-compression budget (a pruned model has already trained while pruning)."""
-        already = self.iters_while_pruning(method)
-        recipe = {**self.finetune["recipe"], "iters": self.post_train_iters(method) - already}
+        iters = self.post_train_iters(method) - self.iters_while_pruning(method)
+        if iters < 0:
+            raise ValueError(f"{method} trains {self.iters_while_pruning(method)} iterations while pruning, more than "
+                             f"the post-compression budget of {self.post_train_iters(method)}")
+        recipe = {**self.finetune["recipe"], "iters": iters}
         return json.dumps(recipe, sort_keys=True, separators=(",", ":"))
 
     # ------------------------------------------------------------------------------ models
@@ -252,7 +263,7 @@ class Study:
                 if c != "clean"]
 
     def train_targets(self) -> list[str]:
-        policy = any(registry.get(m).needs_policy for m in self.study["methods"])
+        policy = any(self.needs_policy(m) for m in self.study["methods"])
         out = []
         for ds, arch, seed in self.grid():
             out.append(model_path(ds, arch, seed, "dense"))
