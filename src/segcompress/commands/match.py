@@ -76,7 +76,6 @@ def main(args: argparse.Namespace) -> int:
     from segcompress.io import write_json
     from segcompress.models.checkpoint import spec_path
     from segcompress.models.spec import SegmenterSpec
-    from segcompress.tokens.match import Problem
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,8 +105,7 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.calib_root}: no calibration images found")
         return batches
 
-    problem = Problem(spec, target, settings, args.tolerance, model, images)
-    result = method.code().solve(problem)
+    result = methods.solve(args.method, spec, target, settings, model=model, images=images, tolerance=args.tolerance)
     out = {
         **result.to_dict(),
         "reference_gflops": dense_ref,

@@ -271,14 +271,14 @@ def method_cost(name: str, knob: dict[str, Any], spec: Any, model: nn.Module | N
 def solve(name: str, spec: Any, target: float, settings: dict[str, Any] | None = None, *, model: nn.Module | None = None,
           images: Any = None, tolerance: float | None = None) -> Any:
     """The knob of method ``name`` that meets ``target`` GFLOPs on ``spec`` (a
-    :class:`~segcompress.tokens.match.Match`); ``images``: calibration batches (input-dependent
-    methods, which also need the ``model``)."""
+    :class:`~segcompress.tokens.match.Match`); ``images``: calibration batches, or a function
+    returning them, called only by input-dependent methods (which also need the ``model``)."""
     from segcompress.tokens.match import TOLERANCE, Problem
 
     method = get(name)
     solver = getattr(method.code(), "solve", None)
     if solver is None:
         raise ValueError(f"method {name!r}: its knob is not solved for a target")
-    batches = None if images is None else (lambda: list(images))
+    batches = images if images is None or callable(images) else (lambda: list(images))
     problem = Problem(spec, target, dict(settings or {}), TOLERANCE if tolerance is None else tolerance, model, batches)
     return solver(problem)

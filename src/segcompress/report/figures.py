@@ -60,13 +60,18 @@ def _empty(png: str | Path, pdf: str | Path, message: str) -> None:
     save(fig, png, pdf)
 
 
-def _colours(methods: Sequence[str]) -> dict[str, str]:
+def _colours(methods: Sequence[str]) -> dict[str, Any]:
     """One colour per method, the same in every figure: the known methods by their fixed order,
     others after them alphabetically."""
+    from matplotlib import colormaps
+
     order = list(labels())
     others = sorted(set(methods) - set(order))
-    return {m: f"C{(order.index(m) if m in order else len(order) + others.index(m)) % 10}"
-            for m in set(methods)}
+
+    def colour(i: int) -> Any:  # matplotlib's 10 default colours, then tab20b's
+        return f"C{i}" if i < 10 else colormaps["tab20b"]((i - 10) % 20)
+
+    return {m: colour(order.index(m) if m in order else len(order) + others.index(m)) for m in set(methods)}
 
 
 UNREACHED_LABEL = "target not reached"
