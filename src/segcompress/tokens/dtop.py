@@ -352,6 +352,7 @@ class DToPState:
         canvas: (B, K, N) mask logits of each patch's last head (zeros before the first head).
         canvas_probs: (B, K, N) p(c,t) of each patch's last head.
         presence: presence logits (B, K, 2) of every head that ran.
+        canvases: the canvas (B, K, N) right after each head ran (the heads' mask losses).
         head_tokens: (B,) patch tokens each head saw.
     """
 
@@ -362,6 +363,7 @@ class DToPState:
     canvas: torch.Tensor
     canvas_probs: torch.Tensor
     presence: list[torch.Tensor] = field(default_factory=list)
+    canvases: list[torch.Tensor] = field(default_factory=list)
     head_tokens: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -426,6 +428,7 @@ class DToP(TokenMethod):
         logits, presence = head(tokens.x[:, p:], vp)
         probs = class_probs(logits, presence)
         st.canvas = write_canvas(st.canvas, logits, pos, vp)
+        st.canvases.append(st.canvas)
         st.canvas_probs = write_canvas(st.canvas_probs, probs, pos, vp)
         st.presence.append(presence)
         seen = torch.full_like(pos[:, 0], pos.shape[1]) if vp is None else vp.sum(dim=1)
