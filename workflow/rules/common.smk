@@ -23,7 +23,7 @@ from segcompress.forkserver import start as start_fork_server
 from segcompress.plan import DENSE_CONTROL, Plan
 from segcompress.plan.console import print_failed_logs, print_unreached
 from segcompress.plan.options import adopt_option, corrupted_sets_dir, input_dir, output_dir
-from segcompress.plan.paths import REPORT_CAPTIONS, REPORT_INPUTS, REPORT_OUTPUTS
+from segcompress.plan.paths import REPORT_CAPTIONS, REPORT_INPUTS, REPORT_OUTPUTS, policy_path
 
 # Every segcompress job logs its own command line first (segcompress.cli), so the job's log keeps
 # it even when the console omits the job blocks (`make run` passes --quiet rules).
@@ -83,6 +83,7 @@ qualitative_inputs = PLAN.qualitative_inputs
 data_options, training_data, finetune_recipe = PLAN.data_options, PLAN.training_data, PLAN.finetune_recipe
 finetune_method_options, match_options, pruner_settings = (PLAN.finetune_method_options, PLAN.match_options,
                                                             PLAN.pruner_settings)
+policy_recipe = PLAN.policy_recipe
 eval_img_scale, eval_stride, eval_max_images = PLAN.eval_img_scale, PLAN.eval_stride, PLAN.eval_max_images
 eval_conditions, eval_method_options, variant_tags = PLAN.eval_conditions, PLAN.eval_method_options, PLAN.variant_tags
 rank_condition_options, rank_options = PLAN.rank_condition_options, PLAN.rank_options

@@ -48,16 +48,16 @@ rule train_policy:
         manifest="data/{ds}/manifest.json",
         model="models/{ds}/{arch}/seed{seed}/dense.safetensors",
     output:
-        policy="models/{ds}/{arch}/seed{seed}/cts-policy.safetensors",
+        policy=policy_path("{ds}", "{arch}", "{seed}"),
     params:
         layout=lookup(dpath="datasets/{ds}/layout", within=config),
         root=input_dir("manifest"),
         data=training_data,
-        recipe=config_json("methods/cts/policy"),
+        recipe=policy_recipe,
     log:
-        "logs/train/{ds}/{arch}/seed{seed}/cts-policy.log",
+        policy_path("{ds}", "{arch}", "{seed}").replace("models/", "logs/train/").replace(".safetensors", ".log"),
     benchmark:
-        "results/jobs/train/{ds}/{arch}/seed{seed}/cts-policy.tsv"
+        policy_path("{ds}", "{arch}", "{seed}").replace("models/", "results/jobs/train/").replace(".safetensors", ".tsv")
     conda:
         CONDA_ENV
     threads: 4

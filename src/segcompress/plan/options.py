@@ -64,6 +64,12 @@ class Options(Inputs):
         """``methods.<pruner>`` as compact JSON (keys left out take the method's defaults)."""
         return _compact(self.config["methods"].get(wildcards.pruner, {}))
 
+    def policy_recipe(self, wildcards: Any) -> str:
+        """The policy network's training options (``methods.<m>.policy`` of the study's method that
+        needs one, CTS) as compact JSON."""
+        name = next((m for m in self.study["methods"] if registry.get(m).needs_policy), None)
+        return _compact({} if name is None else self.settings(name).get("policy", {}))
+
     def _dataset(self, wildcards: Any) -> dict[str, Any]:
         return self.config["datasets"][wildcards.ds]
 
