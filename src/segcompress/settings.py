@@ -32,7 +32,7 @@ import functools
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
@@ -148,6 +148,14 @@ class Settings:
             return cls(**data)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{source}: {e}") from None
+
+    def require(self, checks: Iterable[tuple[bool, str, str]], show_value: bool = False) -> None:
+        """Raise ``ValueError`` at the first ``(ok, key, wanted)`` whose ``ok`` is false:
+        ``"<what> key '<key>' must be <wanted>"`` (``, got <value>`` with ``show_value``)."""
+        for ok, key, want in checks:
+            if not ok:
+                got = f", got {getattr(self, key)!r}" if show_value else ""
+                raise ValueError(f"{self.what} key {key!r} must be {want}{got}")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain data (what :meth:`from_dict` reads back)."""

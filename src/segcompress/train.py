@@ -123,9 +123,7 @@ class Recipe(Settings):
             (self.warmup_iters >= 0, "warmup_iters", ">= 0"),
             (self.loss_stride >= 1, "loss_stride", ">= 1"),
         ]
-        for ok, key, want in checks:
-            if not ok:
-                raise ValueError(f"recipe key {key!r} must be {want}, got {getattr(self, key)!r}")
+        self.require(checks, show_value=True)
 
 
 def poly_lr(step: int, recipe: Recipe) -> float:

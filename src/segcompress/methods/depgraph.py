@@ -79,9 +79,7 @@ class DepGraphSettings(Settings):
             (0.0 <= self.tolerance < 1.0, "tolerance", "in [0, 1)"),
             (self.max_bisection_steps >= 1, "max_bisection_steps", ">= 1"),
         ]
-        for ok, key, want in checks:
-            if not ok:
-                raise ValueError(f"depgraph settings key {key!r} must be {want}")
+        self.require(checks)
 
 
 METHOD = Method("depgraph", "DepGraph", "structural", settings=DepGraphSettings, pruned=True, applies="dense")

@@ -157,9 +157,7 @@ class PruneConfig(Settings):
             (self.kd_temperature > 0, "kd_temperature", "> 0"),
             (0.0 < self.prune_share <= 1.0, "prune_share", "in (0, 1]"),
         ]
-        for ok, key, want in checks:
-            if not ok:
-                raise ValueError(f"prune config key {key!r} must be {want}")
+        self.require(checks)
         if "iters" in self.recipe:
             raise ValueError("prune config 'recipe' must not set 'iters' (it is steps * interval)")
 
