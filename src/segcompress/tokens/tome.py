@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from segcompress.flops import analytic_gmacs, bipartite_match_macs
-from segcompress.methods.tome import ToMeSettings
+from segcompress.methods.tome import ToMeSettings, schedule
 from segcompress.models.spec import SegmenterSpec
 from segcompress.tokens.cost import NUM_PREFIX, decoder_tokens
 from segcompress.tokens.patch import TokenMethod
@@ -209,18 +209,10 @@ class ToMe(TokenMethod):
         return {"r": r, **out, **super().knob()}
 
 
-def tome_schedule(spec: SegmenterSpec, knob: dict[str, Any]) -> list[int]:
-    """Per-layer r of a ToMe knob (``r`` int or list, optional ``inflect``)."""
-    r: Any = knob["r"]
-    if "inflect" in knob:
-        r = (int(r), float(knob["inflect"]))
-    return parse_r(spec.depth, r)
-
-
 def tome_gmacs(spec: SegmenterSpec, knob: dict[str, Any]) -> float:
     """GFLOPs of ToMe at ``knob``: fewer tokens after every merge, plus the A·Bᵀ matching matmul."""
     n = spec.grid[0] * spec.grid[1]
-    t_in, t_out, eff = token_schedule(tome_schedule(spec, knob), NUM_PREFIX + n, NUM_PREFIX)
+    t_in, t_out, eff = token_schedule(parse_r(spec.depth, schedule(knob)), NUM_PREFIX + n, NUM_PREFIX)
     match = [bipartite_match_macs(t, spec.block_dims(i).qk_dim) if e > 0 else 0.0
              for i, (t, e) in enumerate(zip(t_in, eff))]
     return analytic_gmacs(
