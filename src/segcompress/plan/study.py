@@ -84,9 +84,13 @@ class Study:
 
     # ---------------------------------------------------------------------------- settings
 
+    def method_settings(self, name: str) -> Any:
+        """``methods.<name>`` as the method's settings dataclass (its defaults filled in)."""
+        return registry.get(name).parse_settings(self.config["methods"].get(name))
+
     def settings(self, name: str) -> dict[str, Any]:
-        """``methods.<name>`` checked by the method's settings dataclass, its defaults filled in."""
-        return registry.get(name).parse_settings(self.config["methods"].get(name)).to_dict()
+        """:meth:`method_settings` as plain data (what ``segcompress match --settings`` gets)."""
+        return self.method_settings(name).to_dict()
 
     def needs_policy(self, method: str) -> bool:
         """Whether a variant of ``method`` reads a CTS policy network (its own, or the method it
@@ -98,8 +102,7 @@ class Study:
 
     def prune_fraction(self, target: float | str) -> str:
         """Pruning target of prune-then-merge at FLOPs ``target``: target**prune_share of dense."""
-        settings = registry.get("nvit_tome").parse_settings(self.config["methods"].get("nvit_tome"))
-        return fraction_text(settings.prune_fraction(float(target)))
+        return fraction_text(self.method_settings("nvit_tome").prune_fraction(float(target)))
 
     # -------------------------------------------------------------------------------- grid
 
@@ -187,8 +190,7 @@ class Study:
         if method in REFERENCES or not registry.get(method).pruned:
             return 0
         pruner = method if registry.get(method).family == "structural" else "nvit"
-        m = registry.get(pruner)
-        return int(m.code().pruning_iters(m.parse_settings(self.config["methods"].get(pruner))))
+        return int(registry.get(pruner).code().pruning_iters(self.method_settings(pruner)))
 
     def pruners(self) -> list[str]:
         """The study's structural methods (each writes its own pruned models)."""
