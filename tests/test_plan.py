@@ -103,7 +103,8 @@ def test_stages_produce_the_grid() -> None:
     cfg = config()
     plan = Plan(cfg)
     n_ds, targets = len(cfg["study"]["datasets"]), len(cfg["study"]["targets"])
-    assert len(plan.match_targets()) == n_ds * (1 + len(registry.names(matched=True)) * targets)
+    matched = [m for m in cfg["study"]["methods"] if registry.get(m).matched]
+    assert len(plan.match_targets()) == n_ds * (1 + len(matched) * targets)
     assert plan.prune_fractions() == ["0.866", "0.75", "0.5916", "0.35"]  # NViT's and sqrt(target)
     assert len(plan.evaluate_targets()) == n_ds * len(plan.variants("x", "y", 0)) * len(plan.conditions())
     assert sum(p.endswith("cts-policy.safetensors") for p in plan.train_targets()) == n_ds
@@ -121,3 +122,64 @@ def test_stages_produce_the_grid() -> None:
 def test_config_checks_name_the_key(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Plan(config(**changes))
+
+
+def test_dtop_heads_are_a_policy_trained_once_and_fine_tuned_with_the_model() -> None:
+    """DToP's heads train once per dense model (its policy); fine-tuned with DToP attached, each
+    point's heads and the knob naming them come from its fine-tuning job."""
+    methods = [*config()["study"]["methods"], "dtop"]
+    off = Plan(config(study={"methods": methods}))
+    seed0 = "models/ade20k/vit_p8_d12/seed0"
+    assert f"{seed0}/dtop-policy.safetensors" in off.train_targets()
+    assert f"{seed0}/cts-policy.safetensors" in off.train_targets()
+    shelf = off.evaluate_inputs(w(ds="ade20k", arch="vit_p8_d12", variant="dtop-0.75-seed0"))
+    assert shelf["policy_dtop"] == f"{seed0}/dtop-policy.safetensors" and "policy_cts" not in shelf
+    assert shelf["match"] == "matches/ade20k/vit_p8_d12/seed0/dtop-0.75.json"
+    assert off.match_inputs(w(ds="ade20k", arch="vit_p8_d12", seed="0", method="dtop", target="0.75"))["policy"] == (
+        f"{seed0}/dtop-policy.safetensors")
+    bench = off.bench_inputs(w(ds="ade20k", arch="vit_p8_d12", seed="0"))
+    assert {k for k in bench if k.startswith("policy")} == {"policy_cts", "policy_dtop"}
+    settings = json.loads(off.policy_settings(w(method="dtop")))
+    assert set(settings) == {"policy", "split", "head_dim", "head_layers", "head_dropout"}
+    assert json.loads(off.policy_settings(w(method="cts"))) == {"policy": config()["methods"]["cts"]["policy"]}
+
+    tuned = Plan(config(study={"methods": methods}, finetune={"token_methods": True}))
+    ft = tuned.evaluate_inputs(w(ds="ade20k", arch="vit_p8_d12", variant="dtop-0.75-seed0"))
+    assert ft["model"] == f"{seed0}/dtop-0.75-ft.safetensors"
+    assert ft["policy_dtop"] == f"{seed0}/dtop-0.75-ft.policy.safetensors"
+    assert ft["match"] == "matches/ade20k/vit_p8_d12/seed0/dtop-0.75-ft.json"
+    assert tuned.evaluate_inputs(w(ds="ade20k", arch="vit_p8_d12", variant="cts-0.75-seed0"))["policy_cts"] == (
+        f"{seed0}/cts-policy.safetensors")  # CTS's policy stays frozen while fine-tuning
+    job = tuned.finetune_inputs(w(ds="ade20k", arch="vit_p8_d12", seed="0", stem="dtop-0.75"))
+    assert job["policy"] == f"{seed0}/dtop-policy.safetensors" and job["model"] == f"{seed0}/dense.safetensors"
+    assert f"{seed0}/dtop-0.75-ft.safetensors" in tuned.finetune_targets()
+
+
+HYBRID = '''
+from segcompress.methods import Method
+from segcompress.methods.nvit_tome import NViTToMeSettings
+
+METHOD = Method("depgraph_tome", "DepGraph+ToMe", "hybrid", settings=NViTToMeSettings, matched=True, pruned=True,
+                applies="tome", pruner="depgraph")
+'''
+
+
+def test_a_second_hybrid_merges_its_own_pruners_models(tmp_path, monkeypatch) -> None:
+    """Prune-then-merge is not tied to NViT: a hybrid names its pruner, and the plan prunes,
+    fine-tunes and merges that pruner's models (one module, one config entry)."""
+    (tmp_path / "depgraph_tome.py").write_text(HYBRID)
+    monkeypatch.setenv(registry.PLUGINS_ENV, str(tmp_path / "depgraph_tome.py"))
+    try:
+        plan = Plan(config(study={"methods": ["dense", "depgraph_tome"]}))
+        seed0 = "models/ade20k/vit_p8_d12/seed0"
+        assert plan.pruners() == ["depgraph"] and plan.prune_fractions("depgraph") == ["0.866", "0.5916"]
+        assert plan.prune_targets()[:2] == [f"{seed0}/depgraph-0.866.safetensors", f"{seed0}/depgraph-0.5916.safetensors"]
+        assert plan.match_inputs(w(ds="ade20k", arch="vit_p8_d12", seed="0", method="depgraph_tome", target="0.35"))[
+            "model"] == f"{seed0}/depgraph-0.5916-ft.safetensors"
+        assert f"{seed0}/depgraph-0.5916-ft.safetensors" in plan.finetune_targets()
+        assert plan.iters_while_pruning("depgraph_tome") == 0  # DepGraph trains nothing while pruning
+        options = plan.match_options(w(ds="ade20k", method="depgraph_tome"), w(dense="D", manifest="data/ade20k/m.json"))
+        assert "--method tome" in options
+    finally:
+        monkeypatch.delenv(registry.PLUGINS_ENV)
+        registry.reload()

@@ -53,7 +53,8 @@ def test_preset_is_paper_scale_and_valid(preset: str) -> None:
     assert (recipe["momentum"], recipe["weight_decay"], recipe["poly_power"], recipe["min_lr"]) == (0.9, 0, 0.9, 1e-5)
     assert (recipe["optimizer"], recipe["warmup_iters"], recipe["loss_stride"]) == ("sgd", 0, 1)  # Segmenter's
     assert data["photometric"] is True  # Segmenter's augmentation, not the synthetic study's switch
-    assert study["methods"] == ["dense", "tome", "tofu", "algm", "cts", "nvit", "depgraph", "nvit_tome"]
+    assert study["methods"] == ["dense", "tome", "tofu", "algm", "cts", "dtop", "nvit", "depgraph", "nvit_tome"]
+    assert config["methods"]["dtop"]["policy"]["iters"] == 40000  # the heads: the reference's pruning phase
     assert study["targets"] == [0.9, 0.75, 0.6, 0.5, 0.4, 0.3]
     assert len(study["corruptions"]) == 16 and study["severities"] == [1, 2, 3, 4, 5]
 
@@ -84,19 +85,20 @@ def test_preset_dry_run_lists_the_full_study(preset: str, stand_in: Path) -> Non
     expected = {
         "corrupt": 16 * 5,  # the full ADE20K-C / Cityscapes-C protocol
         "train": 1,
-        "train_policy": 1,
+        "train_policy": 2,  # CTS's policy net, DToP's heads
         # NViT's targets and prune-then-merge's sqrt(target), DepGraph's targets
         "prune": prunes + len(study["targets"]),
         # equal budgets: the dense control, NViT's and DepGraph's pruned models, every
         # token-compressed point (prune-then-merge fine-tunes its raw pruned model with ToMe attached)
         "finetune": 1 + 2 * len(study["targets"]) + 5 * len(study["targets"]),
+        "finetune_with_policy": len(study["targets"]),  # DToP: model and heads
         "measure": 1,
-        "match": 5 * len(study["targets"]),  # tome, tofu, algm, cts, nvit_tome
+        "match": 6 * len(study["targets"]),  # tome, tofu, algm, cts, dtop, nvit_tome
         "evaluate": variants * conditions,  # study.jobs_per: condition in the presets
         "report": 1,
     }
     assert config["finetune"]["token_methods"] and config["finetune"]["dense_control"]
-    assert expected["evaluate"] == 44 * 81 == 3564 and expected["prune"] == 18
+    assert expected["evaluate"] == 50 * 81 == 4050 and expected["prune"] == 18
     for rule, n in expected.items():
         assert counts.get(rule) == n, (rule, counts)
     assert "data" not in counts  # the stand-in is a prepared dataset

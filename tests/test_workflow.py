@@ -7,6 +7,7 @@ The last test runs a tiny study end to end (about a minute on 2 cores); it is na
 from __future__ import annotations
 
 import copy
+import json
 from csv import DictReader
 import re
 import subprocess
@@ -409,7 +410,7 @@ def test_slow_every_method_end_to_end(workdir: Path) -> None:
     # (pruning 2 x 1 iterations, then 2 of fine-tuning); token methods off the shelf (the default)
     budget = {r["method"]: int(r["post_train_iters"]) for r in rows}
     assert budget["dense_control"] == budget["nvit"] == budget["nvit_tome"] == 4
-    assert budget["dense"] == budget["tome"] == budget["tofu"] == budget["algm"] == budget["cts"] == 0
+    assert budget["dense"] == budget["tome"] == budget["tofu"] == budget["algm"] == budget["cts"] == budget["dtop"] == 0
     assert budget["tome_early"] == 0
     early = next(r for r in rows if r["method"] == "tome_early")
     assert early["knob"] and abs(float(early["achieved_fraction"]) - 0.9) < 0.05, early
@@ -420,6 +421,31 @@ def test_slow_every_method_end_to_end(workdir: Path) -> None:
     assert int(read_metadata(models / "dense-ft.safetensors")["iters"]) == 4  # what really ran
     assert int(read_metadata(models / "nvit-0.9-ft.safetensors")["iters"]) == 2  # after 2 while pruning
     assert (workdir / "results" / "tables" / "verdict.md").is_file()
-    # the micro model's CTS cannot reach 0.9 of dense: the end of the run says so, one line
-    assert "1 FLOPs target(s) not reached" in result.stdout
+    # the micro model's CTS cannot reach 0.9 of dense, nor DToP (its heads cost more than the
+    # micro encoder saves): the end of the run says so, one line each
+    assert "2 FLOPs target(s) not reached" in result.stdout
     assert "ade20k / vit_micro / CTS: target 0.9 of dense not reached" in result.stdout
+    assert "ade20k / vit_micro / DToP: target 0.9 of dense not reached" in result.stdout
+
+
+@pytest.mark.slow
+def test_slow_dtop_heads_trained_then_fine_tuned_with_the_model(workdir: Path) -> None:
+    """DToP with finetune.token_methods: its heads train once on the dense model (phase A), then
+    each point fine-tunes model and heads with the exits on (phase B), and evaluation reads the
+    fine-tuned heads through the knob that names them."""
+    layer = workdir / "dtop.yaml"
+    layer.write_text(yaml.safe_dump({"study": {"methods": ["dense", "dtop"]}, "finetune": {"token_methods": True},
+                                     "analysis": {"throughput": {"enabled": False}}, "report": {"qualitative": {"images": 0}}}))
+    result = snakemake("--configfile", ".test/config-all-methods.yaml", str(layer), "--cores", "2", cwd=workdir,
+                       timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    models, matches = workdir / "models/ade20k/vit_micro/seed0", workdir / "matches/ade20k/vit_micro/seed0"
+    assert (models / "dtop-policy.safetensors").is_file() and (matches / "dtop-0.9.json").is_file()
+    tuned = json.loads((matches / "dtop-0.9-ft.json").read_text())
+    assert tuned["knob"]["policy_file"] == "models/ade20k/vit_micro/seed0/dtop-0.9-ft.policy.safetensors"
+    assert tuned["policy_finetuned"] and (models / "dtop-0.9-ft.policy.safetensors").is_file()
+    with (workdir / "results" / "benchmark.csv").open() as f:
+        rows = {r["method"]: r for r in DictReader(f)}
+    assert sorted(rows) == ["dense", "dense_control", "dtop"]
+    assert int(rows["dtop"]["post_train_iters"]) == int(rows["dense_control"]["post_train_iters"]) == 2
+    assert "dtop-0.9-ft.policy.safetensors" in rows["dtop"]["knob"]

@@ -684,6 +684,9 @@ def _loss(run: _Run, t: int, images: torch.Tensor, labels: torch.Tensor) -> tupl
             with torch.no_grad():
                 teacher_logits = run.teacher(images).float()
     stride = run.recipe.loss_stride
+    method = getattr(run.model, "token_method", None)
+    offset = loss_offset(run.seed, t, stride) if stride > 1 else (0, 0)
+    aux = None if method is None else method.training_loss(labels, stride, offset)
     if stride > 1:
         logits, teacher_logits, labels = _loss_pixels(run.seed, t, stride, images.shape[-2:], logits,
                                                       teacher_logits, labels)
@@ -695,6 +698,9 @@ def _loss(run: _Run, t: int, images: torch.Tensor, labels: torch.Tensor) -> tupl
     loss = (ce_sum + run.kd_weight * kd_sum) * (run.world / denom).float()
     ce, kd = (stats[1:] / denom).tolist()
     loss_value = ce + run.kd_weight * kd
+    if aux is not None:  # the attached method's own terms (DToP's heads): a per-process mean
+        loss = loss + aux
+        loss_value += float(aux.detach())
     if not math.isfinite(loss_value) and not run.use_scaler:
         raise ValueError(
             f"training loss is {loss_value} at iteration {t + 1}; lower the recipe's 'lr' or check the labels"

@@ -83,7 +83,7 @@ qualitative_inputs = PLAN.qualitative_inputs
 data_options, training_data, finetune_recipe = PLAN.data_options, PLAN.training_data, PLAN.finetune_recipe
 finetune_method_options, match_options, pruner_settings = (PLAN.finetune_method_options, PLAN.match_options,
                                                             PLAN.pruner_settings)
-policy_recipe = PLAN.policy_recipe
+policy_settings = PLAN.policy_settings
 eval_img_scale, eval_stride, eval_max_images = PLAN.eval_img_scale, PLAN.eval_stride, PLAN.eval_max_images
 eval_conditions, eval_method_options, variant_tags = PLAN.eval_conditions, PLAN.eval_method_options, PLAN.variant_tags
 rank_condition_options, rank_options = PLAN.rank_condition_options, PLAN.rank_options
@@ -100,6 +100,7 @@ _REFERENCES = _alternation(["dense", DENSE_CONTROL])
 _COMPRESSED = _alternation([m for m in registry.names() if m != "dense"])
 _MATCHED = _alternation(registry.names(matched=True))
 _PRUNERS = _alternation(registry.names(family="structural"))
+_POLICIES = _alternation(registry.names(needs_policy=True))
 
 
 wildcard_constraints:
@@ -115,6 +116,11 @@ wildcard_constraints:
     variant=rf"(?:{_REFERENCES})-seed{SEED_RE}|(?:{_COMPRESSED})-{FRACTION_RE}-seed{SEED_RE}",
     stem=rf"dense|(?:{_PRUNERS}|{_MATCHED})-{FRACTION_RE}",
 
+
+# fine-tuned models: those of methods whose policy trains with the model come with that policy
+_POLICY_TRAINS = _alternation(registry.names(policy_trains=True) or ["(?!)"])
+FINETUNED_STEMS = rf"dense|(?:{_PRUNERS}|(?!(?:{_POLICY_TRAINS})-)(?:{_MATCHED}))-{FRACTION_RE}"
+FINETUNED_POLICY_STEMS = rf"(?:{_POLICY_TRAINS})-{FRACTION_RE}"
 
 def report_outputs():
     """REPORT_OUTPUTS with the figures and tables flagged for `snakemake --report` (same paths)."""

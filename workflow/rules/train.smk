@@ -1,5 +1,6 @@
-# Phase train: the dense Segmenter of each (dataset, backbone, seed), and the CTS policy network
-# trained on it. Training resumes from models/.../dense.safetensors.resume/ when rerun.
+# Phase train: the dense Segmenter of each (dataset, backbone, seed), and the policies of the token
+# methods that decide with one (CTS's policy net, DToP's heads) trained on it. Training resumes
+# from models/.../dense.safetensors.resume/ when rerun.
 #
 # Several GPUs: a train job given gpu=N > 1 (`set-resources: train: gpu: N` in a profile, as in
 # profiles/slurm/) runs N processes, one per GPU, under
@@ -48,22 +49,24 @@ rule train_policy:
         manifest="data/{ds}/manifest.json",
         model="models/{ds}/{arch}/seed{seed}/dense.safetensors",
     output:
-        policy=policy_path("{ds}", "{arch}", "{seed}"),
+        policy=policy_path("{ds}", "{arch}", "{seed}", "{method}"),
+    wildcard_constraints:
+        method=_POLICIES,
     params:
         layout=lookup(dpath="datasets/{ds}/layout", within=config),
         root=input_dir("manifest"),
         data=training_data,
-        recipe=policy_recipe,
+        settings=policy_settings,
     log:
-        policy_path("{ds}", "{arch}", "{seed}").replace("models/", "logs/train/").replace(".safetensors", ".log"),
+        policy_path("{ds}", "{arch}", "{seed}", "{method}").replace("models/", "logs/train/").replace(".safetensors", ".log"),
     benchmark:
-        policy_path("{ds}", "{arch}", "{seed}").replace("models/", "results/jobs/train/").replace(".safetensors", ".tsv")
+        policy_path("{ds}", "{arch}", "{seed}", "{method}").replace("models/", "results/jobs/train/").replace(".safetensors", ".tsv")
     conda:
         CONDA_ENV
     threads: 4
     resources:
         gpu=1,
     shell:
-        "segcompress policy --model {input.model} --layout {params.layout} --root {params.root}"
-        " {params.data} --recipe {params.recipe:q} --seed {wildcards.seed}"
+        "segcompress policy --method {wildcards.method} --model {input.model} --layout {params.layout}"
+        " --root {params.root} {params.data} --settings {params.settings:q} --seed {wildcards.seed}"
         " --threads {threads} --out {output.policy} > {log} 2>&1"

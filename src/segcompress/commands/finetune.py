@@ -12,7 +12,10 @@ takes the :class:`segcompress.train.Recipe` keys plus ``kd_weight`` (default 1.0
 false: NViT fine-tunes in eval mode, i.e. without dropout / drop-path). ``--teacher dense`` is the
 ``dense.safetensors`` beside ``--model``; ``none`` trains on the labels only. ``--method``/``--knob``
 attach a token method while fine-tuning (prune-then-merge); the saved checkpoint is the bare model,
-the method is attached again at evaluation. A killed run continues from ``<out>.resume/``;
+the method is attached again at evaluation. A method whose policy trains with the model (DToP's
+heads: the reference's second phase, exits on) also writes the fine-tuned policy to
+``--policy-out`` and, to ``--match-out``, the ``--knob`` match file with its knob naming that
+policy. A killed run continues from ``<out>.resume/``;
 several GPUs: ``torchrun --nproc_per_node N -m segcompress finetune ...``.
 """
 
@@ -22,6 +25,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from segcompress.commands._conventions import add_device_argument, resolve_device
 from segcompress.commands.prune import add_data_arguments, training_dataset
@@ -43,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="dense", help="token method attached while fine-tuning (default: dense)")
     parser.add_argument("--knob", default=None, metavar="JSON",
                         help="the method's knob as JSON, or a JSON file (@FILE or *.json; a match result's 'knob')")
+    parser.add_argument("--policy-out", type=Path, metavar="SAFETENSORS",
+                        help="where the fine-tuned policy of a method whose policy trains with the model "
+                             "(dtop's heads) is written; required for such a method")
+    parser.add_argument("--match-out", type=Path, metavar="JSON",
+                        help="with --policy-out: the --knob match file, its knob naming the fine-tuned policy")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order, augmentation, drop-path")
     parser.add_argument("--out", required=True, type=Path, help="fine-tuned checkpoint (.safetensors)")
     add_device_argument(parser)  # auto: a GPU per process (torchrun) when CUDA is available
@@ -62,6 +71,21 @@ def teacher_path(model: Path, teacher: str) -> Path | None:
     return path
 
 
+def write_policy(args: argparse.Namespace, model: Any, meta: dict[str, str]) -> None:
+    """The attached method's fine-tuned policy (``--policy-out``) and the match file whose knob
+    names it (``--match-out``)."""
+    from segcompress import methods
+    from segcompress.commands._evaluation import read_match
+    from segcompress.io import write_json
+
+    methods.get(args.method).code().save_policy(model.token_method.cpu(), model.spec, args.policy_out,
+                                                 {**meta, "seed": str(args.seed)})
+    match = read_match(Path(args.knob.lstrip("@")))
+    match["knob"] = {**match["knob"], "policy_file": str(args.policy_out)}
+    write_json(args.match_out, {**match, "policy_finetuned": True, "finetuned_model": str(args.out)})
+    log.info("wrote %s and %s", args.policy_out, args.match_out)
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
 
@@ -69,6 +93,7 @@ def main(args: argparse.Namespace) -> int:
     from segcompress.commands._evaluation import parse_knob
     from segcompress.commands._model_options import parse_json_arg, require_safetensors_out
     from segcompress.data.datasets import collate_train
+    from segcompress import methods
     from segcompress.methods import apply_method
     from segcompress.models.checkpoint import load_model, save_model
     from segcompress.resume import clear_resume, resume_dir_for
@@ -83,6 +108,13 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError("--recipe: 'train_mode' must be true or false")
     recipe = Recipe.from_dict(data, source="--recipe")
     knob = parse_knob(args.knob) if args.knob else {}
+    trains_policy = args.method != "dense" and methods.get(args.method).policy_trains
+    if trains_policy and (args.policy_out is None or args.match_out is None):
+        raise ValueError(f"--method {args.method} fine-tunes its policy with the model: give --policy-out and --match-out")
+    if not trains_policy and (args.policy_out is not None or args.match_out is not None):
+        raise ValueError(f"--policy-out/--match-out: --method {args.method} has no policy that trains with the model")
+    if args.match_out is not None and not (args.knob and Path(args.knob.lstrip("@")).is_file()):
+        raise ValueError("--match-out copies the --knob match file: give --knob as a file")
 
     model = load_model(args.model)
     tpath = teacher_path(args.model, args.teacher)
@@ -110,6 +142,8 @@ def main(args: argparse.Namespace) -> int:
             runtime=Runtime(device=info.device, stop_at=args.stop_at, progress=args.progress),
         )
         if attached and result.completed and info.is_main:
+            if trains_policy:
+                write_policy(args, result.model, meta)
             bare = apply_method(result.model, "dense", {})
             save_model(bare.cpu(), args.out, metadata={**meta, "seed": str(args.seed), "iters": str(result.step)})
             clear_resume(resume_dir)

@@ -27,7 +27,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -543,6 +543,17 @@ class SegDataset(torch.utils.data.Dataset):
             image = F.pad(image, (0, cw - w, 0, ch - h), value=0.0)
             label = F.pad(label, (0, cw - w, 0, ch - h), value=IGNORE_INDEX)
         return image, label
+
+
+def cycle(batches: Iterable[Any], what: str = "training") -> Iterator[Any]:
+    """``batches`` over and over (a data loader: a new epoch each time); none at all is refused."""
+    while True:
+        empty = True
+        for b in batches:
+            empty = False
+            yield b
+        if empty:
+            raise ValueError(f"{what} got no batches")
 
 
 def collate_train(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

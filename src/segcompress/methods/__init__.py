@@ -12,6 +12,11 @@ The module also holds the method's functions, which the registry imports only wh
   :class:`~segcompress.tokens.cost.Cost` (input-dependent methods measure ``images``);
 * ``solve(problem)``: the knob that meets a FLOPs target, a :class:`~segcompress.tokens.match.Match`
   (methods whose knob is matched; the problem is a :class:`~segcompress.tokens.match.Problem`);
+* ``train_policy(model, batches, recipe, settings, *, seed, device, on_step, out, metadata,
+  options)`` with ``POLICY_RECIPE`` (its recipe's keys and defaults), ``POLICY_OPTIONS`` (the
+  command's method-specific options it reads) and ``POLICY_SETTINGS`` (the settings a trained
+  policy depends on): the policy a method decides with, trained on a dense model and kept in its
+  own file (methods with ``needs_policy``; ``segcompress policy --method <name>``);
 * ``prune(model, dataset, target_gmacs, settings, *, seed, collate_fn, device)`` and
   ``pruning_iters(settings)``: a structural method's smaller model (with a ``report()``) and the
   training iterations it spent on the way (``segcompress prune --method <name>``).
@@ -42,7 +47,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 #: Built-in method modules (``segcompress.methods.<name>``), in the reports' drawing order.
-BUILTIN: tuple[str, ...] = ("dense", "nvit", "depgraph", "tome", "tofu", "algm", "cts", "nvit_tome")
+BUILTIN: tuple[str, ...] = ("dense", "nvit", "depgraph", "tome", "tofu", "algm", "cts", "dtop", "nvit_tome")
 ENTRY_POINT_GROUP = "segcompress.methods"
 PLUGINS_ENV = "SEGCOMPRESS_PLUGINS"
 FAMILIES: tuple[str, ...] = ("reference", "token", "structural", "hybrid")
@@ -70,9 +75,16 @@ class Method:
         matched: its knob is solved for a FLOPs target by ``segcompress match``.
         pruned: it is, or acts on, a model pruned by ``segcompress prune``.
         input_dependent: its GFLOPs depend on the image (measured on each evaluated condition).
-        needs_policy: its knob names a policy network trained by ``segcompress policy`` (CTS).
+        needs_policy: its knob names a policy (``policy_file``) trained on the dense model by
+            ``segcompress policy --method <name>`` (CTS's policy net, DToP's heads).
+        policy_trains: its policy is part of the model while the model is fine-tuned with the
+            method attached (DToP's heads; CTS's policy net stays frozen): fine-tuning writes the
+            policy anew, with a knob that names it (``segcompress finetune --policy-out``).
         applies: the method a variant's checkpoint is evaluated with when it is not the method
             itself (``dense`` for a pruned model, ``tome`` for prune-then-merge).
+        pruner: a hybrid's structural method, whose pruned model it acts on (``nvit`` for
+            prune-then-merge); its settings then split the budget (``prune_fraction(target)``:
+            the pruning stage's FLOPs fraction for an overall target).
         module: where ``build``, ``cost`` and ``solve`` live (set from the declaring module).
     """
 
@@ -85,12 +97,16 @@ class Method:
     pruned: bool = False
     input_dependent: bool = False
     needs_policy: bool = False
+    policy_trains: bool = False
     applies: str | None = None
+    pruner: str | None = None
     module: str = ""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"method {self.name!r}: family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        if (self.family == "hybrid") != (self.pruner is not None):
+            raise ValueError(f"method {self.name!r}: a hybrid names its pruner (and only a hybrid does)")
 
     @property
     def token(self) -> bool:

@@ -71,36 +71,21 @@ def cost(spec: Any, knob: dict[str, Any], model: Any = None, images: Any = None)
 
 
 def solve(problem: Any, max_iter: int = 30) -> Any:
-    """Bisect τ so that the mean GFLOPs over the calibration images meet the target; the
-    bisection stops early inside a quarter of the tolerance."""
+    """Bisect τ so that the mean GFLOPs over the calibration images meet the target
+    (:func:`~segcompress.tokens.match.bisect_cost`)."""
     from segcompress.flops import analytic_gmacs
     from segcompress.tokens.algm import algm_cost, config_from_knob
-    from segcompress.tokens.match import finish
+    from segcompress.tokens.match import bisect_cost, finish
 
     base = METHOD.parse_settings(problem.settings).to_dict()
-    model, images, target = problem.model, problem.calibration(), problem.target
-    spec = problem.spec
+    model, images, spec = problem.model, problem.calibration(), problem.spec
     calib = {**base, "batch_coupled": False}
 
-    def evaluate(tau: float) -> Any:
+    def cost(tau: float) -> Any:
         return algm_cost(model, images, {**calib, "threshold": tau})
 
-    lo_tau, hi_tau = -1.01, 1.01  # every window merges / none does (cosine ∈ [−1, 1])
-    lo, hi = evaluate(lo_tau), evaluate(hi_tau)
-    best_tau, best = (lo_tau, lo) if abs(lo.mean - target) <= abs(hi.mean - target) else (hi_tau, hi)
-    if lo.mean < target < hi.mean:
-        a, b = lo_tau, hi_tau
-        for _ in range(max_iter):
-            mid = 0.5 * (a + b)
-            c = evaluate(mid)
-            if abs(c.mean - target) < abs(best.mean - target):
-                best_tau, best = mid, c
-            if abs(c.mean - target) <= 0.25 * problem.tolerance * target:
-                break
-            if c.mean < target:
-                a = mid
-            else:
-                b = mid
+    # every window merges / none does (cosine ∈ [−1, 1])
+    best_tau, best, (lo, hi) = bisect_cost(cost, -1.01, 1.01, problem, max_iter)
     config = config_from_knob(base, spec.depth, spec.embed_dim)
     knob = {**base, "layers": list(config.layers), "window": list(config.window), "threshold": best_tau}
     return finish("algm", knob, problem, best.mean, analytic_gmacs(spec), (lo.mean, hi.mean), std=best.std,

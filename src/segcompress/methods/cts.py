@@ -34,6 +34,16 @@ class CTSSettings(Settings):
     policy: dict[str, Any] = field(default_factory=dict)
 
 
+#: ``segcompress policy --method cts``'s recipe (CTS: AdamW 5e-5, weight decay 1e-3, batch 8,
+#: 50000 iterations) and its options
+POLICY_RECIPE: dict[str, Any] = {
+    "iters": 50000, "batch_size": 8, "lr": 5e-5, "weight_decay": 1e-3, "num_workers": 0, "log_every": 50,
+    "pretrained": None,
+}
+POLICY_OPTIONS = ("border_ignore", "pretrained")
+#: the settings a trained policy depends on (a change retrains it)
+POLICY_SETTINGS = ("policy",)
+
 METHOD = Method("cts", "CTS", "token", settings=CTSSettings, knob_keys=frozenset({"k", "policy_file"}),
                 matched=True, needs_policy=True)
 
@@ -74,3 +84,27 @@ def solve(problem: Any) -> Any:
     reach = (min(values[1:]), max(values[1:])) if len(values) > 1 else (dense, dense)
     return finish("cts", {"k": k, **base}, problem, values[k], dense, reach,
                   extra={"policy_net_counted": settings.include_policy_net})
+
+
+def train_policy(model: Any, batches: Any, recipe: dict[str, Any], settings: CTSSettings, *, seed: int,
+                 device: Any, on_step: Any, out: Any, metadata: dict[str, Any], options: dict[str, Any]) -> str:
+    """Train the policy net on the dataset's labels (``model`` is not used) and write it to
+    ``out``; returns a one-line description for the log."""
+    from segcompress.tokens.cts import PolicyNet, policy_metadata, save_policy
+    from segcompress.tokens.cts import train_policy as train
+
+    pretrained = recipe["pretrained"] if options.get("pretrained") is None else options["pretrained"]
+    if isinstance(pretrained, str) and pretrained.lower() in ("none", "null"):
+        pretrained = None
+    if pretrained is not None and not isinstance(pretrained, str):
+        raise ValueError(f"--recipe: 'pretrained' must be \"timm\", a file path or null, got {pretrained!r}")
+    layout = options["layout"]
+    border_ignore = options["border_ignore"] if options.get("border_ignore") is not None else layout == "ade20k"
+    policy = PolicyNet(pretrained=pretrained)  # first: a bad weights file fails before any work
+    losses = train(policy, batches(), int(recipe["iters"]), patch_size=int(options["patch_size"]),
+                   border_ignore=border_ignore, lr=float(recipe["lr"]), weight_decay=float(recipe["weight_decay"]),
+                   device=device, on_step=on_step)
+    meta = {k: metadata[k] for k in ("layout", "crop", "patch_size", "iters", "seed")}
+    save_policy(policy.cpu(), out, policy_metadata(**meta, border_ignore=border_ignore,
+                                                   final_loss=losses[-1] if losses else None))
+    return f"CTS policy net, {policy.init} init"

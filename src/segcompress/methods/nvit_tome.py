@@ -34,4 +34,4 @@ class NViTToMeSettings(Settings):
 
 
 METHOD = Method("nvit_tome", "NViT+ToMe", "hybrid", settings=NViTToMeSettings, matched=True, pruned=True,
-                applies="tome")
+                applies="tome", pruner="nvit")

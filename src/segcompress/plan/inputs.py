@@ -7,7 +7,8 @@ from typing import Any
 
 from segcompress import methods as registry
 from segcompress.plan.paths import (
-    corrupt_manifest, dataset_manifest, dense_flops_path, match_path, model_path, policy_path, prune_report_path,
+    corrupt_manifest, dataset_manifest, dense_flops_path, finetuned_policy_paths, match_path, model_path, policy_path,
+    prune_report_path,
 )
 from segcompress.plan.study import Study, Variant
 
@@ -34,9 +35,9 @@ class Inputs(Study):
         inputs = {"dense": dense, "manifest": dataset_manifest(ds), "model": dense}
         method = registry.get(wildcards.method)
         if method.pruned:
-            inputs["model"] = self.merge_base(ds, arch, seed, wildcards.target)
-        if self.needs_policy(method.name):
-            inputs["policy"] = policy_path(ds, arch, seed)
+            inputs["model"] = self.merge_base(ds, arch, seed, method.name, wildcards.target)
+        if self.policy_of(method.name):
+            inputs["policy"] = policy_path(ds, arch, seed, self.policy_of(method.name))
         return inputs
 
     def finetune_inputs(self, wildcards: Any) -> dict[str, str]:
@@ -51,9 +52,9 @@ class Inputs(Study):
             return {**inputs, "model": model_path(ds, arch, seed, wildcards.stem)}
         assert target is not None
         inputs["match"] = match_path(ds, arch, seed, method, target)
-        inputs["model"] = self.merge_base(ds, arch, seed, target) if registry.get(method).pruned else dense
-        if self.needs_policy(method):
-            inputs["policy"] = policy_path(ds, arch, seed)
+        inputs["model"] = self.merge_base(ds, arch, seed, method, target) if registry.get(method).pruned else dense
+        if self.policy_of(method):
+            inputs["policy"] = policy_path(ds, arch, seed, self.policy_of(method))
         return inputs
 
     def finetune_stem(self, stem: str) -> tuple[str, str | None]:
@@ -62,7 +63,7 @@ class Inputs(Study):
         outside the grid, asked for by its path, is what its stem says."""
         if stem == "dense":
             return "dense", None
-        planned = {f"{p}-{f}": (p, f) for p in dict.fromkeys([*self.pruners(), "nvit"]) for f in self.prune_fractions(p)}
+        planned = {f"{p}-{f}": (p, f) for p in self.pruners() for f in self.prune_fractions(p)}
         planned |= {f"{m}-{t}": (m, t) for m, t in self.compressed(registry.names(matched=True))}
         if stem in planned:
             return planned[stem]
@@ -71,7 +72,7 @@ class Inputs(Study):
         return method, target
 
     def variant_inputs(self, wildcards: Any) -> dict[str, str]:
-        """A variant's checkpoint, its match (or GFLOPs) file, the CTS policy, the dataset manifest."""
+        """A variant's checkpoint, its match (or GFLOPs) file, its method's policy (policy_<method>), the dataset manifest."""
         return self._variant_inputs(self.variant(wildcards.ds, wildcards.arch, wildcards.variant))
 
     def _variant_inputs(self, v: Variant) -> dict[str, str]:
@@ -83,8 +84,12 @@ class Inputs(Study):
             inputs["match"] = prune_report_path(ds, arch, seed, v.target or "", pruner=v.method)
         else:
             inputs["match"] = match_path(ds, arch, seed, v.method, v.target or "")
-        if self.needs_policy(v.method):
-            inputs["policy"] = policy_path(ds, arch, seed)
+        policy = self.policy_of(v.method)
+        if policy and self.policy_finetuned(v.method):  # the policy fine-tuned with the model, its knob
+            inputs[f"policy_{policy}"], inputs["match"] = finetuned_policy_paths(ds, arch, seed,
+                                                                                f"{v.method}-{v.target}")
+        elif policy:
+            inputs[f"policy_{policy}"] = policy_path(ds, arch, seed, policy)
         return inputs
 
     def job_conditions(self, wildcards: Any, conds: list[tuple[str, int]]) -> list[tuple[str, int]]:
@@ -111,24 +116,24 @@ class Inputs(Study):
                 "reference": model_path(v.dataset, v.backbone, v.seed, "dense")}
 
     def indexed_variant_inputs(self, ds: str, variants: list[Variant]) -> dict[str, str]:
-        """Inputs of a job running several variants: model<i> and match<i> of the i-th, the CTS
-        policy, the dataset manifest."""
+        """Inputs of a job running several variants: model<i> and match<i> of the i-th, the
+        policies (policy_<method>), the dataset manifest."""
         inputs = {"manifest": dataset_manifest(ds)}
         for i, v in enumerate(variants):
             for key, path in self._variant_inputs(v).items():
                 if key in ("model", "match"):
                     inputs[f"{key}{i}"] = path
-                elif key == "policy":
-                    inputs["policy"] = path
+                elif key.startswith("policy"):
+                    inputs[key] = path
         return inputs
 
     def bench_inputs(self, wildcards: Any) -> dict[str, str]:
         """What timing every variant of a seed reads: each checkpoint and match file (as
-        evaluate), the CTS policy, a val image."""
+        evaluate), the policies, a val image."""
         return self.indexed_variant_inputs(wildcards.ds, self.variants(wildcards.ds, wildcards.arch, wildcards.seed))
 
     def qualitative_inputs(self, wildcards: Any) -> dict[str, str]:
-        """Every panel column's checkpoint, match file (and CTS policy), the dataset, the image set."""
+        """Every panel column's checkpoint, match file (and policy), the dataset, the image set."""
         columns = [v for _title, v in self.qualitative_variants(wildcards.ds, wildcards.arch)]
         inputs = self.indexed_variant_inputs(wildcards.ds, columns)
         q = self.qualitative

@@ -64,11 +64,12 @@ class Options(Inputs):
         """``methods.<pruner>`` as compact JSON (keys left out take the method's defaults)."""
         return _compact(self.config["methods"].get(wildcards.pruner, {}))
 
-    def policy_recipe(self, wildcards: Any) -> str:
-        """The policy network's training options (``methods.<m>.policy`` of the study's method that
-        needs one, CTS) as compact JSON."""
-        name = next((m for m in self.study["methods"] if registry.get(m).needs_policy), None)
-        return _compact({} if name is None else self.settings(name).get("policy", {}))
+    def policy_settings(self, wildcards: Any) -> str:
+        """The settings of ``wildcards.method`` its policy depends on (its module's
+        ``POLICY_SETTINGS``: the training recipe ``policy``, DToP's heads' shape) as compact JSON."""
+        keys = registry.get(wildcards.method).code().POLICY_SETTINGS
+        settings = self.settings(wildcards.method)
+        return _compact({k: settings[k] for k in keys})
 
     def _dataset(self, wildcards: Any) -> dict[str, Any]:
         return self.config["datasets"][wildcards.ds]
@@ -124,7 +125,7 @@ class Options(Inputs):
             f"--tolerance {self.config['matching']['tolerance']}",
             f"--flops-per {self.config['flops']['per']}",
         ]
-        if self.needs_policy(wildcards.method):
+        if self.policy_of(wildcards.method):
             opts.append(f"--policy {input.policy}")
         return " ".join(opts)
 

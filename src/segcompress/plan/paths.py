@@ -76,9 +76,16 @@ def prune_report_path(ds: str, arch: str, seed: str | int, fraction: float | str
     return f"{MODEL_DIR.format(ds=ds, arch=arch, seed=seed)}/{pruner}-{fraction_text(fraction)}.report.json"
 
 
-def policy_path(ds: str, arch: str, seed: str | int) -> str:
-    """The CTS policy network trained on a dense model."""
-    return model_path(ds, arch, seed, "cts-policy")
+def policy_path(ds: str, arch: str, seed: str | int, method: str) -> str:
+    """The policy of token method ``method`` (CTS's policy net, DToP's heads) trained on a dense model."""
+    return model_path(ds, arch, seed, f"{method}-policy")
+
+
+def finetuned_policy_paths(ds: str, arch: str, seed: str | int, stem: str) -> tuple[str, str]:
+    """(policy, match file) that fine-tuning ``stem`` with a method whose policy trains with the
+    model writes beside the fine-tuned model (``segcompress finetune --policy-out/--match-out``)."""
+    return (model_path(ds, arch, seed, f"{stem}-ft.policy"),
+            f"{MATCH_DIR.format(ds=ds, arch=arch, seed=seed)}/{stem}-ft.json")
 
 
 def row_path(ds: str, arch: str, variant: str, corruption: str, severity: int | str) -> str:

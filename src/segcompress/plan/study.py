@@ -92,17 +92,34 @@ class Study:
         """:meth:`method_settings` as plain data (what ``segcompress match --settings`` gets)."""
         return self.method_settings(name).to_dict()
 
-    def needs_policy(self, method: str) -> bool:
-        """Whether a variant of ``method`` reads a CTS policy network (its own, or the method it
-        is evaluated with)."""
+    def policy_of(self, method: str) -> str | None:
+        """The method whose policy (``segcompress policy``) a variant of ``method`` reads: itself,
+        or the method it is evaluated with; ``None``: none."""
         if method in REFERENCES:
-            return False
+            return None
         m = registry.get(method)
-        return m.needs_policy or registry.get(m.applied).needs_policy
+        return next((n for n in (m.name, m.applied) if registry.get(n).needs_policy), None)
 
-    def prune_fraction(self, target: float | str) -> str:
-        """Pruning target of prune-then-merge at FLOPs ``target``: target**prune_share of dense."""
-        return fraction_text(self.method_settings("nvit_tome").prune_fraction(float(target)))
+    def policy_finetuned(self, method: str) -> bool:
+        """Whether a variant of ``method`` is fine-tuned with a method whose policy trains with the
+        model (finetune.token_methods and DToP's heads): its policy and knob come from fine-tuning."""
+        if method in REFERENCES or not self.finetune["token_methods"]:
+            return False
+        return registry.get(registry.get(method).applied).policy_trains
+
+    def policy_methods(self) -> list[str]:
+        """The methods whose policies the study trains (once per dense model)."""
+        return list(dict.fromkeys(p for p in map(self.policy_of, self.study["methods"]) if p is not None))
+
+    def prune_fraction(self, hybrid: str, target: float | str) -> str:
+        """Pruning target of a hybrid (prune-then-merge) at FLOPs ``target``: its settings'
+        ``prune_fraction`` (target**prune_share of dense)."""
+        return fraction_text(self.method_settings(hybrid).prune_fraction(float(target)))
+
+    def hybrid_fractions(self, pruner: str) -> set[str]:
+        """The pruning targets the study's hybrids need from ``pruner``."""
+        return {self.prune_fraction(m, t) for m, t in self.compressed(registry.names(family="hybrid"))
+                if registry.get(m).pruner == pruner}
 
     # -------------------------------------------------------------------------------- grid
 
@@ -189,12 +206,16 @@ class Study:
         pruner's (a structural method's ``pruning_iters``; prune-then-merge: NViT's), else 0."""
         if method in REFERENCES or not registry.get(method).pruned:
             return 0
-        pruner = method if registry.get(method).family == "structural" else "nvit"
+        pruner = method if registry.get(method).family == "structural" else registry.get(method).pruner
+        assert pruner is not None
         return int(registry.get(pruner).code().pruning_iters(self.method_settings(pruner)))
 
     def pruners(self) -> list[str]:
-        """The study's structural methods (each writes its own pruned models)."""
-        return [m for m in self.study["methods"] if registry.get(m).family == "structural"]
+        """The structural methods whose pruned models the study needs: its own, then its hybrids'
+        (each writes its own pruned models)."""
+        methods = [registry.get(m) for m in self.study["methods"]]
+        return list(dict.fromkeys([*(m.name for m in methods if m.family == "structural"),
+                                   *(m.pruner for m in methods if m.pruner is not None)]))
 
     def post_train_iters(self, method: str) -> int:
         """Training iterations a variant of ``method`` gets after the dense model (0: off the shelf)."""
@@ -229,14 +250,15 @@ class Study:
         name = f"{pruner}-{fraction_text(fraction)}"
         return model_path(ds, arch, seed, f"{name}-ft" if self.finetune["pruned"] else name)
 
-    def merge_base(self, ds: str, arch: str, seed: str, target: str) -> str:
-        """The pruned model prune-then-merge attaches ToMe to at ``target``: the raw pruned model
-        when it is fine-tuned with ToMe attached (finetune.token_methods), else the pruned model as
-        NViT uses it."""
-        fraction = self.prune_fraction(target)
+    def merge_base(self, ds: str, arch: str, seed: str, hybrid: str, target: str) -> str:
+        """The pruned model a hybrid (prune-then-merge) attaches its token method to at
+        ``target``: its pruner's raw pruned model when it is fine-tuned with the token method
+        attached (finetune.token_methods), else the pruned model as the pruner's variants use it."""
+        fraction, pruner = self.prune_fraction(hybrid, target), registry.get(hybrid).pruner
+        assert pruner is not None
         if self.finetune["token_methods"]:
-            return model_path(ds, arch, seed, f"nvit-{fraction}")
-        return self.pruned_model(ds, arch, seed, fraction)
+            return model_path(ds, arch, seed, f"{pruner}-{fraction}")
+        return self.pruned_model(ds, arch, seed, fraction, pruner)
 
     def variant_model(self, v: Variant) -> str:
         """The checkpoint a variant is evaluated with."""
@@ -252,7 +274,7 @@ class Study:
         if self.finetune["token_methods"]:
             return model_path(ds, arch, seed, f"{v.method}-{v.target}-ft")
         if method.pruned:
-            return self.merge_base(ds, arch, seed, v.target)
+            return self.merge_base(ds, arch, seed, v.method, v.target)
         return model_path(ds, arch, seed, "dense")
 
     # ----------------------------------------------------------------- files per stage
@@ -265,26 +287,19 @@ class Study:
                 if c != "clean"]
 
     def train_targets(self) -> list[str]:
-        policy = any(self.needs_policy(m) for m in self.study["methods"])
-        out = []
-        for ds, arch, seed in self.grid():
-            out.append(model_path(ds, arch, seed, "dense"))
-            if policy:
-                out.append(policy_path(ds, arch, seed))
-        return out
+        return [path for ds, arch, seed in self.grid()
+                for path in [model_path(ds, arch, seed, "dense"),
+                             *(policy_path(ds, arch, seed, m) for m in self.policy_methods())]]
 
     def prune_fractions(self, pruner: str = "nvit") -> list[str]:
-        """Every pruning target the study needs from ``pruner``: its own, and for NViT
-        prune-then-merge's first step."""
-        fractions = {t for _m, t in self.compressed((pruner,))}
-        if pruner == "nvit":
-            fractions |= {self.prune_fraction(t) for _m, t in self.compressed(("nvit_tome",))}
+        """Every pruning target the study needs from ``pruner``: its own, and its hybrids' first
+        step (prune-then-merge's)."""
+        fractions = {t for _m, t in self.compressed((pruner,))} | self.hybrid_fractions(pruner)
         return sorted(fractions, key=float, reverse=True)
 
     def prune_targets(self) -> list[str]:
-        pruners = dict.fromkeys([*self.pruners(), *(["nvit"] if "nvit_tome" in self.study["methods"] else [])])
         return [model_path(ds, arch, seed, f"{p}-{f}") for ds, arch, seed in self.grid()
-                for p in pruners for f in self.prune_fractions(p)]
+                for p in self.pruners() for f in self.prune_fractions(p)]
 
     def match_targets(self) -> list[str]:
         out = []
@@ -299,11 +314,11 @@ class Study:
         for ds, arch, seed in self.grid():
             if ft["dense_control"]:
                 out.append(model_path(ds, arch, seed, "dense-ft"))
-            if ft["pruned"]:  # prune-then-merge fine-tunes its own pruned models with ToMe attached
-                for pruner in dict.fromkeys([*self.pruners(), "nvit"]):
+            if ft["pruned"]:  # a hybrid fine-tunes its own pruned models with its token method attached
+                for pruner in self.pruners():
                     fractions = [t for _m, t in self.compressed((pruner,))]
-                    if pruner == "nvit" and not ft["token_methods"]:
-                        fractions += [self.prune_fraction(t) for _m, t in self.compressed(("nvit_tome",))]
+                    if not ft["token_methods"]:
+                        fractions += sorted(self.hybrid_fractions(pruner))
                     out += [self.pruned_model(ds, arch, seed, f, pruner)
                             for f in sorted(set(fractions), key=float, reverse=True)]
             if ft["token_methods"]:

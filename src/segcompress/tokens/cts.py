@@ -29,7 +29,7 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -307,7 +307,9 @@ def train_policy(
     policy.requires_grad_(True)
     opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
-    it = _cycle(batches)
+    from segcompress.data.datasets import cycle
+
+    it = cycle(batches, "policy training")
     for step in range(iters):
         img, label = next(it)
         img, label = img.to(device), label.to(device)
@@ -324,16 +326,6 @@ def train_policy(
     policy.eval()
     policy.requires_grad_(False)
     return losses
-
-
-def _cycle(batches: Iterable) -> Iterator:
-    while True:
-        empty = True
-        for b in batches:
-            empty = False
-            yield b
-        if empty:
-            raise ValueError("policy training got no batches")
 
 
 def policy_logits(policy: nn.Module, img: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

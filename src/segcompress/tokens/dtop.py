@@ -46,8 +46,10 @@ not apply:
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -323,6 +325,8 @@ class DToPConfig:
         head_dim: head width C; ``None``: E // 2.
         head_layers: decoder layers per head (reference: 3).
         head_dropout: dropout in the heads while training (reference: 0.1).
+        aux_weight: weight of every head's loss while the model trains with DToP attached
+            (reference: 1.0).
     """
 
     threshold: float = DEFAULT_THRESHOLD
@@ -331,6 +335,7 @@ class DToPConfig:
     head_dim: int | None = None
     head_layers: int = HEAD_LAYERS
     head_dropout: float = 0.1
+    aux_weight: float = 1.0
 
     def resolved_split(self, depth: int) -> list[int]:
         """The split for ``depth`` blocks, checked: increasing, each in [1, depth − 1]."""
@@ -372,7 +377,8 @@ class DToP(TokenMethod):
 
     The heads are registered submodules (trained with the model); ``record`` fills ``trace`` (per
     block (alive tokens in, out), class token included) and ``head_trace`` (patches per head);
-    ``keep_outputs`` keeps the last run's :class:`DToPState` in ``last`` (the heads' losses).
+    ``keep_outputs`` (and any run with gradients, or in training mode) keeps the last run's
+    :class:`DToPState` in ``last`` (the heads' losses, :meth:`training_loss`).
 
     Args:
         spec: the Segmenter's spec (width, classes, depth).
@@ -414,7 +420,7 @@ class DToP(TokenMethod):
                 self.trace.append((counts, counts))
             if i in head_at:
                 self.exit_step(self.heads[head_at[i]], st)
-        if self.keep_outputs:
+        if self.keep_outputs or self.training or torch.is_grad_enabled():
             self.last = st
         return st
 
@@ -478,10 +484,68 @@ class DToP(TokenMethod):
         probs = compose(final.transpose(1, 2), st.canvas_probs, st.exited)
         return grid_view(probs.clamp_min(torch.finfo(probs.dtype).tiny).log().transpose(1, 2), t.grid)
 
+    def training_loss(self, labels: torch.Tensor, loss_stride: int = 1,
+                      offset: tuple[int, int] = (0, 0)) -> torch.Tensor | None:
+        """``aux_weight`` · Σ heads' losses of the last run (the reference's auxiliary terms; the
+        trainer adds the segmentation loss of the composed output)."""
+        from segcompress.tokens.dtop_loss import head_canvases, head_loss
+
+        if self.last is None or not self.last.presence:
+            return None
+        st = self.last
+        terms = [head_loss(c, p, labels, loss_stride=loss_stride, offset=offset)
+                 for c, p in zip(head_canvases(st), st.presence)]
+        return self.config.aux_weight * torch.stack(terms).sum()
+
     def knob(self) -> dict[str, Any]:
         c = self.config
         return {"threshold": c.threshold, "split": list(self.split), "keep_per_class": c.keep_per_class,
                 "head_dim": self.heads[0].dim if len(self.heads) else c.head_dim, "head_layers": c.head_layers}
+
+
+# -- the heads' file ------------------------------------------------------------------------------
+#: what a heads file records of the architecture (checked on load)
+HEADS_SHAPE_KEYS = ("split", "head_dim", "head_layers", "embed_dim", "num_classes")
+
+
+def heads_shape(method: DToP, spec: SegmenterSpec) -> dict[str, Any]:
+    dim = method.heads[0].dim if len(method.heads) else method.config.head_dim
+    return {"split": list(method.split), "head_dim": dim, "head_layers": method.config.head_layers,
+            "embed_dim": spec.embed_dim, "num_classes": spec.num_classes}
+
+
+def save_heads(method: DToP, spec: SegmenterSpec, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
+    """Write the heads' weights (safetensors, atomically) with their shape and ``metadata``."""
+    from segcompress.io import write_safetensors
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: DToP heads path must end in .safetensors")
+    state = {k: v.detach().contiguous().cpu() for k, v in method.heads.state_dict().items()}
+    meta = {"method": "dtop", **heads_shape(method, spec), **(metadata or {})}
+    write_safetensors(path, state, {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
+
+
+def load_heads(method: DToP, spec: SegmenterSpec, path: str | Path) -> None:
+    """Load trained heads into ``method``; a file of another split or width is refused by name."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: DToP heads not found (train them with `segcompress policy --method dtop`)")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("method") != "dtop":
+        raise ValueError(f"{path}: not a DToP heads file (its metadata says method={meta.get('method')!r})")
+    want = heads_shape(method, spec)
+    have = {k: json.loads(meta[k]) if k in meta else None for k in HEADS_SHAPE_KEYS}
+    wrong = [f"{k} {have[k]} (settings: {want[k]})" for k in HEADS_SHAPE_KEYS if have[k] != want[k]]
+    if wrong:
+        raise ValueError(f"{path}: heads trained for another setting: " + ", ".join(wrong)
+                         + "; retrain them with `segcompress policy --method dtop` or change methods.dtop")
+    method.heads.load_state_dict(load_file(str(path), device=str(next(method.heads.parameters()).device)
+                                           if len(method.heads) else "cpu"))
 
 
 # -- cost ----------------------------------------------------------------------------------------

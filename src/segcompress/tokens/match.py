@@ -97,3 +97,32 @@ def finish(method: str, knob: dict[str, Any], problem: Problem, achieved: float,
             message = (f"no knob of {method} lands within {tolerance:.0%} of {target:.4g} GFLOPs; "
                        f"nearest is {achieved:.4g}")
     return Match(method, knob, target, achieved, dense, ok, std, reach, message, extra or {})
+
+
+def bisect_cost(cost: Callable[[float], Any], low: float, high: float, problem: Problem,
+                max_iter: int = 30) -> tuple[float, Any, tuple[Any, Any]]:
+    """Bisect a knob x in [``low``, ``high``] whose ``cost(x)`` (a
+    :class:`~segcompress.tokens.cost.Cost`, its ``mean`` rising with x) meets ``problem.target``.
+
+    Returns (best x, its cost, (cost(low), cost(high))): the nearest of every knob tried; the
+    bisection runs only when the target lies between the two ends and stops early inside a
+    quarter of the tolerance.
+    """
+    target = problem.target
+    lo, hi = cost(low), cost(high)
+    best_x, best = (low, lo) if abs(lo.mean - target) <= abs(hi.mean - target) else (high, hi)
+    if lo.mean < target < hi.mean:
+        a, b = low, high
+        for _ in range(max_iter):
+            mid = 0.5 * (a + b)
+            c = cost(mid)
+            if abs(c.mean - target) < abs(best.mean - target):
+                best_x, best = mid, c
+            if abs(c.mean - target) <= 0.25 * problem.tolerance * target:
+                break
+            if c.mean < target:
+                a = mid
+            else:
+                b = mid
+    return best_x, best, (lo, hi)
+

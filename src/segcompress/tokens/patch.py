@@ -11,8 +11,10 @@ decoder either sees the tokens restored onto the grid (a gather through the map)
 Proportional attention adds log(size) to the attention logits of every block after a merge (and
 of the decoder when it runs on merged tokens); padding tokens always get −∞.
 
-A method's own weights (the CTS policy net) live in their own file: they are not registered
-parameters of the Segmenter, so they never enter its checkpoint or an optimiser.
+A method's own weights live in their own file (its *policy*: the CTS policy net, DToP's heads,
+``segcompress policy``), never in the Segmenter's checkpoint. A frozen policy (CTS) is not a
+registered parameter; a policy trained with the model (DToP's heads) is, and adds its own terms to
+the training loss (:meth:`TokenMethod.training_loss`).
 """
 
 from __future__ import annotations
@@ -113,6 +115,12 @@ class TokenMethod(nn.Module):
 
     def forward(self, model: nn.Module, img: torch.Tensor) -> torch.Tensor:
         return self.masks(model, img)
+
+    def training_loss(self, labels: torch.Tensor, loss_stride: int = 1,
+                      offset: tuple[int, int] = (0, 0)) -> torch.Tensor | None:
+        """The method's own loss terms for the last forward (added to the segmentation loss while
+        the model trains with the method attached); ``None``: it has none."""
+        return None
 
     def knob(self) -> dict[str, Any]:
         """The knob dict that rebuilds this method (for results rows)."""
