@@ -39,7 +39,7 @@ def heads_loss(model, method, img, labels) -> float:
 
 def test_phase_a_trains_the_heads_and_leaves_the_dense_model_alone():
     torch.manual_seed(0)
-    model = tiny_model(spec())
+    model = tiny_model(spec(), train=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     method = DToP(model.spec, DToPConfig(threshold=0.7))
     img, labels = batch()
@@ -48,7 +48,7 @@ def test_phase_a_trains_the_heads_and_leaves_the_dense_model_alone():
     losses = train_heads(model, method, [(img, labels)], recipe)
     assert len(losses) == 40 and heads_loss(model, method, img, labels) < 0.7 * start
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert all(p.requires_grad for p in model.parameters())  # flags restored
+    assert all(p.requires_grad for p in model.parameters()) and model.training  # flags and mode restored
     assert method.config.threshold == 0.7 and not method.training
 
 
@@ -118,10 +118,17 @@ def test_policy_match_and_finetune_commands(synthetic_ade20k, tmp_path, capsys):
             "--out", str(out)]
     assert cli_main(args) == 2
     assert "give --policy-out and --match-out" in capsys.readouterr().err
+    bad = ["--policy-out", str(tmp_path / "heads.pt"), "--match-out", str(tuned_match)]
+    assert cli_main([*args, *bad]) == 2 and not out.exists()  # refused before training
+    assert "heads.pt" in capsys.readouterr().err
     assert cli_main([*args, "--policy-out", str(tuned), "--match-out", str(tuned_match)]) == 0
     a, b = load_file(str(heads)), load_file(str(tuned))
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
     written = json.loads(tuned_match.read_text())
     assert written["knob"] == {**solved["knob"], "threshold": 1.0, "policy_file": str(tuned)}
     assert written["policy_finetuned"] and written["finetuned_model"] == str(out)
+    # its cost measured again with the fine-tuned heads (threshold 1: nothing exits, dense + heads)
+    assert written["remeasured"] and written["calibration_images"] == 3
+    assert written["achieved_gflops"] == pytest.approx(solved["reach_gflops"][1], rel=1e-9)
+    assert written["within_tolerance"] is False and "after fine-tuning" in written["message"]
     assert not any(k.startswith("token_method") for k in load_file(str(out)))  # the bare model

@@ -138,7 +138,8 @@ def test_dtop_heads_are_a_policy_trained_once_and_fine_tuned_with_the_model() ->
     assert off.match_inputs(w(ds="ade20k", arch="vit_p8_d12", seed="0", method="dtop", target="0.75"))["policy"] == (
         f"{seed0}/dtop-policy.safetensors")
     bench = off.bench_inputs(w(ds="ade20k", arch="vit_p8_d12", seed="0"))
-    assert {k for k in bench if k.startswith("policy")} == {"policy_cts", "policy_dtop"}
+    assert {v for k, v in bench.items() if k.startswith("policy")} == {
+        f"{seed0}/cts-policy.safetensors", f"{seed0}/dtop-policy.safetensors"}
     settings = json.loads(off.policy_settings(w(method="dtop")))
     assert set(settings) == {"policy", "split", "head_dim", "head_layers", "head_dropout"}
     assert json.loads(off.policy_settings(w(method="cts"))) == {"policy": config()["methods"]["cts"]["policy"]}
@@ -153,6 +154,8 @@ def test_dtop_heads_are_a_policy_trained_once_and_fine_tuned_with_the_model() ->
     job = tuned.finetune_inputs(w(ds="ade20k", arch="vit_p8_d12", seed="0", stem="dtop-0.75"))
     assert job["policy"] == f"{seed0}/dtop-policy.safetensors" and job["model"] == f"{seed0}/dense.safetensors"
     assert f"{seed0}/dtop-0.75-ft.safetensors" in tuned.finetune_targets()
+    bench = tuned.bench_inputs(w(ds="ade20k", arch="vit_p8_d12", seed="0"))  # every point's own heads
+    assert {f"{seed0}/dtop-{t}-ft.policy.safetensors" for t in ("0.75", "0.35")} <= set(bench.values())
 
 
 HYBRID = '''

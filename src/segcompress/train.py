@@ -691,16 +691,16 @@ def _loss(run: _Run, t: int, images: torch.Tensor, labels: torch.Tensor) -> tupl
         logits, teacher_logits, labels = _loss_pixels(run.seed, t, stride, images.shape[-2:], logits,
                                                       teacher_logits, labels)
     ce_sum, kd_sum, count = pixel_loss_sums(logits.float(), labels, teacher_logits, run.kd_temperature)
-    stats = torch.stack([count, ce_sum.detach().double(), kd_sum.detach().double()])
+    aux_value = torch.zeros((), dtype=torch.float64, device=count.device) if aux is None else aux.detach().double()
+    stats = torch.stack([count, ce_sum.detach().double(), kd_sum.detach().double(), aux_value])
     if run.world > 1:
         dist.all_reduce(stats)
     denom = stats[0].clamp(min=1.0)
     loss = (ce_sum + run.kd_weight * kd_sum) * (run.world / denom).float()
-    ce, kd = (stats[1:] / denom).tolist()
-    loss_value = ce + run.kd_weight * kd
-    if aux is not None:  # the attached method's own terms (DToP's heads): a per-process mean
-        loss = loss + aux
-        loss_value += float(aux.detach())
+    if aux is not None:  # the attached method's own terms (DToP's heads): a per-process mean, which
+        loss = loss + aux  # DDP's gradient averaging turns into the mean over the processes
+    ce, kd = (stats[1:3] / denom).tolist()
+    loss_value = ce + run.kd_weight * kd + float(stats[3]) / run.world
     if not math.isfinite(loss_value) and not run.use_scaler:
         raise ValueError(
             f"training loss is {loss_value} at iteration {t + 1}; lower the recipe's 'lr' or check the labels"
@@ -800,8 +800,10 @@ def _run_meta(
 ) -> dict[str, Any]:
     """What a resume point must agree with for the resumed run to be the same run."""
     spec = getattr(model, "spec", None)
+    method = getattr(model, "token_method", None)
     return {
         "seed": seed,
+        "method": None if method is None else {"name": method.name, "knob": method.knob()},
         "recipe": {k: v for k, v in recipe.to_dict().items() if k not in Recipe.BOOKKEEPING},
         "dataset_size": len(dataset),  # type: ignore[arg-type]
         "distill": {"weight": distill.weight, "temperature": distill.temperature} if distill is not None else None,

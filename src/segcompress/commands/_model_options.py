@@ -49,10 +49,10 @@ class Variant:
         }
 
 
-def require_safetensors_out(out: Path) -> None:
-    """Fail before any work when ``--out`` does not name a ``.safetensors`` file (the model format)."""
+def require_safetensors_out(out: Path, option: str = "--out") -> None:
+    """Fail before any work when ``option`` does not name a ``.safetensors`` file (the model format)."""
     if out.suffix != ".safetensors":
-        raise ValueError(f"--out {out}: must end in .safetensors")
+        raise ValueError(f"{option} {out}: must end in .safetensors")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:

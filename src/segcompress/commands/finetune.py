@@ -71,18 +71,44 @@ def teacher_path(model: Path, teacher: str) -> Path | None:
     return path
 
 
-def write_policy(args: argparse.Namespace, model: Any, meta: dict[str, str]) -> None:
-    """The attached method's fine-tuned policy (``--policy-out``) and the match file whose knob
-    names it (``--match-out``)."""
-    from segcompress import methods
+def policy_match(args: argparse.Namespace, knob: dict[str, Any]) -> dict[str, Any]:
+    """The ``--knob`` file as a match result (a bare knob file: ``{"knob": ...}``), read before
+    training so that a bad file fails before any work."""
     from segcompress.commands._evaluation import read_match
+
+    match = read_match(Path(args.knob.lstrip("@")))
+    return {**match, "knob": knob} if "knob" in match else {"knob": knob}
+
+
+def write_policy(args: argparse.Namespace, method: Any, bare: Any, match: dict[str, Any],
+                 meta: dict[str, str]) -> None:
+    """The attached method's fine-tuned policy (``--policy-out``) and the match file whose knob
+    names it (``--match-out``). An input-dependent method's cost moved with the fine-tuning: it is
+    measured again, on the fine-tuned model and policy and as many val images as the match was
+    solved on, and the file's achieved GFLOPs and verdict are replaced (``remeasured``)."""
+    from segcompress import methods
     from segcompress.io import write_json
 
-    methods.get(args.method).code().save_policy(model.token_method.cpu(), model.spec, args.policy_out,
+    methods.get(args.method).code().save_policy(method.cpu(), bare.spec, args.policy_out,
                                                  {**meta, "seed": str(args.seed)})
-    match = read_match(Path(args.knob.lstrip("@")))
-    match["knob"] = {**match["knob"], "policy_file": str(args.policy_out)}
-    write_json(args.match_out, {**match, "policy_finetuned": True, "finetuned_model": str(args.out)})
+    knob = {**match["knob"], "policy_file": str(args.policy_out)}
+    out = {**match, "knob": knob, "policy_finetuned": True, "finetuned_model": str(args.out)}
+    if methods.get(args.method).input_dependent and "target_gflops" in match:
+        from segcompress.tokens.cost import image_crops
+
+        n = int(match.get("calibration_images") or 8)
+        images = list(image_crops(args.layout, args.root, "val", bare.spec.crop, n))
+        cost = methods.method_cost(args.method, knob, bare.spec, bare, images)
+        target, tolerance = float(match["target_gflops"]), float(match.get("tolerance") or 0.01)
+        ok = abs(cost.mean - target) <= tolerance * target
+        out.update(achieved_gflops=cost.mean, gflops_std=cost.std, within_tolerance=ok,
+                   achieved_fraction=cost.mean / float(match["dense_gflops"]), calibration_images=len(images),
+                   message="" if ok else (f"after fine-tuning, {args.method} at this knob costs {cost.mean:.4g} "
+                                          f"GFLOPs, not within {tolerance:.0%} of the target {target:.4g}"),
+                   remeasured="after fine-tuning, on the fine-tuned model and policy")
+        if "reference_gflops" in match:
+            out["reference_fraction"] = cost.mean / float(match["reference_gflops"])
+    write_json(args.match_out, out)
     log.info("wrote %s and %s", args.policy_out, args.match_out)
 
 
@@ -115,6 +141,10 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--policy-out/--match-out: --method {args.method} has no policy that trains with the model")
     if args.match_out is not None and not (args.knob and Path(args.knob.lstrip("@")).is_file()):
         raise ValueError("--match-out copies the --knob match file: give --knob as a file")
+    match = None
+    if trains_policy:
+        require_safetensors_out(args.policy_out, "--policy-out")
+        match = policy_match(args, knob)
 
     model = load_model(args.model)
     tpath = teacher_path(args.model, args.teacher)
@@ -142,10 +172,12 @@ def main(args: argparse.Namespace) -> int:
             runtime=Runtime(device=info.device, stop_at=args.stop_at, progress=args.progress),
         )
         if attached and result.completed and info.is_main:
-            if trains_policy:
-                write_policy(args, result.model, meta)
+            method = result.model.token_method
             bare = apply_method(result.model, "dense", {})
             save_model(bare.cpu(), args.out, metadata={**meta, "seed": str(args.seed), "iters": str(result.step)})
+            if trains_policy:
+                assert match is not None
+                write_policy(args, method, bare, match, meta)
             clear_resume(resume_dir)
     finally:
         distributed.cleanup_distributed()

@@ -16,7 +16,7 @@ its own file (the knob's ``policy_file``):
   ``efficientnet_lite0``, as the reference; needs the network or a cache), a local
   ``.safetensors``/``.pth`` state dict, or null/``none`` (random init, the default: nothing can
   be downloaded offline); the file's metadata records it as ``policy_init``.
-* **dtop**: the auxiliary heads, trained on the frozen dense model ``--model`` with nothing exiting
+* **dtop**: the auxiliary heads, trained on the frozen dense model ``--model`` (required) with nothing exiting
   (:mod:`segcompress.tokens.dtop_train`); their shape comes from ``--settings`` (split, head_dim,
   head_layers, head_dropout).
 
@@ -112,16 +112,16 @@ def main(args: argparse.Namespace) -> int:
     given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None and k not in code.POLICY_OPTIONS]
     if given:
         raise ValueError(f"{', '.join(given)}: not an option of {args.method}'s policy")
-    model = None
     if args.model is not None:
-        from segcompress.models.checkpoint import load_model
+        from segcompress.models.checkpoint import spec_path
+        from segcompress.models.spec import SegmenterSpec
 
-        model = load_model(args.model)
-        crop, patch = tuple(model.spec.crop), model.spec.patch_size
+        spec = SegmenterSpec.load(spec_path(args.model))
+        crop, patch = tuple(spec.crop), spec.patch_size
     elif args.crop is not None:
         crop, patch = crop_hw(args.crop), args.patch_size
     else:
-        raise ValueError("give --model or --crop")
+        raise ValueError("give --model (or, for cts, --crop)")
     img_scale = tuple(args.img_scale) if args.img_scale else default_img_scale(args.layout, crop)
     device = resolve_device(args.device)
     seed_everything(args.seed)
@@ -146,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
     meta = {"layout": args.layout, "crop": list(crop), "patch_size": patch, "iters": iters, "seed": args.seed,
             "recipe": recipe}
     what = code.train_policy(
-        model, batches, recipe, settings, seed=args.seed, device=device, on_step=on_step, out=args.out,
+        args.model, batches, recipe, settings, seed=args.seed, device=device, on_step=on_step, out=args.out,
         metadata=meta, options={"layout": args.layout, "patch_size": patch, **options},
     )
     log.info("wrote %s (%s)", args.out, what)

@@ -12,7 +12,7 @@ The module also holds the method's functions, which the registry imports only wh
   :class:`~segcompress.tokens.cost.Cost` (input-dependent methods measure ``images``);
 * ``solve(problem)``: the knob that meets a FLOPs target, a :class:`~segcompress.tokens.match.Match`
   (methods whose knob is matched; the problem is a :class:`~segcompress.tokens.match.Problem`);
-* ``train_policy(model, batches, recipe, settings, *, seed, device, on_step, out, metadata,
+* ``train_policy(model_path, batches, recipe, settings, *, seed, device, on_step, out, metadata,
   options)`` with ``POLICY_RECIPE`` (its recipe's keys and defaults), ``POLICY_OPTIONS`` (the
   command's method-specific options it reads) and ``POLICY_SETTINGS`` (the settings a trained
   policy depends on): the policy a method decides with, trained on a dense model and kept in its

@@ -86,10 +86,10 @@ def solve(problem: Any) -> Any:
                   extra={"policy_net_counted": settings.include_policy_net})
 
 
-def train_policy(model: Any, batches: Any, recipe: dict[str, Any], settings: CTSSettings, *, seed: int,
+def train_policy(model_path: Any, batches: Any, recipe: dict[str, Any], settings: CTSSettings, *, seed: int,
                  device: Any, on_step: Any, out: Any, metadata: dict[str, Any], options: dict[str, Any]) -> str:
-    """Train the policy net on the dataset's labels (``model`` is not used) and write it to
-    ``out``; returns a one-line description for the log."""
+    """Train the policy net on the labels of ``batches()`` (the model at ``model_path`` only gave
+    the crop and patch size) and write it to ``out``; returns a one-line description for the log."""
     from segcompress.tokens.cts import PolicyNet, policy_metadata, save_policy
     from segcompress.tokens.cts import train_policy as train
 
@@ -97,7 +97,8 @@ def train_policy(model: Any, batches: Any, recipe: dict[str, Any], settings: CTS
     if isinstance(pretrained, str) and pretrained.lower() in ("none", "null"):
         pretrained = None
     if pretrained is not None and not isinstance(pretrained, str):
-        raise ValueError(f"--recipe: 'pretrained' must be \"timm\", a file path or null, got {pretrained!r}")
+        raise ValueError(f"methods.cts.policy / --recipe: 'pretrained' must be \"timm\", a file path or null, "
+                         f"got {pretrained!r}")
     layout = options["layout"]
     border_ignore = options["border_ignore"] if options.get("border_ignore") is not None else layout == "ade20k"
     policy = PolicyNet(pretrained=pretrained)  # first: a bad weights file fails before any work

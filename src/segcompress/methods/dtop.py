@@ -133,15 +133,17 @@ def save_policy(method: Any, spec: Any, path: Any, metadata: dict[str, Any]) -> 
     save_heads(method, spec, path, metadata)
 
 
-def train_policy(model: Any, batches: Any, recipe: dict[str, Any], settings: DToPSettings, *, seed: int,
+def train_policy(model_path: Any, batches: Any, recipe: dict[str, Any], settings: DToPSettings, *, seed: int,
                  device: Any, on_step: Any, out: Any, metadata: dict[str, Any], options: dict[str, Any]) -> str:
-    """Phase A: train the heads on the frozen dense ``model`` (``batches()``: the training
-    batches) and write them to ``out``; returns a one-line description for the log."""
+    """Phase A: train the heads on the frozen dense model at ``model_path`` (``batches()``: the
+    training batches) and write them to ``out``; returns a one-line description for the log."""
+    from segcompress.models.checkpoint import load_model
     from segcompress.tokens.dtop import DToP, save_heads
     from segcompress.tokens.dtop_train import heads_recipe, train_heads
 
-    if model is None:
+    if model_path is None:
         raise ValueError("dtop trains its heads on the dense model: give --model")
+    model = load_model(model_path)
     method = DToP(model.spec, config(settings))
     losses = train_heads(model, method, batches(), heads_recipe(recipe), seed=seed, device=device, on_step=on_step)
     save_heads(method.cpu(), model.spec, out, {**metadata, "final_loss": losses[-1] if losses else None})

@@ -116,15 +116,15 @@ class Inputs(Study):
                 "reference": model_path(v.dataset, v.backbone, v.seed, "dense")}
 
     def indexed_variant_inputs(self, ds: str, variants: list[Variant]) -> dict[str, str]:
-        """Inputs of a job running several variants: model<i> and match<i> of the i-th, the
-        policies (policy_<method>), the dataset manifest."""
+        """Inputs of a job running several variants: model<i>, match<i> and policy<i> (its
+        method's policy, if any) of the i-th, the dataset manifest."""
         inputs = {"manifest": dataset_manifest(ds)}
         for i, v in enumerate(variants):
             for key, path in self._variant_inputs(v).items():
                 if key in ("model", "match"):
                     inputs[f"{key}{i}"] = path
                 elif key.startswith("policy"):
-                    inputs[key] = path
+                    inputs[f"policy{i}"] = path
         return inputs
 
     def bench_inputs(self, wildcards: Any) -> dict[str, str]:

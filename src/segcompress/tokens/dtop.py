@@ -378,7 +378,7 @@ class DToP(TokenMethod):
     The heads are registered submodules (trained with the model); ``record`` fills ``trace`` (per
     block (alive tokens in, out), class token included) and ``head_trace`` (patches per head);
     ``keep_outputs`` (and any run with gradients, or in training mode) keeps the last run's
-    :class:`DToPState` in ``last`` (the heads' losses, :meth:`training_loss`).
+    :class:`DToPState` in ``last`` for the heads' losses; :meth:`training_loss` takes it.
 
     Args:
         spec: the Segmenter's spec (width, classes, depth).
@@ -490,9 +490,9 @@ class DToP(TokenMethod):
         trainer adds the segmentation loss of the composed output)."""
         from segcompress.tokens.dtop_loss import head_canvases, head_loss
 
-        if self.last is None or not self.last.presence:
+        st, self.last = self.last, None  # the state (and its graph) is not kept past the step
+        if st is None or not st.presence:
             return None
-        st = self.last
         terms = [head_loss(c, p, labels, loss_stride=loss_stride, offset=offset)
                  for c, p in zip(head_canvases(st), st.presence)]
         return self.config.aux_weight * torch.stack(terms).sum()

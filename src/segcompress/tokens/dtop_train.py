@@ -45,7 +45,8 @@ def train_heads(model: nn.Module, method: DToP, batches: Iterable[tuple[torch.Te
     """Train ``method``'s heads on the frozen ``model`` with nothing exiting (threshold 1).
 
     Args:
-        model: the dense Segmenter (frozen, eval mode; left unchanged).
+        model: the dense Segmenter (frozen and in eval mode while the heads train; moved to
+            ``device``, its weights, mode and ``requires_grad`` flags otherwise as they were).
         method: the DToP whose heads train in place (its threshold is restored afterwards).
         batches: (images (B, 3, H, W), labels (B, H, W), 255 = ignore); cycled.
         recipe: :func:`heads_recipe`.
@@ -55,16 +56,17 @@ def train_heads(model: nn.Module, method: DToP, batches: Iterable[tuple[torch.Te
     Returns:
         The loss of every step.
     """
-    model.to(device).eval()
-    frozen = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    method.to(device).train()
-    method.heads.requires_grad_(True)
-    threshold, method.config.threshold = method.config.threshold, 1.0
-    optimizer = build_optimizer(method.heads, recipe)
+    was_training, frozen = model.training, [p.requires_grad for p in model.parameters()]
+    threshold = method.config.threshold
     stride, last = recipe.loss_stride, method.split[-1] if method.split else 0
     losses: list[float] = []
     try:
+        model.to(device).eval()
+        model.requires_grad_(False)
+        method.to(device).train()
+        method.heads.requires_grad_(True)
+        method.config.threshold = 1.0
+        optimizer = build_optimizer(method.heads, recipe)
         it = cycle(batches, "DToP heads training")
         for step in range(recipe.iters if method.split else 0):
             for group in optimizer.param_groups:
@@ -84,6 +86,7 @@ def train_heads(model: nn.Module, method: DToP, batches: Iterable[tuple[torch.Te
         method.config.threshold = threshold
         method.last = None
         method.eval()
+        model.train(was_training)
         for p, flag in zip(model.parameters(), frozen):
             p.requires_grad_(flag)
     return losses
