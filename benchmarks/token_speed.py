@@ -1,12 +1,12 @@
 """Real speed of the token methods against the dense Segmenter, at matched FLOPs.
 
-For each token method of the registry (ToMe, ToFu, ALGM, CTS, DToP) and each FLOPs target (fractions of the dense GFLOPs) the knob
-is solved (:mod:`segcompress.tokens.match`), then images/s are measured with the dense model in
-the same run, interleaved (dense, method, dense, method, ...) so that load drifts on a shared
-machine hit both alike. Prints one row per point: achieved GFLOPs, FLOPs reduction
-(dense/achieved), images/s (median wall time), speed-up over dense (median over the pairs of
-dense time / method time, wall clock; ``cpu×``: the same with this process's CPU time, less
-sensitive to other processes on a shared machine) and efficiency = speed-up / FLOPs reduction.
+For each token method of the registry (ToMe, ToFu, ALGM, CTS, DToP) and each FLOPs target
+(fractions of the dense GFLOPs) the knob is solved (:mod:`segcompress.tokens.match`), then images/s
+are measured with the dense model in the same run, interleaved (dense, method, dense, method, ...)
+so that load drifts on a shared machine hit both alike. Prints one row per point: achieved GFLOPs,
+FLOPs reduction (dense/achieved), images/s (median wall time), speed-up over dense (median over the
+pairs of dense time / method time, wall clock; ``cpu×``: the same with this process's CPU time,
+less sensitive to other processes on a shared machine) and efficiency = speed-up / FLOPs reduction.
 On a GPU (``--device cuda``) the times are CUDA events (:func:`segcompress.bench.timed_call`;
 ``cpu×`` then means little); ``--dtype bfloat16`` runs every pass under autocast.
 
@@ -17,7 +17,8 @@ On a GPU (``--device cuda``) the times are CUDA events (:func:`segcompress.bench
 The model is randomly initialised unless ``--model`` is given (speed does not depend on the
 weights, except ALGM's token counts, which follow the images and the model's features). The
 images are synthetic scenes (piecewise-constant regions with mild texture); ALGM's threshold is
-bisected on the same images (and DToP's exit threshold, with untrained heads drawn from a fixed seed), so its mean GFLOPs over the batch meets the target.
+bisected on the same images (and DToP's exit threshold, with untrained heads drawn from a fixed
+seed), so its mean GFLOPs over the batch meets the target.
 """
 
 from __future__ import annotations
