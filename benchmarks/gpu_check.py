@@ -5,8 +5,8 @@
 
 Steps, each printed and written to ``--out`` (one Markdown file, the figures of the run):
 
-1. the token methods (ToMe, ALGM, CTS) against dense at 50 % and 35 % of the dense FLOPs
-   (``benchmarks/token_speed.py``) and the NViT-pruned models (``benchmarks/prune_speed.py``),
+1. every token method (ToMe, ToFu, ALGM, CTS, DToP) against dense at 50 % and 35 % of the dense
+   FLOPs (``benchmarks/token_speed.py``) and the NViT-pruned models (``benchmarks/prune_speed.py``),
    at batch 1 and 32, in float32 and under bfloat16 autocast; GPU times are CUDA events around
    each forward pass after a synchronise (:func:`segcompress.bench.timed_call`);
 2. the ``.test`` study with every method (``.test/config-all-methods.yaml``: data, train, match,
@@ -74,7 +74,7 @@ def speed_sections(device: str, smoke: bool) -> list[tuple[str, str]]:
                       "--device", device, "--dtype", dtype]
             title = f"batch {batch}, {dtype}"
             sections.append((f"Token methods, {title}", captured(
-                token_speed.main, [*common, "--fractions", "0.5", "0.35", "--methods", "tome", "algm", "cts"])))
+                token_speed.main, [*common, "--fractions", "0.5", "0.35"])))  # every token method
             sections.append((f"NViT pruning, {title}", captured(
                 prune_speed.main, [*common, "--targets", "0.5", "0.35", "--clock", "wall", *s["prune"]])))
     return sections
