@@ -132,3 +132,31 @@ def test_policy_match_and_finetune_commands(synthetic_ade20k, tmp_path, capsys):
     assert written["achieved_gflops"] == pytest.approx(solved["reach_gflops"][1], rel=1e-9)
     assert written["within_tolerance"] is False and "after fine-tuning" in written["message"]
     assert not any(k.startswith("token_method") for k in load_file(str(out)))  # the bare model
+
+
+@pytest.mark.parametrize("loss_stride", [1, 2])
+def test_fit_adds_the_heads_loss_with_the_strided_loss_too(loss_stride):
+    """Phase B through train.fit: at threshold 1 nothing exits, so only the heads' own loss terms
+    (TokenMethod.training_loss, at the same strided pixels) reach the heads; eval mode as NViT."""
+    from segcompress.methods import apply_method
+    from segcompress.train import Recipe, Runtime, fit
+
+    class Scenes(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int):
+            img, labels = batch()
+            return img[0], labels[0]
+
+    torch.manual_seed(2)
+    model = tiny_model(spec())
+    net = apply_method(model, "dtop", {"threshold": 1.0})
+    before = {k: v.clone() for k, v in net.token_method.state_dict().items()}
+    recipe = Recipe(iters=2, batch_size=2, lr=1e-2, checkpoint_every=0, log_every=0, num_workers=0,
+                    loss_stride=loss_stride)
+    result = fit(net, Scenes(), recipe, seed=0, train_mode=False, runtime=Runtime(device=torch.device("cpu")))
+    after = net.token_method.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the heads trained
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert net.token_method.last is None  # training_loss took the state (and its graph)
