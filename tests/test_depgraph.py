@@ -235,6 +235,20 @@ def test_prune_to_target_lands_in_the_window(dense):
     assert report["embed_dim"] == result.embed_dim and report["within_tolerance"]
 
 
+def test_a_target_beyond_the_last_head_is_reported_as_such(dense):
+    # below every candidate that keeps a head in each block: the message names the heads, not the widths
+    result = prune_to_target(dense, 0.05 * analytic_gmacs(dense.spec), DepGraphSettings(importance="magnitude"))
+    assert not result.within_tolerance and result.achieved_gmacs > 0.05 * analytic_gmacs(dense.spec)
+    assert "out of reach" in result.message and "without attention heads" in result.message
+    assert "discrete" not in result.message and f"p={result.ratio:.5f}" in result.message
+    refused = [p for p, g in result.candidates if g is None]
+    assert refused and min(refused) > result.ratio
+    # a reachable target whose (empty) window falls between two widths: the widths are named
+    between = prune_to_target(dense, 0.6 * analytic_gmacs(dense.spec) + 1e-9,
+                              DepGraphSettings(importance="magnitude", tolerance=0.0, max_bisection_steps=6))
+    assert not between.within_tolerance and "discrete" in between.message and "heads" not in between.message
+
+
 def test_prune_to_target_reports_an_unreachable_target(dense):
     dense_gmacs = analytic_gmacs(dense.spec)
     settings = DepGraphSettings(importance="magnitude", max_ratio=0.2)

@@ -382,6 +382,22 @@ def is_monotone(candidates: Iterable[tuple[float, float | None]]) -> bool:
     return all(b[1] <= a[1] * (1 + 1e-12) for a, b in zip(points, points[1:]))
 
 
+def _missed_window_message(settings: DepGraphSettings, lower: float, target_gmacs: float,
+                           best: tuple[float, Segmenter, float], none_under: bool,
+                           candidates: list[tuple[float, float | None]]) -> str:
+    """Why the bisection missed ``[lower, target]``, naming the cause: every ratio that would go
+    below the target left a block without heads (``none_under``, with refused candidates), or
+    the window fell between two neighbouring widths."""
+    closest = f"closest: p={best[0]:.5f}, {best[2]:.4f} GFLOPs"
+    refused = [p for p, g in candidates if g is None and p > best[0]]
+    if none_under and refused:
+        return (f"target {target_gmacs:.4f} GFLOPs is out of reach: every ratio above p={best[0]:.5f} (from "
+                f"p={min(refused):.5f}) leaves an encoder block without attention heads; {closest}; lower "
+                f"head_ratio_scale to remove fewer heads")
+    return (f"no ratio in {settings.max_bisection_steps} bisection steps lands in [{lower:.4f}, "
+            f"{target_gmacs:.4f}] GFLOPs (pruned widths are discrete); {closest}")
+
+
 def prune_to_target(
         model: Segmenter,
         target_gmacs: float,
@@ -484,9 +500,7 @@ def prune_to_target(
         if best is None:
             raise RuntimeError(f"no usable DepGraph candidate for {target_gmacs:.4f} GFLOPs: every ratio tried "
                                f"left a block without heads ({candidates}); lower head_ratio_scale")
-        message = (f"no ratio in {settings.max_bisection_steps} bisection steps lands in [{lower:.4f}, "
-                   f"{target_gmacs:.4f}] GFLOPs (pruned widths are discrete); closest: p={best[0]:.5f}, "
-                   f"{best[2]:.4f} GFLOPs")
+        message = _missed_window_message(settings, lower, target_gmacs, best, under is None, candidates)
         log.warning(message)
         found = best
     p, small, g = found
