@@ -146,8 +146,10 @@ def test_policy_training_and_file_roundtrip(tmp_path):
     img = torch.randn(2, 3, 64, 64)
     lab = torch.randint(0, 3, (2, 64, 64))
     lab[:, :32] = 1
-    losses = train_policy(policy, [(img, lab)], iters=2, device="cpu")
-    assert len(losses) == 2 and all(l == l for l in losses)
+    run = train_policy(policy, [(img, lab)], iters=2, device="cpu")
+    assert len(run.losses) == 2 and all(l == l for l in run.losses)
+    # per image: the top row of 32x32 regions is one class, the bottom row mixes three
+    assert run.uniform_fraction == 0.5
     path = tmp_path / "policy.safetensors"
     save_policy(policy, path, {"layout": "ade20k"})
     loaded = load_policy(path)

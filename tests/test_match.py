@@ -44,6 +44,18 @@ def test_cts_match_scans_k():
     assert m.knob["k"] > 0
     with_policy = solve("cts", s, target)
     assert not with_policy.within_tolerance and "below cts's reach" in with_policy.message
+    # the share of superpatches shared, beside the uniform share the policy saw (none: no file)
+    assert m.extra["shared_fraction"] == m.knob["k"] / 64 and m.extra["uniform_fraction"] is None
+
+
+def test_cts_match_reports_the_uniform_share_its_policy_saw(tmp_path):
+    from segcompress.tokens.cts import PolicyNet, save_policy
+
+    path = tmp_path / "policy.safetensors"
+    save_policy(PolicyNet(), path, {"uniform_fraction": "0.24"})
+    s = spec(img_size=256, embed_dim=64, num_classes=3)
+    m = solve("cts", s, 0.7 * analytic_gmacs(s), {"include_policy_net": False, "policy_file": str(path)})
+    assert m.extra["uniform_fraction"] == 0.24 and 0 < m.extra["shared_fraction"] <= 1
 
 
 def test_out_of_reach_is_reported():

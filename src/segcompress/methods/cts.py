@@ -71,7 +71,7 @@ def cost(spec: Any, knob: dict[str, Any], model: Any = None, images: Any = None)
 def solve(problem: Any) -> Any:
     """The K whose closed-form GFLOPs are nearest the target."""
     from segcompress.flops import analytic_gmacs
-    from segcompress.tokens.cts import cts_gmacs, superpatch_grid
+    from segcompress.tokens.cts import cts_gmacs, superpatch_grid, uniform_fraction_of
     from segcompress.tokens.match import finish
 
     spec, target = problem.spec, problem.target
@@ -82,8 +82,11 @@ def solve(problem: Any) -> Any:
     values = [cts_gmacs(spec, {"k": k, **base}, settings.include_policy_net) for k in range(sh * sw + 1)]
     k = min(range(len(values)), key=lambda i: (abs(values[i] - target), i))
     reach = (min(values[1:]), max(values[1:])) if len(values) > 1 else (dense, dense)
+    # K against the uniform share of the policy's training superpatches: above it, CTS must also
+    # share regions that hold several classes
     return finish("cts", {"k": k, **base}, problem, values[k], dense, reach,
-                  extra={"policy_net_counted": settings.include_policy_net})
+                  extra={"policy_net_counted": settings.include_policy_net, "shared_fraction": k / (sh * sw),
+                         "uniform_fraction": uniform_fraction_of(base["policy_file"])})
 
 
 def train_policy(model_path: Any, batches: Any, recipe: dict[str, Any], settings: CTSSettings, *, seed: int,
@@ -102,10 +105,12 @@ def train_policy(model_path: Any, batches: Any, recipe: dict[str, Any], settings
     layout = options["layout"]
     border_ignore = options["border_ignore"] if options.get("border_ignore") is not None else layout == "ade20k"
     policy = PolicyNet(pretrained=pretrained)  # first: a bad weights file fails before any work
-    losses = train(policy, batches(), int(recipe["iters"]), patch_size=int(options["patch_size"]),
-                   border_ignore=border_ignore, lr=float(recipe["lr"]), weight_decay=float(recipe["weight_decay"]),
-                   device=device, on_step=on_step)
+    run = train(policy, batches(), int(recipe["iters"]), patch_size=int(options["patch_size"]),
+                border_ignore=border_ignore, lr=float(recipe["lr"]), weight_decay=float(recipe["weight_decay"]),
+                device=device, on_step=on_step)
     meta = {k: metadata[k] for k in ("layout", "crop", "patch_size", "iters", "seed")}
     save_policy(policy.cpu(), out, policy_metadata(**meta, border_ignore=border_ignore,
-                                                   final_loss=losses[-1] if losses else None))
-    return f"CTS policy net, {policy.init} init"
+                                                   final_loss=run.losses[-1] if run.losses else None,
+                                                   uniform_fraction=run.uniform_fraction))
+    seen = "" if run.uniform_fraction is None else f"; {run.uniform_fraction:.1%} of its training superpatches uniform"
+    return f"CTS policy net, {policy.init} init{seen}"

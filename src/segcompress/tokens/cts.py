@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -246,6 +247,18 @@ def policy_init_of(path: str | Path) -> str | None:
     return read_metadata(path).get(POLICY_INIT_KEY)
 
 
+def uniform_fraction_of(path: str | Path | None) -> float | None:
+    """The share of uniform superpatches the policy in ``path`` saw in training
+    (:class:`PolicyTraining`), from its metadata; None without a file or for one written before
+    this was recorded."""
+    if path is None:
+        return None
+    from segcompress.models.checkpoint import read_metadata
+
+    value = read_metadata(path).get("uniform_fraction")
+    return None if value in (None, "null") else float(value)
+
+
 def superpatch_grid(grid: tuple[int, int]) -> tuple[int, int]:
     """Superpatches (rows, cols) of 2×2 patches on a patch grid (odd last row/column left out)."""
     return grid[0] // 2, grid[1] // 2
@@ -278,6 +291,17 @@ def policy_targets(labels: torch.Tensor, patch_size: int = 16, border_ignore: bo
     return target.squeeze(1)
 
 
+@dataclass(frozen=True)
+class PolicyTraining:
+    """What :func:`train_policy` saw: the loss of every step, and the share of uniform
+    superpatches among the labelled targets of its batches (None when it saw none). CTS loses
+    little while K stays below that share of the superpatches; above it, it must share regions
+    that hold several classes (the policy can only choose which)."""
+
+    losses: list[float]
+    uniform_fraction: float | None
+
+
 def train_policy(
         policy: PolicyNet,
         batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -288,7 +312,7 @@ def train_policy(
         weight_decay: float = 1e-3,
         device: str | torch.device = "cpu",
         on_step: Callable[[int, float], None] | None = None,
-) -> list[float]:
+) -> PolicyTraining:
     """Train the policy net as the reference: AdamW (lr 5e-5, wd 1e-3), cross-entropy, ignore 255.
 
     Args:
@@ -301,12 +325,13 @@ def train_policy(
         on_step: called with (step, loss) after every step (progress, logging).
 
     Returns:
-        The loss of every step.
+        The loss of every step and the share of uniform superpatches among the targets it saw.
     """
     policy.to(device).train()
     policy.requires_grad_(True)
     opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
+    uniform = labelled = 0
     from segcompress.data.datasets import cycle
 
     it = cycle(batches, "policy training")
@@ -314,6 +339,8 @@ def train_policy(
         img, label = next(it)
         img, label = img.to(device), label.to(device)
         target = policy_targets(label, patch_size, border_ignore)
+        uniform += int((target == 1).sum())
+        labelled += int((target != IGNORE_INDEX).sum())
         logits = policy_logits(policy, img, (target.shape[-2], target.shape[-1]))
         loss = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
         opt.zero_grad(set_to_none=True)
@@ -325,7 +352,7 @@ def train_policy(
             on_step(step, losses[-1])
     policy.eval()
     policy.requires_grad_(False)
-    return losses
+    return PolicyTraining(losses, uniform / labelled if labelled else None)
 
 
 def policy_logits(policy: nn.Module, img: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
