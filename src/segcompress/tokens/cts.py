@@ -255,6 +255,8 @@ def uniform_fraction_of(path: str | Path | None) -> float | None:
         return None
     from segcompress.models.checkpoint import read_metadata
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: CTS policy weights not found (train them with `segcompress policy`)")
     value = read_metadata(path).get("uniform_fraction")
     return None if value in (None, "null") else float(value)
 
