@@ -162,3 +162,16 @@ def test_report_joins_the_spread_of_a_bench_row():
     assert join_throughput(rows, bench) == 0
     assert (rows[0]["images_per_s_min"], rows[0]["images_per_s"], rows[0]["images_per_s_max"]) == (9.0, 10.0, 12.0)
     assert "images_per_s_min" not in rows[1]
+
+
+def test_report_gives_the_speedup_over_the_dense_model_of_the_same_seed():
+    from segcompress.report.rows import join_throughput, variant_key
+
+    dense = {"dataset": "ade20k", "backbone": "tiny", "method": "dense", "target_fraction": None, "seed": 0}
+    tome = {**dense, "method": "tome", "target_fraction": 0.5}
+    bench = {variant_key(dense): {"images_per_s": 40.0}, variant_key(tome): {"images_per_s": 70.0},
+             variant_key({**tome, "seed": 1}): {"images_per_s": 60.0}}
+    rows = [dict(dense), dict(tome), {**tome, "seed": 1}]
+    assert join_throughput(rows, bench) == 0
+    assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] == 70.0 / 40.0
+    assert rows[2]["speedup"] is None  # seed 1 has no dense model timed: no ratio across jobs

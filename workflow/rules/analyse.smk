@@ -4,8 +4,8 @@
 #   bench        images/s of every variant of a dataset, backbone and seed, timed in one job (one
 #                process start, speed-ups from the same run): results/raw_bench/<ds>/<arch>/<variant>.json
 #   qualitative  Fig. 3 panel per dataset and backbone: results/figures/qualitative/<ds>/<arch>.png
-# Rank and bench rows are joined onto benchmark.csv as columns (erank_*, images_per_s); they never
-# add rows to it. Rank uses the evaluation's windows (crop, stride, img_scale), so it reruns with them.
+# Rank and bench rows are joined onto benchmark.csv as columns (erank_*, images_per_s, speedup);
+# they never add rows to it. Rank uses the evaluation's windows (crop, stride, img_scale), so it reruns with them.
 
 
 rule rank:

@@ -101,7 +101,7 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     and the optional numeric columns the report reads, empty when absent."""
     df = df.copy()
     df["target"] = pd.to_numeric(df.get("target_fraction"), errors="coerce").fillna(1.0).round(6)
-    for col in ("achieved_gflops", "params_m", "images_per_s", "erank_mean", "erank_std", "erank_images",
+    for col in ("achieved_gflops", "params_m", "images_per_s", "speedup", "erank_mean", "erank_std", "erank_images",
                 "achieved_fraction", "target_gflops", "miou_ci_low", "miou_ci_high", "post_train_iters"):
         df[col] = pd.to_numeric(df[col], errors="coerce") if col in df.columns else np.nan
     reached = df["target_reached"] if "target_reached" in df.columns else pd.Series(None, df.index, dtype=object)
@@ -317,7 +317,7 @@ def _model_info(df: pd.DataFrame, sel: pd.DataFrame, keys: list[str]) -> pd.Data
     is_clean = df["corruption"] == "clean"
     has_clean = is_clean.groupby([df[k] for k in keys]).transform("any")
     own = df[is_clean | ~has_clean]  # a model's clean rows, or all of them when it has none
-    res = df.groupby(keys, sort=True)[["params_m", "images_per_s", "post_train_iters"]].mean()
+    res = df.groupby(keys, sort=True)[["params_m", "images_per_s", "speedup", "post_train_iters"]].mean()
     res["gflops"] = own.groupby(keys)["achieved_gflops"].mean()
     res["achieved_fraction"] = own.groupby(keys)["achieved_fraction"].mean()
     corrupted = sel[sel["corruption"] != "clean"]
@@ -355,7 +355,7 @@ def ordered(df: pd.DataFrame) -> pd.DataFrame:
 #: Metrics aggregated over seeds in :func:`points`, in table order.
 METRICS: tuple[str, ...] = (
     "gflops", "gflops_corrupted", "achieved_fraction", "post_train_iters", "params_m", "images_per_s",
-    "clean_miou", "corrupted_miou", "relative_robustness",
+    "speedup", "clean_miou", "corrupted_miou", "relative_robustness",
     *(f"miou_{c}" for c in CATEGORIES), "mcd", "mrcd", "erank_clean", "erank_corrupted",
 )
 

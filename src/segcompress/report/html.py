@@ -110,7 +110,8 @@ def setup_items(df: pd.DataFrame, categories: Sequence[str] | None, severities: 
         dev = sorted({str(d) for d in df.get("bench_device", pd.Series(dtype=str)).dropna().unique()})
         batch = sorted({int(b) for b in pd.to_numeric(df.get("bench_batch"), errors="coerce").dropna().unique()})
         items.append(f"<b>Throughput</b> (images/s, median over repeats) at batch {_e(_join(batch))} on "
-                     f"{_e(_join(dev))}; a shared machine makes these numbers noisy")
+                     f"{_e(_join(dev))}; a shared machine makes these numbers noisy, and the speed-up over the dense "
+                     "model timed in the same job less so")
     else:
         items.append("<b>Throughput:</b> not measured (images/s column empty)")
     if config:

@@ -5,10 +5,11 @@ evaluate``): a row is one variant on one condition (clean, or one corruption at 
 nothing else, whatever other stages ran. Two per-variant measurements are joined onto those rows
 as columns, never as rows of their own:
 
-* throughput (``segcompress bench`` rows, ``results/raw_bench/**``): ``images_per_s`` and
-  ``bench_batch`` / ``bench_device`` / ``bench_threads``, the same value on every condition of a
-  variant (throughput does not depend on the image content for input-independent methods; ALGM
-  and CTS are timed on a real val image);
+* throughput (``segcompress bench`` rows, ``results/raw_bench/**``): ``images_per_s``,
+  ``speedup`` (over the dense model of the same dataset, backbone and seed, timed in the same
+  job) and ``bench_batch`` / ``bench_device`` / ``bench_threads``, the same value on every
+  condition of a variant (throughput does not depend on the image content for input-independent
+  methods; ALGM and CTS are timed on a real val image);
 * effective rank (``segcompress rank`` rows, ``results/raw_rank/**``): ``erank_mean``,
   ``erank_std`` and ``erank_images`` on the row of the same variant *and* condition; conditions
   the rank stage did not run on stay empty.
@@ -73,6 +74,7 @@ COLUMNS: tuple[str, ...] = (
     "macc",
     "num_images",
     "images_per_s",
+    "speedup",
     "erank_mean",
     "erank_std",
     "device",
@@ -262,8 +264,13 @@ def load_side_rows(paths: Iterable[str | Path], what: str, with_condition: bool)
 
 
 def join_throughput(rows: list[dict[str, Any]], bench: Mapping[tuple, Mapping[str, Any]]) -> int:
-    """Set ``images_per_s``, its spread over the timed repeats (``images_per_s_min``/``_max``) and
-    batch, device, threads on every row of a benched variant.
+    """Set ``images_per_s``, its spread over the timed repeats (``images_per_s_min``/``_max``),
+    batch, device, threads and ``speedup`` on every row of a benched variant.
+
+    ``speedup`` is its images/s over the dense model's of the same dataset, backbone and seed.
+    Every variant of a seed is timed in one job, in interleaved rounds (``segcompress bench``), so
+    the ratio holds when the machine's own speed drifts between runs, which moves all of a job's
+    images/s alike.
 
     Returns the number of bench rows that matched no result row (they are left out, with a warning).
     """
@@ -273,9 +280,11 @@ def join_throughput(rows: list[dict[str, Any]], bench: Mapping[tuple, Mapping[st
         if b is None:
             continue
         used.add(variant_key(r))
+        dense = bench.get((*variant_key(r)[:2], "dense", None, variant_key(r)[4]), {}).get("images_per_s")
         r.update(images_per_s=b.get("images_per_s"), images_per_s_min=b.get("images_per_s_min"),
                  images_per_s_max=b.get("images_per_s_max"), bench_batch=b.get("batch"), bench_device=b.get("device"),
-                 bench_threads=b.get("threads"))
+                 bench_threads=b.get("threads"),
+                 speedup=b["images_per_s"] / dense if dense and b.get("images_per_s") is not None else None)
     unused = len(set(bench) - used)
     if unused:
         log.warning("%d throughput row(s) match no result row (variant not evaluated); left out", unused)

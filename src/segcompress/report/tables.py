@@ -62,6 +62,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("GFLOPs", "gflops", digits=3, always=True),
     Column("params (M)", "params_m", digits=3, always=True),
     Column("images/s", "images_per_s", digits=1, always=True),
+    Column("speed-up", "speedup", digits=2),
     Column("post-train iters", "post_train_iters", digits=0, spread=False),
     Column("mIoU clean (%)", "clean_miou", 100, always=True, interval=True),
     Column("mIoU corrupted (%)", "corrupted_miou", 100, always=True, interval=True),
@@ -156,7 +157,8 @@ NOTE = ("mIoU in %, mean ± std over seeds (± only with two or more seeds) [95 
         f"{UNREACHED_MARK} = FLOPs target not reached (see the footnotes); corrupted mIoU = mean over the "
         "selected corruptions of the mean over the selected severities; rel. robustness = corrupted / clean mIoU; "
         "mCD against the dense model of the same seed; GFLOPs = achieved fvcore GMACs of one crop; images/s = "
-        "median throughput at a fixed batch (empty: not measured); erank = normalised effective rank of the "
+        "median throughput at a fixed batch (empty: not measured); speed-up = images/s over the dense model's "
+        "of the same seed, timed in the same job (steadier between runs than images/s); erank = normalised effective rank of the "
         "restored encoder features, mean ± std over images.")
 
 
