@@ -5,7 +5,8 @@
 #                process start, speed-ups from the same run): results/raw_bench/<ds>/<arch>/<variant>.json
 #   qualitative  Fig. 3 panel per dataset and backbone: results/figures/qualitative/<ds>/<arch>.png
 # Rank and bench rows are joined onto benchmark.csv as columns (erank_*, images_per_s, speedup);
-# they never add rows to it. Rank uses the evaluation's windows (crop, stride, img_scale), so it reruns with them.
+# they never add rows to it. Rank uses the evaluation's windows (crop, stride, img_scale), so it
+# reruns with them.
 
 
 rule rank:

@@ -280,7 +280,7 @@ def join_throughput(rows: list[dict[str, Any]], bench: Mapping[tuple, Mapping[st
         if b is None:
             continue
         used.add(variant_key(r))
-        dense = bench.get((*variant_key(r)[:2], "dense", None, variant_key(r)[4]), {}).get("images_per_s")
+        dense = bench.get(variant_key({**r, "method": "dense", "target_fraction": None}), {}).get("images_per_s")
         r.update(images_per_s=b.get("images_per_s"), images_per_s_min=b.get("images_per_s_min"),
                  images_per_s_max=b.get("images_per_s_max"), bench_batch=b.get("batch"), bench_device=b.get("device"),
                  bench_threads=b.get("threads"),

@@ -228,10 +228,7 @@ def load_policy(path: str | Path | None, map_location: str | torch.device = "cpu
     else:
         from safetensors.torch import load_file
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: CTS policy weights not found (train them with `segcompress policy`)")
-        state = load_file(str(path), device=str(map_location))
+        state = load_file(str(_existing_policy(path)), device=str(map_location))
         missing, unexpected = policy.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{path}: not a CTS policy net (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -239,25 +236,31 @@ def load_policy(path: str | Path | None, map_location: str | torch.device = "cpu
     return InferencePolicy(policy.to(map_location))
 
 
+def _existing_policy(path: str | Path) -> Path:
+    """``path`` as a Path; a missing file is named as a CTS policy to train."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: CTS policy weights not found (train them with `segcompress policy`)")
+    return path
+
+
+def _policy_metadata(path: str | Path) -> dict[str, str]:
+    from segcompress.models.checkpoint import read_metadata
+
+    return read_metadata(_existing_policy(path))
+
+
 def policy_init_of(path: str | Path) -> str | None:
     """How the policy in ``path`` was initialised before training (``random``, ``timm:<name>``,
     ``file:<path>``), from its metadata; None for a file written before this was recorded."""
-    from segcompress.models.checkpoint import read_metadata
-
-    return read_metadata(path).get(POLICY_INIT_KEY)
+    return _policy_metadata(path).get(POLICY_INIT_KEY)
 
 
 def uniform_fraction_of(path: str | Path | None) -> float | None:
     """The share of uniform superpatches the policy in ``path`` saw in training
     (:class:`PolicyTraining`), from its metadata; None without a file or for one written before
     this was recorded."""
-    if path is None:
-        return None
-    from segcompress.models.checkpoint import read_metadata
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: CTS policy weights not found (train them with `segcompress policy`)")
-    value = read_metadata(path).get("uniform_fraction")
+    value = None if path is None else _policy_metadata(path).get("uniform_fraction")
     return None if value in (None, "null") else float(value)
 
 
