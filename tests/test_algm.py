@@ -13,7 +13,6 @@ from segcompress.tokens.algm import (
 )
 from segcompress.tokens.algm import algm_cost
 from segcompress.tokens.algm import ALGM
-from segcompress.tokens.patch import attend_real
 from segcompress.tokens.state import TokenState, tokenwise
 from tiny_segmenter import tiny_model, tiny_spec
 
@@ -96,31 +95,24 @@ def test_per_token_layers_see_the_real_tokens_only(model):
 
 
 @pytest.mark.parametrize("prop_attn", [False, True])
-def test_attention_sees_each_images_real_tokens_only(model, prop_attn):
-    """On a ragged batch attend_real gives every image the attention over its own tokens (as the
-    padded batch with −∞ on the padding keys does, to rounding), zeros at the padding rows, and
-    gradients through; without padding it is the plain attention."""
+def test_blocks_without_a_merge_run_each_image_on_its_own_tokens(model, prop_attn):
+    """On CPU a block without a merge runs each image of a ragged batch alone: the real rows equal
+    the padded batch's through the same block with −∞ on the padding keys (to rounding), padding
+    rows are zeros whatever they held, gradients flow."""
     imgs = smooth_images(3, 48, 64, seed=2)
+    method = ALGM(config_from_knob(KNOB, 4, 32), prop_attn=prop_attn)
     with torch.no_grad():
-        state = ALGM(config_from_knob(KNOB, 4, 32)).encode(model, imgs, final_norm=False)
+        state = method.encode(model, imgs, final_norm=False, num_blocks=3)
     valid = state.valid()
     assert valid is not None and len(set(state.token_counts().tolist())) > 1
-    attn = model.encoder.blocks[3].attn
-    x = state.x.clone().requires_grad_(True)
-    q, k, v = attn.qkv_heads(x)
-    out = attend_real(attn, q, k, v, state, prop_attn)
-    padded = attn.mix(q, k, v, state.attn_bias(prop_attn))
+    blk = model.encoder.blocks[3]
+    x = state.x.masked_fill(~valid[..., None], 7.0).requires_grad_(True)  # padding holds junk
+    out = method.run_block(3, blk, state.with_x(x), merge=False).x
+    padded = blk(x, attn_mask=state.attn_bias(prop_attn))
     assert out.shape == padded.shape
     assert torch.allclose(out[valid], padded[valid], atol=1e-5) and out[~valid].eq(0).all()
-    for b, n in enumerate(state.token_counts().tolist()):  # each image alone: its own attention
-        alone = attn.mix(q[b:b + 1, :, :n], k[b:b + 1, :, :n], v[b:b + 1, :, :n],
-                         state.attn_bias(True)[b:b + 1, ..., :n] if prop_attn else None)
-        assert torch.allclose(out[b, :n], alone[0], atol=1e-6)
     out[valid].sum().backward()
-    assert x.grad[valid].abs().sum() > 0
-    dense = TokenState.from_tokens(torch.randn(2, 1 + 6 * 8, 32), (6, 8), 1)
-    dq, dk, dv = attn.qkv_heads(dense.x)
-    assert torch.equal(attend_real(attn, dq, dk, dv, dense, prop_attn), attn.mix(dq, dk, dv, None))
+    assert x.grad[valid].abs().sum() > 0 and x.grad[~valid].eq(0).all()
 
 
 def test_window_similarity_matches_brute_force():

@@ -65,14 +65,17 @@ class TokenMethod(nn.Module):
     def run_block(self, index: int, blk: nn.Module, state: TokenState, merge: bool) -> TokenState:
         """One pre-norm timm block on the state, with the merge between attention and MLP.
 
-        The per-token layers (norms, projections, MLP) see only the real tokens when images hold
-        different counts (:func:`~segcompress.tokens.state.tokenwise`), and so does attention
-        (:func:`attend_real`).
+        When images hold different counts (padding), the per-token layers (norms, projections,
+        MLP) see only the real tokens (:func:`~segcompress.tokens.state.tokenwise`) and attention
+        runs padded, with −∞ bias on the padding keys; on CPU a block without a merge instead runs
+        each image on its own tokens (:func:`per_image_block`).
         """
+        if not merge and state.counts is not None and state.x.device.type == "cpu":
+            return state.with_x(per_image_block(blk, state, self.prop_attn))
         attn = blk.attn
         x, rows = state.x, state.real_rows()
         q, k, v = attn.split_heads(tokenwise(lambda t: attn.qkv(blk.norm1(t)), x, rows))
-        mixed = attend_real(attn, q, k, v, state, self.prop_attn)
+        mixed = attn.mix(q, k, v, state.attn_bias(self.prop_attn))
         x = x + blk.drop_path1(blk.ls1(tokenwise(attn.project, mixed, rows)))
         state = state.with_x(x)
         if merge:
@@ -128,29 +131,24 @@ class TokenMethod(nn.Module):
         return {"prop_attn": self.prop_attn, "decoder_on_merged": self.decoder_on_merged}
 
 
-def attend_real(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: TokenState,
-                prop_attn: bool) -> torch.Tensor:
-    """Attention of ``state``'s tokens, unprojected, (B, T, h·v_dim): ``attn.mix`` with the
-    state's bias (log sizes with ``prop_attn``, −∞ on padding keys).
+def per_image_block(blk: nn.Module, state: TokenState, prop_attn: bool) -> torch.Tensor:
+    """The tokens after block ``blk`` (B, T, C), each image run alone on its real tokens (its
+    count in ``state.counts``), with log sizes as attention bias under ``prop_attn``; padding rows
+    are zeros.
 
-    When images hold different counts (padding) on CPU, each image attends over its own real
-    tokens only, and padding rows get zeros (nothing reads them: :func:`tokenwise` skips them). A
-    padded batch would spend the largest image's T² on every image: with ALGM at half of
-    ViT-S/16's FLOPs (512², batch of 8 scenes, 374 to 588 tokens per image) that is 40 % more
-    attention work than the images' own, and the forward pass was 7 % slower. On CUDA the padded
-    batch stays one kernel (a kernel per image would trade the padding for launches, unmeasured).
-    The two agree to float32 rounding.
+    A padded batch spends the largest image's T² in attention on every image, and packing the real
+    tokens for the per-token layers and scattering them back costs two copies per layer. On CPU,
+    with ALGM at half of ViT-S/16's FLOPs (512², a batch of 8 scenes holding 374 to 588 tokens),
+    padding was 40 % more attention work than the images' own, and the forward pass ran 7 to 9 %
+    faster this way, with the same logits. On CUDA the padded batch stays (one kernel per layer; a
+    kernel per image would trade the padding for launches, unmeasured).
     """
     bias = state.attn_bias(prop_attn)
-    if state.counts is None or q.device.type != "cpu":
-        return attn.mix(q, k, v, bias)
-    T = q.shape[2]
-    per_image = []
-    for b, n in enumerate(state.counts.tolist()):
-        one = attn.mix(q[b:b + 1, :, :n], k[b:b + 1, :, :n], v[b:b + 1, :, :n],
-                       bias[b:b + 1, ..., :n] if prop_attn else None)
-        per_image.append(F.pad(one, (0, 0, 0, T - n)))
-    return torch.cat(per_image)
+    T = state.num_tokens
+    return torch.cat([
+        F.pad(blk(state.x[b:b + 1, :n], attn_mask=bias[b:b + 1, ..., :n] if prop_attn else None), (0, 0, 0, T - n))
+        for b, n in enumerate(state.counts.tolist())
+    ])
 
 
 def attach(model: nn.Module, method: TokenMethod | None) -> nn.Module:
