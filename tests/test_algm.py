@@ -13,6 +13,7 @@ from segcompress.tokens.algm import (
 )
 from segcompress.tokens.algm import algm_cost
 from segcompress.tokens.algm import ALGM
+from segcompress.tokens import patch
 from segcompress.tokens.state import TokenState, tokenwise
 from tiny_segmenter import tiny_model, tiny_spec
 
@@ -95,10 +96,11 @@ def test_per_token_layers_see_the_real_tokens_only(model):
 
 
 @pytest.mark.parametrize("prop_attn", [False, True])
-def test_blocks_without_a_merge_run_each_image_on_its_own_tokens(model, prop_attn):
-    """On CPU a block without a merge runs each image of a ragged batch alone: the real rows equal
-    the padded batch's through the same block with −∞ on the padding keys (to rounding), padding
-    rows are zeros whatever they held, gradients flow."""
+def test_blocks_without_a_merge_run_each_image_on_its_own_tokens(model, prop_attn, monkeypatch):
+    """On CPU a block without a merge runs each image of a ragged batch alone: its real rows equal
+    the padded batch's through the same block with −∞ on the padding keys, and those of the padded
+    path (the one CUDA takes), to rounding; padding rows are zeros whatever they held; gradients
+    flow to the real rows only."""
     imgs = smooth_images(3, 48, 64, seed=2)
     method = ALGM(config_from_knob(KNOB, 4, 32), prop_attn=prop_attn)
     with torch.no_grad():
@@ -111,8 +113,12 @@ def test_blocks_without_a_merge_run_each_image_on_its_own_tokens(model, prop_att
     padded = blk(x, attn_mask=state.attn_bias(prop_attn))
     assert out.shape == padded.shape
     assert torch.allclose(out[valid], padded[valid], atol=1e-5) and out[~valid].eq(0).all()
-    out[valid].sum().backward()
-    assert x.grad[valid].abs().sum() > 0 and x.grad[~valid].eq(0).all()
+    (grad,) = torch.autograd.grad(out[valid].sum(), x)
+    assert grad[valid].abs().sum() > 0 and grad[~valid].eq(0).all()
+    monkeypatch.setattr(patch, "PER_IMAGE_DEVICES", ())
+    with torch.no_grad():
+        batched = method.run_block(3, blk, state, merge=False).x
+    assert torch.allclose(out[valid], batched[valid], atol=1e-5)
 
 
 def test_window_similarity_matches_brute_force():

@@ -22,10 +22,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from segcompress.tokens.state import TokenState, restore_grid, tokenwise
+
+#: Devices on which a ragged batch's blocks without a merge run image by image
+#: (:func:`per_image_block`); elsewhere the padded batch runs as one.
+PER_IMAGE_DEVICES: tuple[str, ...] = ("cpu",)
 
 
 class TokenMethod(nn.Module):
@@ -63,14 +66,16 @@ class TokenMethod(nn.Module):
 
     # -- the shared machinery ----------------------------------------------------------------
     def run_block(self, index: int, blk: nn.Module, state: TokenState, merge: bool) -> TokenState:
-        """One pre-norm timm block on the state, with the merge between attention and MLP.
+        """One pre-norm block (``models.vit.Block``) on the state, with the merge between attention
+        and MLP.
 
         When images hold different counts (padding), the per-token layers (norms, projections,
         MLP) see only the real tokens (:func:`~segcompress.tokens.state.tokenwise`) and attention
-        runs padded, with −∞ bias on the padding keys; on CPU a block without a merge instead runs
-        each image on its own tokens (:func:`per_image_block`).
+        runs padded, with −∞ bias on the padding keys; on the devices of
+        :data:`PER_IMAGE_DEVICES` a block without a merge instead runs each image on its own
+        tokens (:func:`per_image_block`).
         """
-        if not merge and state.counts is not None and state.x.device.type == "cpu":
+        if not merge and state.counts is not None and state.x.device.type in PER_IMAGE_DEVICES:
             return state.with_x(per_image_block(blk, state, self.prop_attn))
         attn = blk.attn
         x, rows = state.x, state.real_rows()
@@ -132,23 +137,23 @@ class TokenMethod(nn.Module):
 
 
 def per_image_block(blk: nn.Module, state: TokenState, prop_attn: bool) -> torch.Tensor:
-    """The tokens after block ``blk`` (B, T, C), each image run alone on its real tokens (its
-    count in ``state.counts``), with log sizes as attention bias under ``prop_attn``; padding rows
-    are zeros.
+    """The tokens after block ``blk`` (``models.vit.Block``), (B, T, C): each image of a ragged
+    batch run alone on its real tokens (its count in ``state.counts``), with log sizes as
+    attention bias under ``prop_attn``; padding rows are zeros.
 
     A padded batch spends the largest image's T² in attention on every image, and packing the real
-    tokens for the per-token layers and scattering them back costs two copies per layer. On CPU,
-    with ALGM at half of ViT-S/16's FLOPs (512², a batch of 8 scenes holding 374 to 588 tokens),
-    padding was 40 % more attention work than the images' own, and the forward pass ran 7 to 9 %
-    faster this way, with the same logits. On CUDA the padded batch stays (one kernel per layer; a
+    tokens for the per-token layers and scattering them back costs two copies per layer. Measured
+    on CPU at one thread, with ALGM at half of ViT-S/16's FLOPs (512², a batch of 8 scenes holding
+    374 to 588 tokens): padding was 40 % more attention work than the images' own, and the forward
+    pass ran 9 to 12 % faster this way, with the same logits to float32 rounding. In training, each
+    image draws its own drop-path sample. On CUDA the padded batch stays (one kernel per layer; a
     kernel per image would trade the padding for launches, unmeasured).
     """
-    bias = state.attn_bias(prop_attn)
-    T = state.num_tokens
-    return torch.cat([
-        F.pad(blk(state.x[b:b + 1, :n], attn_mask=bias[b:b + 1, ..., :n] if prop_attn else None), (0, 0, 0, T - n))
-        for b, n in enumerate(state.counts.tolist())
-    ])
+    bias = state.attn_bias(True) if prop_attn else None
+    out = state.x.new_zeros(state.x.shape)
+    for b, n in enumerate(state.counts.tolist()):
+        out[b, :n] = blk(state.x[b:b + 1, :n], attn_mask=None if bias is None else bias[b:b + 1, ..., :n])[0]
+    return out
 
 
 def attach(model: nn.Module, method: TokenMethod | None) -> nn.Module:
