@@ -121,6 +121,35 @@ def test_blocks_without_a_merge_run_each_image_on_its_own_tokens(model, prop_att
     assert torch.allclose(out[valid], batched[valid], atol=1e-5)
 
 
+@pytest.mark.parametrize("prop_attn", [False, True])
+def test_the_decoder_runs_each_image_on_its_own_tokens(model, prop_attn, monkeypatch):
+    """On CPU the decoder on merged tokens runs each image of a ragged batch alone: its mask logits
+    equal the padded batch's (the path CUDA takes) to rounding, at every real patch token; the
+    prefix and padding rows are zeros whatever the padding held; gradients reach real rows only."""
+    imgs = smooth_images(3, 48, 64, seed=2)
+    method = ALGM(config_from_knob(KNOB, 4, 32), prop_attn=prop_attn)
+    with torch.no_grad():
+        state = method.encode(model, imgs)
+    valid = state.valid()
+    assert valid is not None and len(set(state.token_counts().tolist())) > 1
+    x = state.x.masked_fill(~valid[..., None], 7.0).requires_grad_(True)
+    out = patch.decode_merged(model.decoder, state.with_x(x), prop_attn)
+    patch_rows = valid.clone()
+    patch_rows[:, :state.num_prefix] = False
+    assert out.shape == (*state.x.shape[:2], model.decoder.num_classes)
+    assert out[~patch_rows].eq(0).all()
+    (grad,) = torch.autograd.grad(out[patch_rows].sum(), x)
+    assert grad[patch_rows].abs().sum() > 0 and grad[~valid].eq(0).all()
+    monkeypatch.setattr(patch, "PER_IMAGE_DEVICES", ())
+    with torch.no_grad():
+        padded = patch.decode_merged(model.decoder, state.with_x(x), prop_attn)
+        assert torch.allclose(out[patch_rows], padded[patch_rows], atol=1e-5)
+        monkeypatch.setattr(patch, "PER_IMAGE_DEVICES", ("cpu",))
+        masks = method.masks(model, imgs)
+        monkeypatch.setattr(patch, "PER_IMAGE_DEVICES", ())
+        assert torch.allclose(masks, method.masks(model, imgs), atol=1e-5)
+
+
 def test_window_similarity_matches_brute_force():
     torch.manual_seed(5)
     x = torch.randn(2, 4, 6, 8)

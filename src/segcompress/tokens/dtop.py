@@ -61,7 +61,7 @@ from segcompress.flops import analytic_gmacs
 from segcompress.models.segmenter import grid_view
 from segcompress.models.spec import SegmenterSpec
 from segcompress.tokens.cost import NUM_PREFIX, Cost
-from segcompress.tokens.patch import TokenMethod
+from segcompress.tokens.patch import TokenMethod, decode_merged
 from segcompress.tokens.state import TokenState, cumulative_index, tokenwise
 
 KEEP_PER_CLASS = 5  # hard-coded in the reference's prune_head.py
@@ -477,8 +477,7 @@ class DToP(TokenMethod):
         t = st.tokens
         p = t.num_prefix
         x = tokenwise(model.encoder.norm, t.x, t.real_rows())
-        bias = t.attn_bias(False)
-        logits = model.decoder(x[:, p:], None if bias is None else bias[..., p:])  # (B, T - p, K)
+        logits = decode_merged(model.decoder, t.with_x(x), prop_attn=False)[:, p:]  # (B, T - p, K)
         valid = t.valid()
         final = _scatter_rows(logits.new_zeros(logits.shape[0], t.num_patches, logits.shape[-1]),
                               logits.softmax(dim=-1), st.patch_of[:, p:], None if valid is None else valid[:, p:])
