@@ -262,7 +262,7 @@ def test_policy_verb_records_the_init(tmp_path, timm_weights, capsys, synthetic_
 
 
 def test_folded_policy_gives_the_plain_logits_and_choice():
-    """fold_policy (batch norms folded, 1x1 convs as matmuls, channels-last) computes what the plain net does."""
+    """fold_policy (batch norms folded, each convolution and its activation one oneDNN call, channels-last) computes what the plain net does."""
     from segcompress.tokens.cts import fold_policy
 
     torch.manual_seed(4)
@@ -289,6 +289,31 @@ def test_folded_policy_gives_the_plain_logits_and_choice():
         grid = (img.shape[-2] // 16, img.shape[-1] // 16)
         s_ref, s_out = uniform_scores(plain, img, grid), uniform_scores(folded, img, grid)
     assert torch.equal(top_superpatches(s_out, 20), top_superpatches(s_ref, 20))
+
+
+def test_fused_convolutions_compute_what_convolution_then_activation_does(monkeypatch):
+    """Every convolution of the folded policy runs with its activation as one ConvAct; its fused
+    oneDNN call on CPU gives the unfused convolution-then-activation's logits to float32 rounding,
+    and feature maps stay channels-last."""
+    from segcompress.tokens import cts
+    from segcompress.tokens.cts import ConvAct, fold_policy
+
+    torch.manual_seed(6)
+    folded = fold_policy(PolicyNet().eval())
+    convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
+    fused = [m for m in folded.modules() if isinstance(m, ConvAct)]
+    assert len(fused) == len(convs) > 40 and {f.attr for f in fused} == {"none", "hardtanh"}
+    img = torch.randn(2, 3, 96, 128).contiguous(memory_format=torch.channels_last)
+    seen = []
+    for f in fused:
+        f.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.inference_mode():
+        out = folded(img)
+        assert all(o.is_contiguous(memory_format=torch.channels_last) for o in seen)
+        assert max(float(o.max()) for o, f in zip(seen, fused) if f.attr == "hardtanh") <= 6.0
+        monkeypatch.setattr(cts, "ONEDNN_FUSION", False)
+        ref = folded(img)
+    assert torch.allclose(out, ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-5)
 
 
 def test_load_policy_returns_the_folded_net(tmp_path):
