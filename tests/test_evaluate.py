@@ -72,6 +72,20 @@ def test_slide_equals_plain_forward_when_image_is_the_crop() -> None:
     assert torch.equal(predict(model, img, (64, 64), 64, 48), ref.argmax(0))
 
 
+def test_prediction_takes_the_first_class_of_tied_logits() -> None:
+    """Logits with few levels tie across many classes at every pixel; the prediction is the
+    first maximal class, as argmax gives it (one window, resized to its own size: exact)."""
+    model = tiny_model(ADE_SPEC)
+    img = torch.randn(3, 64, 64)
+    quantised = lambda x: model(x).mul(0.5).floor()  # noqa: E731
+    with torch.inference_mode():
+        ref = quantised(img[None])[0]
+        pred = predict(quantised, img, (64, 64), 64, 48)
+    ties = (ref == ref.amax(0)).sum(0)
+    assert (ties > 1).float().mean() > 0.5
+    assert torch.equal(pred, ref.argmax(0))
+
+
 @pytest.mark.parametrize("size", [(64, 150), (100, 70), (40, 50)])  # wide, overlapping both ways, smaller than crop
 def test_slide_of_a_per_pixel_model_is_one_pass(size: tuple[int, int]) -> None:
     model = PixelModel()

@@ -125,7 +125,9 @@ def predict(
     # (1, K, h, w) as a channels-last view (classes fastest), the layout CPU upsampling is fastest on
     logits = logits.movedim(0, -1)[None].permute(0, 3, 1, 2)
     logits = F.interpolate(logits, size=tuple(int(s) for s in out_size), mode="bilinear", align_corners=False)
-    return logits[0].argmax(0)
+    # max's indices are argmax's (the first maximal class on ties, as documented for both); on
+    # CPU max over the classes runs in two thirds of argmax's time (150 classes, channels-last)
+    return logits[0].max(0).indices
 
 
 # Rows of SegMetric.areas and of areas_from_per_image's arrays.
