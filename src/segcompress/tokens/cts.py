@@ -152,8 +152,8 @@ def _fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return folded
 
 
-#: Whether :class:`ConvAct` uses its fused oneDNN call on CPU (when PyTorch has oneDNN).
-ONEDNN_FUSION: bool = torch.backends.mkldnn.is_available()
+#: Whether :class:`ConvAct` uses its fused oneDNN call on CPU (when PyTorch has oneDNN and the op).
+ONEDNN_FUSION: bool = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 #: oneDNN's name and scalars for an activation fused into the convolution before it (:class:`ConvAct`).
 _ONEDNN_ACTIVATIONS: dict[type, tuple[str, list[float]]] = {
