@@ -9,6 +9,7 @@ from torch import nn
 
 from segcompress.flops import count_gmacs
 from segcompress.methods import apply_method
+from segcompress.tokens import cts
 from segcompress.tokens.cts import cts_gmacs
 from segcompress.tokens.cts import (
     PolicyNet, load_policy, policy_targets, save_policy, share_tokens, top_superpatches, train_policy, uniform_scores,
@@ -291,11 +292,21 @@ def test_folded_policy_gives_the_plain_logits_and_choice():
     assert torch.equal(top_superpatches(s_out, 20), top_superpatches(s_ref, 20))
 
 
+def _fused_calls(fn) -> int:
+    """How many oneDNN fused convolutions ``fn()`` runs (from the profiler's events)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_convolution_pointwise")
+
+
+@pytest.mark.skipif(not cts.ONEDNN_FUSION, reason="this PyTorch build has no oneDNN fused convolution")
 def test_fused_convolutions_compute_what_convolution_then_activation_does(monkeypatch):
-    """Every convolution of the folded policy runs with its activation as one ConvAct; its fused
-    oneDNN call on CPU gives the unfused convolution-then-activation's logits to float32 rounding,
-    and feature maps stay channels-last."""
-    from segcompress.tokens import cts
+    """Every convolution of the folded policy runs with its activation as one ConvAct; on CPU each
+    is one fused oneDNN call, whose logits equal the unfused convolution-then-activation's to
+    float32 rounding, with channels-last feature maps and ReLU6's bound; the unfused path runs
+    when oneDNN is off, under autocast and when a gradient is wanted."""
     from segcompress.tokens.cts import ConvAct, fold_policy
 
     torch.manual_seed(6)
@@ -308,12 +319,25 @@ def test_fused_convolutions_compute_what_convolution_then_activation_does(monkey
     for f in fused:
         f.register_forward_hook(lambda m, i, o: seen.append(o))
     with torch.inference_mode():
-        out = folded(img)
+        outs = []
+        assert _fused_calls(lambda: outs.append(folded(img))) == len(fused)
+        out = outs[0]
         assert all(o.is_contiguous(memory_format=torch.channels_last) for o in seen)
         assert max(float(o.max()) for o, f in zip(seen, fused) if f.attr == "hardtanh") <= 6.0
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert _fused_calls(lambda: folded(img)) == 0
+            ref = folded(img)
         monkeypatch.setattr(cts, "ONEDNN_FUSION", False)
-        ref = folded(img)
-    assert torch.allclose(out, ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-5)
+        assert _fused_calls(lambda: outs.append(folded(img))) == 0
+        monkeypatch.undo()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert _fused_calls(lambda: folded(img)) == 0
+            low = folded(img)
+    for unfused in (ref, outs[1]):
+        assert torch.allclose(out, unfused, atol=1e-5 * float(ref.abs().max()), rtol=1e-5)
+    assert low.dtype == torch.bfloat16 and torch.allclose(low.float(), ref, atol=0.1 * float(ref.abs().max()))
+    x = img.clone().requires_grad_(True)
+    assert _fused_calls(lambda: folded(x).sum().backward()) == 0 and x.grad.abs().sum() > 0
 
 
 def test_load_policy_returns_the_folded_net(tmp_path):

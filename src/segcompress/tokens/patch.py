@@ -19,15 +19,16 @@ the training loss (:meth:`TokenMethod.training_loss`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from segcompress.tokens.state import TokenState, restore_grid, tokenwise
 
-#: Devices on which a ragged batch's blocks without a merge run image by image
-#: (:func:`per_image_block`); elsewhere the padded batch runs as one.
+#: Devices on which a ragged batch's blocks without a merge and the decoder on merged tokens run
+#: image by image (:func:`per_image_block`, :func:`decode_merged`); elsewhere the padded batch
+#: runs as one.
 PER_IMAGE_DEVICES: tuple[str, ...] = ("cpu",)
 
 
@@ -75,7 +76,7 @@ class TokenMethod(nn.Module):
         :data:`PER_IMAGE_DEVICES` a block without a merge instead runs each image on its own
         tokens (:func:`per_image_block`).
         """
-        if not merge and state.counts is not None and state.x.device.type in PER_IMAGE_DEVICES:
+        if not merge and runs_per_image(state):
             return state.with_x(per_image_block(blk, state, self.prop_attn))
         attn = blk.attn
         x, rows = state.x, state.real_rows()
@@ -114,7 +115,6 @@ class TokenMethod(nn.Module):
     def masks(self, model: nn.Module, img: torch.Tensor) -> torch.Tensor:
         """Mask logits on the patch grid (B, K, gh, gw)."""
         state = self.encode(model, img)
-        p = state.num_prefix
         if self.decoder_on_merged and state.merged:
             return restore_grid(state, decode_merged(model.decoder, state, self.prop_attn))
         return model.decode(state.unmerge(), state.grid)
@@ -133,48 +133,64 @@ class TokenMethod(nn.Module):
         return {"prop_attn": self.prop_attn, "decoder_on_merged": self.decoder_on_merged}
 
 
+def runs_per_image(state: TokenState) -> bool:
+    """Whether ``state`` is a ragged batch (images with different token counts) on a device of
+    :data:`PER_IMAGE_DEVICES`, where it runs image by image (:func:`per_image`)."""
+    return state.counts is not None and state.x.device.type in PER_IMAGE_DEVICES
+
+
+def per_image(fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], state: TokenState,
+              prop_attn: bool, start: int = 0) -> torch.Tensor:
+    """``fn(tokens, bias)`` on each image of a ragged batch alone, (B, T, C').
+
+    Image b's tokens are its real ones from ``start`` on, ``state.x[b:b+1, start:n_b]``; the bias
+    is their log sizes under ``prop_attn`` (else ``None``). Rows outside them (before ``start``,
+    padding) are zeros. ``fn`` maps (1, n, C) to (1, n, C'). In training each image draws its own
+    dropout and drop-path samples.
+    """
+    bias = state.attn_bias(True) if prop_attn else None
+    B, T, _ = state.x.shape
+    out: torch.Tensor | None = None
+    for b, n in enumerate(state.token_counts().tolist()):
+        y = fn(state.x[b:b + 1, start:n], None if bias is None else bias[b:b + 1, ..., start:n])[0]
+        if out is None:
+            out = y.new_zeros(B, T, y.shape[-1])
+        out[b, start:n] = y
+    assert out is not None
+    return out
+
+
 def per_image_block(blk: nn.Module, state: TokenState, prop_attn: bool) -> torch.Tensor:
     """The tokens after block ``blk`` (``models.vit.Block``), (B, T, C): each image of a ragged
-    batch run alone on its real tokens (its count in ``state.counts``), with log sizes as
-    attention bias under ``prop_attn``; padding rows are zeros.
+    batch run alone on its real tokens (:func:`per_image`); padding rows are zeros.
 
     A padded batch spends the largest image's T² in attention on every image, and packing the real
     tokens for the per-token layers and scattering them back costs two copies per layer. Measured
     on CPU at one thread, with ALGM at half of ViT-S/16's FLOPs (512², a batch of 8 scenes holding
     374 to 588 tokens): padding was 40 % more attention work than the images' own, and the forward
-    pass ran 9 to 12 % faster this way, with the same logits to float32 rounding. In training, each
-    image draws its own drop-path sample. On CUDA the padded batch stays (one kernel per layer; a
-    kernel per image would trade the padding for launches, unmeasured).
+    pass ran 9 to 12 % faster this way, with the same logits to float32 rounding. On CUDA the
+    padded batch stays (one kernel per layer; a kernel per image would trade the padding for
+    launches, unmeasured).
     """
-    bias = state.attn_bias(True) if prop_attn else None
-    out = state.x.new_zeros(state.x.shape)
-    for b, n in enumerate(state.counts.tolist()):
-        out[b, :n] = blk(state.x[b:b + 1, :n], attn_mask=None if bias is None else bias[b:b + 1, ..., :n])[0]
-    return out
+    return per_image(lambda x, bias: blk(x, attn_mask=bias), state, prop_attn)
 
 
 def decode_merged(decoder: nn.Module, state: TokenState, prop_attn: bool) -> torch.Tensor:
-    """Mask logits per token, (B, T, K), from the decoder run on the state's patch tokens (the
-    prefix tokens and padding rows get zeros, and the patch → token map never points at them).
+    """Mask logits per token, (B, T, K), from the decoder run on the state's patch tokens. The
+    prefix rows are zeros; padding rows are zeros on the per-image path and the decoder's output
+    for the padding queries otherwise. The patch → token map never points at either.
 
-    With padding, on the devices of :data:`PER_IMAGE_DEVICES` each image's real tokens go through
-    the decoder alone, as in :func:`per_image_block`; elsewhere the padded batch runs at once with
-    −∞ bias on the padding keys. Measured on CPU at one thread, ALGM at half and at 35 % of
-    ViT-S/16's FLOPs (512², batch 8): 8 and 4 % less time per forward pass, logits equal to 2e-5.
+    A ragged batch on the devices of :data:`PER_IMAGE_DEVICES` goes through the decoder image by
+    image (:func:`per_image`); elsewhere the padded batch runs at once with −∞ bias on the padding
+    keys. Measured on CPU at one thread, ALGM at half and at 35 % of ViT-S/16's FLOPs (512², batch
+    8): 8 and 4 % less time per forward pass, logits equal to 2e-5.
     """
     p = state.num_prefix
+    if runs_per_image(state):
+        return per_image(decoder, state, prop_attn, start=p)
     bias = state.attn_bias(prop_attn)
-    B, T, _ = state.x.shape
-    if state.counts is None or state.x.device.type not in PER_IMAGE_DEVICES:
-        per_token = decoder(state.x[:, p:], None if bias is None else bias[..., p:])  # (B, T-p, K)
-        return torch.cat([per_token.new_zeros(B, p, per_token.shape[-1]), per_token], 1)
-    out: torch.Tensor | None = None
-    for b, n in enumerate(state.counts.tolist()):
-        y = decoder(state.x[b:b + 1, p:n], bias[b:b + 1, ..., p:n] if prop_attn else None)[0]  # (n-p, K)
-        if out is None:
-            out = y.new_zeros(B, T, y.shape[-1])
-        out[b, p:n] = y
-    return out
+    per_token = decoder(state.x[:, p:], None if bias is None else bias[..., p:])  # (B, T-p, K)
+    return torch.cat([per_token.new_zeros(per_token.shape[0], p, per_token.shape[-1]), per_token], 1)
 
 
 def attach(model: nn.Module, method: TokenMethod | None) -> nn.Module:
