@@ -353,3 +353,60 @@ def test_load_policy_returns_the_folded_net(tmp_path):
     # FLOPs are counted on the plain net (batch norms included), as policy_gmacs counts them
     assert count_gmacs(loaded, img) == pytest.approx(count_gmacs(policy, img), rel=1e-12)
     assert count_gmacs(loaded, img) > count_gmacs(loaded.folded, img)
+
+
+def test_a_narrower_policy_net_is_counted_recorded_and_rebuilt(tmp_path, model):
+    """channel_multiplier narrows the policy: fewer counted GFLOPs (fvcore on the net that runs),
+    the file records it, loading rebuilds that net, and a file of another width is refused."""
+    from segcompress.tokens.cts import channel_multiplier_of, policy_gmacs
+
+    torch.manual_seed(5)
+    narrow = PolicyNet(channel_multiplier=0.2).eval()
+    assert narrow.backbone.feature_info.channels()[-1] == 64  # 320 x 0.2
+    assert policy_gmacs(64, 96, 16, 0.2) < 0.25 * policy_gmacs(64, 96, 16)
+    path = tmp_path / "narrow.safetensors"
+    save_policy(narrow, path)
+    assert channel_multiplier_of(path) == 0.2
+    img = torch.randn(2, 3, 64, 96)
+    loaded = load_policy(path)
+    with torch.no_grad():
+        assert torch.allclose(loaded(img), narrow(img), atol=1e-4)
+    assert load_policy(path, channel_multiplier=0.2) is not None
+    with pytest.raises(ValueError, match="narrow.safetensors: CTS policy trained with channel_multiplier 0.2, "
+                                         "the settings say 1.0; retrain it"):
+        load_policy(path, channel_multiplier=1.0)
+    # the whole CTS model, traced, costs what cts_gmacs counts at that multiplier (file's width)
+    apply_method(model, "cts", {"k": 3, "policy_file": str(path)})
+    try:
+        counted = count_gmacs(model, img[:1])
+    finally:
+        apply_method(model, "dense")
+    assert counted == pytest.approx(cts_gmacs(model.spec, {"k": 3}, channel_multiplier=0.2), rel=1e-9)
+    assert counted < cts_gmacs(model.spec, {"k": 3})
+    from segcompress.methods import get
+
+    cost = get("cts").code().cost(model.spec, {"k": 3, "policy_file": str(path)})
+    assert cost.mean == pytest.approx(counted, rel=1e-9)
+    cost = get("cts").code().cost(model.spec, {"k": 3, "policy": {"channel_multiplier": 0.2}})  # no file: settings
+    assert cost.mean == pytest.approx(counted, rel=1e-9)
+
+
+@pytest.mark.parametrize("multiplier, pretrained, message", [
+    (0.0, None, r"channel_multiplier must be in \(0, 1\], got 0.0"),
+    (1.5, None, r"channel_multiplier must be in \(0, 1\], got 1.5"),
+    (0.5, "timm", "pretrained weights \\('timm'\\) exist for efficientnet_lite0 itself only"),
+])
+def test_policy_channel_multiplier_errors(multiplier, pretrained, message):
+    with pytest.raises(ValueError, match=message):
+        PolicyNet(pretrained=pretrained, channel_multiplier=multiplier)
+
+
+def test_policy_verb_trains_the_configured_width(tmp_path, synthetic_ade20k):
+    from segcompress.cli import main
+    from segcompress.tokens.cts import channel_multiplier_of, policy_init_of
+
+    out = tmp_path / "narrow.safetensors"
+    recipe = json.dumps({"batch_size": 2, "log_every": 0, "channel_multiplier": 0.2})
+    assert main(["policy", "--layout", "ade20k", "--root", str(synthetic_ade20k), "--crop", "64", "--img-scale",
+                 "128", "64", "--iters", "1", "--recipe", recipe, "--out", str(out)]) == 0
+    assert channel_multiplier_of(out) == 0.2 and policy_init_of(out) == "random"

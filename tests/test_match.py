@@ -56,6 +56,11 @@ def test_cts_match_reports_the_uniform_share_its_policy_saw(tmp_path):
     s = spec(img_size=256, embed_dim=64, num_classes=3)
     m = solve("cts", s, 0.7 * analytic_gmacs(s), {"include_policy_net": False, "policy_file": str(path)})
     assert m.extra["uniform_fraction"] == 0.24 and 0 < m.extra["shared_fraction"] <= 1
+    # what the evaluation rows carry for the report: the net's init, width and counted cost
+    from segcompress.tokens.cts import policy_gmacs
+
+    assert m.extra["policy_init"] == "random" and m.extra["policy_channel_multiplier"] == 1.0
+    assert m.extra["policy_gflops"] == policy_gmacs(256, 256, s.patch_size)
     with pytest.raises(FileNotFoundError, match="missing.safetensors: CTS policy weights not found"):
         solve("cts", s, 0.7 * analytic_gmacs(s), {"policy_file": str(tmp_path / "missing.safetensors")})
 

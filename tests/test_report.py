@@ -441,7 +441,8 @@ def _study(root: Path, n: int = 20) -> None:
         rows("nvit", target, lambda k, b=base: b + 2 * ((k + 1) % 2), 2.0 * target, post_train_iters=24,
              **{**prov, "source_revision": "r2", "source_dirty": True})
     for target in (0.5, 0.35):  # one knob, one model: 1.0 GFLOPs, i.e. 0.5 of dense
-        rows("cts", target, lambda k: 80, 1.0, {"k": 4}, post_train_iters=0, **prov)
+        rows("cts", target, lambda k: 80, 1.0, {"k": 4}, post_train_iters=0, policy_init="random",
+             policy_channel_multiplier=0.2, policy_gflops=0.1, **prov)
     rows("algm", 0.35, lambda k: 75, 0.9, {"threshold": 0.9}, post_train_iters=0, **prov)
 
 
@@ -558,6 +559,17 @@ def test_provenance_is_kept_and_shown(tmp_path: Path) -> None:
     with (tmp_path / "o" / "benchmark.csv").open() as f:
         row = next(csv.DictReader(f))
     assert row["miou_ci_low"] == row["miou_ci_high"] == ""
+
+
+def test_the_report_says_how_the_policy_net_was_initialised(tmp_path: Path) -> None:
+    root = tmp_path / "raw"
+    _study(root, n=4)
+    out = tmp_path / "results"
+    _report(root, out, html=out / "report.html")
+    page = (out / "report.html").read_text()
+    assert ("<b>CTS policy net:</b> random init (no ImageNet weights: methods.cts.policy.pretrained; the "
+            "reference starts from ImageNet weights); channels ×0.2; ade20k 0.1 GFLOPs (5.0% of dense)") in page
+    assert "ToMe policy net" not in page
 
 
 def test_qualitative_title_flags_an_unreached_target() -> None:

@@ -44,6 +44,9 @@ RESERVED = frozenset({
     "gflops_source", "calibration_gflops", "segcompress_version", "source_revision", "source_dirty", "settings_hash",
 })
 MATCH_COLUMNS = ("target_fraction", "target_gflops", "achieved_gflops", "gflops_std", "within_tolerance", "tolerance")
+# A method with a trained policy net says in its match file how the net was initialised, its
+# channel multiplier and its counted GFLOPs (CTS); the rows carry them for the report.
+POLICY_COLUMNS = ("policy_init", "policy_channel_multiplier", "policy_gflops")
 # Where a row's achieved_gflops / gflops_std come from: measured on the row's own images (an
 # input-dependent method), or the variant's match file (the same on every condition).
 GFLOPS_SOURCES = ("condition", "match")
@@ -316,7 +319,7 @@ class VariantRun:
             knob=json.dumps(self.knob, sort_keys=True),
             corruption="clean" if clean else None, severity=0 if clean else None,
         )
-        row.update({k: self.match[k] for k in MATCH_COLUMNS if k in self.match})
+        row.update({k: self.match[k] for k in MATCH_COLUMNS + POLICY_COLUMNS if k in self.match})
         if self.match.get("message"):  # why a target was not reached, in the matcher's words
             row["match_message"] = self.match["message"]
         row.update(self.tags)

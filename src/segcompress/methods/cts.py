@@ -23,9 +23,9 @@ class CTSSettings(Settings):
         decoder_on_merged: the decoder runs on the shared tokens (reference: on).
         include_policy_net: count the policy network in the GFLOPs (the paper does not say; the
             project does).
-        policy: training of the policy network, once per dense model (``segcompress policy``'s
-            options: iters, batch_size, lr, weight_decay, num_workers, log_every, pretrained);
-            keys left out take that command's defaults.
+        policy: the policy network and its training, once per dense model (``segcompress
+            policy``'s options: iters, batch_size, lr, weight_decay, num_workers, log_every,
+            pretrained, channel_multiplier); keys left out take that command's defaults.
     """
 
     prop_attn: bool = False
@@ -38,7 +38,7 @@ class CTSSettings(Settings):
 #: 50000 iterations) and its options
 POLICY_RECIPE: dict[str, Any] = {
     "iters": 50000, "batch_size": 8, "lr": 5e-5, "weight_decay": 1e-3, "num_workers": 0, "log_every": 50,
-    "pretrained": None,
+    "pretrained": None, "channel_multiplier": 1.0,
 }
 POLICY_OPTIONS = ("border_ignore", "pretrained")
 #: the settings a trained policy depends on (a change retrains it)
@@ -48,6 +48,18 @@ METHOD = Method("cts", "CTS", "token", settings=CTSSettings, knob_keys=frozenset
                 matched=True, needs_policy=True)
 
 
+def channel_multiplier(settings: CTSSettings, policy_file: Any = None) -> float:
+    """The policy net's channel multiplier: the policy file's when it exists (it was trained so),
+    else the settings' (``policy.channel_multiplier``, default 1.0: efficientnet_lite0)."""
+    from pathlib import Path
+
+    from segcompress.tokens.cts import channel_multiplier_of
+
+    if policy_file is not None and Path(policy_file).is_file():
+        return channel_multiplier_of(policy_file)
+    return float((settings.policy or {}).get("channel_multiplier", POLICY_RECIPE["channel_multiplier"]))
+
+
 def build(model: Any, knob: dict[str, Any]) -> Any:
     from segcompress.tokens.cts import CTS, load_policy
 
@@ -55,7 +67,10 @@ def build(model: Any, knob: dict[str, Any]) -> Any:
     if "k" not in rest:
         raise ValueError("cts knob needs 'k' (shared superpatches per image)")
     path = rest.get("policy_file")
-    policy = load_policy(path, map_location=next(model.parameters()).device)
+    # the settings' multiplier, when they set one, must be the file's (else: retrain)
+    given = (settings.policy or {}).get("channel_multiplier")
+    policy = load_policy(path, map_location=next(model.parameters()).device,
+                         channel_multiplier=None if given is None else float(given))
     return CTS(int(rest["k"]), policy, None if path is None else str(path), prop_attn=settings.prop_attn,
                decoder_on_merged=settings.decoder_on_merged)
 
@@ -64,14 +79,15 @@ def cost(spec: Any, knob: dict[str, Any], model: Any = None, images: Any = None)
     from segcompress.tokens.cost import Cost
     from segcompress.tokens.cts import cts_gmacs
 
-    settings, _ = METHOD.split_knob(knob)
-    return Cost(cts_gmacs(spec, {**knob, **settings.to_dict()}, settings.include_policy_net))
+    settings, rest = METHOD.split_knob(knob)
+    return Cost(cts_gmacs(spec, {**knob, **settings.to_dict()}, settings.include_policy_net,
+                          channel_multiplier(settings, rest.get("policy_file"))))
 
 
 def solve(problem: Any) -> Any:
     """The K whose closed-form GFLOPs are nearest the target."""
     from segcompress.flops import analytic_gmacs
-    from segcompress.tokens.cts import cts_gmacs, superpatch_grid, uniform_fraction_of
+    from segcompress.tokens.cts import cts_gmacs, policy_gmacs, policy_init_of, superpatch_grid, uniform_fraction_of
     from segcompress.tokens.match import finish
 
     spec, target = problem.spec, problem.target
@@ -79,14 +95,18 @@ def solve(problem: Any) -> Any:
     base = {**settings.to_dict(), "policy_file": problem.settings.get("policy_file")}
     sh, sw = superpatch_grid(spec.grid)
     dense = analytic_gmacs(spec)
-    values = [cts_gmacs(spec, {"k": k, **base}, settings.include_policy_net) for k in range(sh * sw + 1)]
+    multiplier = channel_multiplier(settings, base["policy_file"])
+    values = [cts_gmacs(spec, {"k": k, **base}, settings.include_policy_net, multiplier) for k in range(sh * sw + 1)]
     k = min(range(len(values)), key=lambda i: (abs(values[i] - target), i))
     reach = (min(values[1:]), max(values[1:])) if len(values) > 1 else (dense, dense)
     # K against the uniform share of the policy's training superpatches: above it, CTS must also
     # share regions that hold several classes
     return finish("cts", {"k": k, **base}, problem, values[k], dense, reach,
                   extra={"policy_net_counted": settings.include_policy_net, "shared_fraction": k / (sh * sw),
-                         "uniform_fraction": uniform_fraction_of(base["policy_file"])})
+                         "uniform_fraction": uniform_fraction_of(base["policy_file"]),
+                         "policy_init": policy_init_of(base["policy_file"]) if base["policy_file"] else None,
+                         "policy_channel_multiplier": multiplier,
+                         "policy_gflops": policy_gmacs(*spec.crop, spec.patch_size, multiplier)})
 
 
 def train_policy(model_path: Any, batches: Any, recipe: dict[str, Any], settings: CTSSettings, *, seed: int,
@@ -104,7 +124,8 @@ def train_policy(model_path: Any, batches: Any, recipe: dict[str, Any], settings
                          f"got {pretrained!r}")
     layout = options["layout"]
     border_ignore = options["border_ignore"] if options.get("border_ignore") is not None else layout == "ade20k"
-    policy = PolicyNet(pretrained=pretrained)  # first: a bad weights file fails before any work
+    # first: a bad weights file or multiplier fails before any work
+    policy = PolicyNet(pretrained=pretrained, channel_multiplier=float(recipe["channel_multiplier"]))
     run = train(policy, batches(), int(recipe["iters"]), patch_size=int(options["patch_size"]),
                 border_ignore=border_ignore, lr=float(recipe["lr"]), weight_decay=float(recipe["weight_decay"]),
                 device=device, on_step=on_step)
@@ -113,4 +134,5 @@ def train_policy(model_path: Any, batches: Any, recipe: dict[str, Any], settings
                                                    final_loss=run.losses[-1] if run.losses else None,
                                                    uniform_fraction=run.uniform_fraction))
     seen = "" if run.uniform_fraction is None else f"; {run.uniform_fraction:.1%} of its training superpatches uniform"
-    return f"CTS policy net, {policy.init} init{seen}"
+    width = "" if policy.channel_multiplier == 1.0 else f", channels x{policy.channel_multiplier:g}"
+    return f"CTS policy net, {policy.init} init{width}{seen}"

@@ -98,6 +98,7 @@ def setup_items(df: pd.DataFrame, categories: Sequence[str] | None, severities: 
     for ds, g in clean.groupby("dataset"):
         n = sorted(pd.to_numeric(g["num_images"], errors="coerce").dropna().astype(int).unique())
         items.append(f"<b>{_e(ds)}:</b> mIoU over {_e(_join(n))} val image(s) per condition")
+    items.extend(policy_items(df))
     ranked = df[df["erank_mean"].notna()]
     if not ranked.empty:
         conds = sorted({"clean" if c == "clean" else f"{c}/{s}" for c, s in zip(ranked["corruption"], ranked["severity"])})
@@ -120,6 +121,32 @@ def setup_items(df: pd.DataFrame, categories: Sequence[str] | None, severities: 
             if ev:
                 items.append(f"<b>{_e(ds)} evaluation:</b> stride {_e(json.dumps(ev.get('stride')))} (null = "
                              f"crop − 32), max_images {_e(json.dumps(ev.get('max_images')))} (null = all)")
+    return items
+
+
+def policy_items(df: pd.DataFrame) -> list[str]:
+    """One bullet per method with a trained policy net (rows with ``policy_init``): how the net was
+    initialised (random: no ImageNet weights, unlike the reference), its channel multiplier and
+    its counted GFLOPs per dataset as a share of the dense model's."""
+    if "policy_init" not in df.columns:
+        return []
+    items = []
+    rows = df[df["policy_init"].notna()]
+    for method in sorted(rows["method"].unique(), key=method_rank):
+        g = rows[rows["method"] == method]
+        inits = sorted({str(v) for v in g["policy_init"]})
+        init = _join([f"random init (no ImageNet weights: methods.{method}.policy.pretrained; the reference "
+                      "starts from ImageNet weights)" if v == "random" else v for v in inits])
+        mult = sorted({float(v) for v in pd.to_numeric(g.get("policy_channel_multiplier"), errors="coerce").dropna()})
+        cost = []
+        for (ds, bb), h in g.groupby(["dataset", "backbone"]):
+            gflops = pd.to_numeric(h.get("policy_gflops"), errors="coerce").dropna()
+            dense = df[(df["dataset"] == ds) & (df["backbone"] == bb) & (df["method"] == "dense")]
+            dense_g = pd.to_numeric(dense.get("achieved_gflops"), errors="coerce").dropna()
+            if len(gflops) and len(dense_g):
+                cost.append(f"{ds} {gflops.iloc[0]:.3g} GFLOPs ({gflops.iloc[0] / dense_g.iloc[0]:.1%} of dense)")
+        items.append(f"<b>{_e(method_label(method))} policy net:</b> {_e(init)}; channels ×{_e(_join([f'{m:g}' for m in mult]))}"
+                     + (f"; {_e(_join(cost))}" if cost else ""))
     return items
 
 

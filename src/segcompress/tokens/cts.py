@@ -51,6 +51,8 @@ IGNORE_INDEX = 255
 
 #: Metadata key of a policy file that says how its backbone was initialised (:func:`policy_init_label`).
 POLICY_INIT_KEY = "policy_init"
+#: Metadata key of a policy file that holds its backbone's channel multiplier (:class:`PolicyNet`).
+POLICY_MULTIPLIER_KEY = "channel_multiplier"
 #: Suffixes of a local pretrained backbone file.
 PRETRAINED_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth")
 
@@ -64,11 +66,20 @@ def policy_init_label(pretrained: str | None) -> str:
     return f"file:{pretrained}"
 
 
-def _policy_backbone(pretrained: str | None) -> nn.Module:
-    """timm's ``efficientnet_lite0`` feature extractor (stride-32 map), initialised as ``pretrained`` says."""
+def _policy_backbone(pretrained: str | None, channel_multiplier: float = 1.0) -> nn.Module:
+    """timm's ``efficientnet_lite0`` feature extractor (stride-32 map), initialised as ``pretrained``
+    says; ``channel_multiplier`` < 1 narrows every block's channels (timm's EfficientNet-Lite
+    builder; its stem and depth stay), a net for which no ImageNet weights exist."""
     import timm
 
+    check_channel_multiplier(channel_multiplier, pretrained)
+
     def create(overlay: dict[str, str] | None = None, weights: bool = True) -> nn.Module:
+        if channel_multiplier != 1.0:
+            from timm.models.efficientnet import _gen_efficientnet_lite
+
+            return _gen_efficientnet_lite(POLICY_BACKBONE, channel_multiplier=channel_multiplier, pretrained=False,
+                                          features_only=True, out_indices=(4,))
         return timm.create_model(POLICY_BACKBONE, pretrained=weights, pretrained_cfg_overlay=overlay,
                                  features_only=True, out_indices=(4,))
 
@@ -95,6 +106,15 @@ def _policy_backbone(pretrained: str | None) -> nn.Module:
     return backbone
 
 
+def check_channel_multiplier(channel_multiplier: float, pretrained: str | None = None) -> None:
+    """Refuse a channel multiplier out of (0, 1], and ImageNet weights for a narrowed net."""
+    if not 0.0 < channel_multiplier <= 1.0:
+        raise ValueError(f"methods.cts.policy.channel_multiplier must be in (0, 1], got {channel_multiplier}")
+    if pretrained is not None and channel_multiplier != 1.0:
+        raise ValueError(f"methods.cts.policy: pretrained weights ({pretrained!r}) exist for {POLICY_BACKBONE} "
+                         f"itself only; set channel_multiplier to 1.0 or pretrained to null, not {channel_multiplier}")
+
+
 def _check_complete(backbone: nn.Module, path: Path) -> None:
     """timm loads a file non-strictly: fail when it did not hold every backbone tensor."""
     from timm.models import load_state_dict
@@ -117,12 +137,16 @@ class PolicyNet(nn.Module):
             ``.safetensors``/``.pth`` state dict of timm's ``efficientnet_lite0`` (loaded through
             the same mechanism; a file that lacks any backbone tensor is an error). The head is
             always randomly initialised. ``init`` records the choice (:func:`policy_init_label`).
+        channel_multiplier: every block's channels times this (1.0: ``efficientnet_lite0``, the
+            reference; < 1: a narrower net of the same depth, random init only), so that a
+            scaled-down study can keep the policy's share of the segmenter's FLOPs.
     """
 
-    def __init__(self, pretrained: str | None = None) -> None:
+    def __init__(self, pretrained: str | None = None, channel_multiplier: float = 1.0) -> None:
         super().__init__()
-        self.backbone = _policy_backbone(pretrained)
+        self.backbone = _policy_backbone(pretrained, channel_multiplier)
         self.init = policy_init_label(pretrained)
+        self.channel_multiplier = float(channel_multiplier)
         channels = self.backbone.feature_info.channels()[-1]
         self.head = nn.Conv2d(channels, 2, 1)
 
@@ -268,18 +292,23 @@ def save_policy(policy: PolicyNet, path: str | Path, metadata: dict[str, str] | 
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: policy path must end in .safetensors")
     state = {k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}
-    meta = {"backbone": POLICY_BACKBONE, POLICY_INIT_KEY: policy.init, **(metadata or {})}
+    meta = {"backbone": POLICY_BACKBONE, POLICY_INIT_KEY: policy.init,
+            POLICY_MULTIPLIER_KEY: json.dumps(policy.channel_multiplier), **(metadata or {})}
     write_safetensors(path, state, {k: str(v) for k, v in meta.items()})
 
 
-def load_policy(path: str | Path | None, map_location: str | torch.device = "cpu") -> nn.Module:
+def load_policy(path: str | Path | None, map_location: str | torch.device = "cpu",
+                channel_multiplier: float | None = None) -> nn.Module:
     """A frozen policy net for inference from ``path`` (safetensors); ``None``: untrained (warns).
 
-    It runs with its batch norms folded into its convolutions (:class:`InferencePolicy`): the
-    trained net's logits, faster; it cannot be trained or saved as a policy file.
+    The net's channel multiplier is the file's (:func:`channel_multiplier_of`); a
+    ``channel_multiplier`` given too must equal it (a policy trained at another width is an
+    error that says to retrain), and builds the untrained net when ``path`` is None. It runs with
+    its batch norms folded into its convolutions (:class:`InferencePolicy`): the trained net's
+    logits, faster; it cannot be trained or saved as a policy file.
     """
-    policy = PolicyNet()
     if path is None:
+        policy = PolicyNet(channel_multiplier=1.0 if channel_multiplier is None else channel_multiplier)
         global _warned_untrained
         if not _warned_untrained:
             log.warning("CTS without a policy file: the policy net is untrained (fine for FLOPs and speed only)")
@@ -287,6 +316,11 @@ def load_policy(path: str | Path | None, map_location: str | torch.device = "cpu
     else:
         from safetensors.torch import load_file
 
+        own = channel_multiplier_of(path)
+        if channel_multiplier is not None and own != channel_multiplier:
+            raise ValueError(f"{path}: CTS policy trained with channel_multiplier {own}, the settings say "
+                             f"{channel_multiplier}; retrain it (`segcompress policy`, or rerun the workflow)")
+        policy = PolicyNet(channel_multiplier=own)
         state = load_file(str(_existing_policy(path)), device=str(map_location))
         missing, unexpected = policy.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -313,6 +347,11 @@ def policy_init_of(path: str | Path) -> str | None:
     """How the policy in ``path`` was initialised before training (``random``, ``timm:<name>``,
     ``file:<path>``), from its metadata; None for a file written before this was recorded."""
     return _policy_metadata(path).get(POLICY_INIT_KEY)
+
+
+def channel_multiplier_of(path: str | Path) -> float:
+    """The channel multiplier of the policy in ``path`` (1.0 for a file written before it was recorded)."""
+    return float(json.loads(_policy_metadata(path).get(POLICY_MULTIPLIER_KEY, "1.0")))
 
 
 def uniform_fraction_of(path: str | Path | None) -> float | None:
@@ -522,15 +561,17 @@ class _Scores(nn.Module):
 
 
 @functools.lru_cache(maxsize=16)
-def policy_gmacs(height: int, width: int, patch_size: int = 16) -> float:
+def policy_gmacs(height: int, width: int, patch_size: int = 16, channel_multiplier: float = 1.0) -> float:
     """Counted GMACs of the policy scoring on one (height, width) crop (fvcore convention).
 
-    Input-independent; measured once per crop by tracing the policy net with fvcore.
+    Input-independent; measured once per crop and channel multiplier by tracing the policy net
+    with fvcore.
     """
     from segcompress.flops import count_gmacs
 
     grid = (height // patch_size, width // patch_size)
-    return count_gmacs(_Scores(PolicyNet(), grid), torch.zeros(1, 3, height, width))
+    net = PolicyNet(channel_multiplier=channel_multiplier)
+    return count_gmacs(_Scores(net, grid), torch.zeros(1, 3, height, width))
 
 
 def policy_metadata(**fields: object) -> dict[str, str]:
@@ -577,10 +618,12 @@ class CTS(TokenMethod):
         return {"k": self.k, "policy_file": self.policy_path, **super().knob()}
 
 
-def cts_gmacs(spec: SegmenterSpec, knob: dict[str, Any], include_policy: bool = True) -> float:
+def cts_gmacs(spec: SegmenterSpec, knob: dict[str, Any], include_policy: bool = True,
+              channel_multiplier: float = 1.0) -> float:
     """GFLOPs of CTS at ``knob``: N − 3K tokens everywhere, N − 3K patches embedded, plus the policy net.
 
-    ``include_policy=False`` leaves the policy net out (the CTS paper's unclear convention).
+    ``include_policy=False`` leaves the policy net out (the CTS paper's unclear convention);
+    ``channel_multiplier`` is the policy net's (:class:`PolicyNet`).
     """
     k = int(knob["k"])
     sh, sw = superpatch_grid(spec.grid)
@@ -594,5 +637,5 @@ def cts_gmacs(spec: SegmenterSpec, knob: dict[str, Any], include_policy: bool = 
     return analytic_gmacs(
         spec, tokens_in=tokens, tokens_out=tokens, embed_patches=n - 3 * k,
         decoder_tokens=decoder_tokens(spec, tokens, bool(knob.get("decoder_on_merged", True))),
-        extra_macs=policy_gmacs(h, w, spec.patch_size) * 1e9 if include_policy else 0.0,
+        extra_macs=policy_gmacs(h, w, spec.patch_size, channel_multiplier) * 1e9 if include_policy else 0.0,
     )
