@@ -55,6 +55,9 @@ def test_preset_is_paper_scale_and_valid(preset: str) -> None:
     assert data["photometric"] is True  # Segmenter's augmentation, not the synthetic study's switch
     assert study["methods"] == ["dense", "tome", "tofu", "algm", "cts", "dtop", "nvit", "depgraph", "nvit_tome"]
     assert config["methods"]["dtop"]["policy"]["iters"] == 40000  # the heads: the reference's pruning phase
+    # CTS's policy as the reference's: ImageNet efficientnet_lite0 itself, not the default study's narrower net
+    cts_policy = config["methods"]["cts"]["policy"]
+    assert (cts_policy["pretrained"], cts_policy["channel_multiplier"], cts_policy["iters"]) == ("timm", 1.0, 50000)
     assert study["targets"] == [0.9, 0.75, 0.6, 0.5, 0.4, 0.3]
     assert len(study["corruptions"]) == 16 and study["severities"] == [1, 2, 3, 4, 5]
 
