@@ -84,6 +84,15 @@ def test_prediction_takes_the_first_class_of_tied_logits() -> None:
     ties = (ref == ref.amax(0)).sum(0)
     assert (ties > 1).float().mean() > 0.5
     assert torch.equal(pred, ref.argmax(0))
+    # both paths of first_max_class: NumPy's on the class-last layout, torch's max on any other
+    from segcompress.evaluate import first_max_class
+
+    class_last = ref.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    assert torch.equal(first_max_class(class_last), ref.argmax(0)) and torch.equal(first_max_class(ref), ref.argmax(0))
+    assert first_max_class(class_last).dtype == torch.int64
+    nan = class_last.clone()
+    nan[3, 5, 7] = float("nan")
+    assert first_max_class(nan)[5, 7] == 3 == first_max_class(nan.contiguous())[5, 7]
 
 
 @pytest.mark.parametrize("size", [(64, 150), (100, 70), (40, 50)])  # wide, overlapping both ways, smaller than crop

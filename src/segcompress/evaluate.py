@@ -125,9 +125,22 @@ def predict(
     # (1, K, h, w) as a channels-last view (classes fastest), the layout CPU upsampling is fastest on
     logits = logits.movedim(0, -1)[None].permute(0, 3, 1, 2)
     logits = F.interpolate(logits, size=tuple(int(s) for s in out_size), mode="bilinear", align_corners=False)
-    # max's indices are argmax's (the first maximal class on ties, as documented for both); on
-    # CPU max over the classes runs in two thirds of argmax's time (150 classes, channels-last)
-    return logits[0].max(0).indices
+    return first_max_class(logits[0])
+
+
+def first_max_class(logits: torch.Tensor) -> torch.Tensor:
+    """The first maximal class (K, H, W) -> (H, W) int64, as ``argmax(0)`` gives it.
+
+    On CPU, with the classes fastest in memory (Segmenter's layout), NumPy's argmax over the
+    contiguous class axis runs it with SIMD: 3.5-5.7 ms per image of the default study (150
+    classes, 178×214) against 13 ms for torch's ``max(0).indices`` and 18 ms for its ``argmax``.
+    NumPy's argmax also returns the first maximum on ties (and the first NaN).
+    """
+    class_last = logits.permute(1, 2, 0)
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and class_last.is_contiguous():
+        return torch.from_numpy(np.argmax(class_last.numpy(), axis=-1).astype(np.int64, copy=False))
+    # max's indices are argmax's (the first maximal class on ties, as documented for both), faster on CPU
+    return logits.max(0).indices
 
 
 # Rows of SegMetric.areas and of areas_from_per_image's arrays.
