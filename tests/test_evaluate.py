@@ -88,11 +88,20 @@ def test_prediction_takes_the_first_class_of_tied_logits() -> None:
     from segcompress.evaluate import first_max_class
 
     class_last = ref.permute(1, 2, 0).contiguous().permute(2, 0, 1)
-    assert torch.equal(first_max_class(class_last), ref.argmax(0)) and torch.equal(first_max_class(ref), ref.argmax(0))
+    class_first = ref.contiguous()
+    assert not class_first.permute(1, 2, 0).is_contiguous()  # torch's path, with the same ties
+    assert torch.equal(first_max_class(class_last), ref.argmax(0))
+    assert torch.equal(first_max_class(class_first), ref.argmax(0))
     assert first_max_class(class_last).dtype == torch.int64
     nan = class_last.clone()
     nan[3, 5, 7] = float("nan")
     assert first_max_class(nan)[5, 7] == 3 == first_max_class(nan.contiguous())[5, 7]
+    threads = torch.get_num_threads()
+    try:  # above NUMPY_ARGMAX_MAX_THREADS threads, torch's parallel max, the same classes
+        torch.set_num_threads(3)
+        assert torch.equal(first_max_class(class_last), ref.argmax(0))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("size", [(64, 150), (100, 70), (40, 50)])  # wide, overlapping both ways, smaller than crop

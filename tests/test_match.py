@@ -61,6 +61,19 @@ def test_cts_match_reports_the_uniform_share_its_policy_saw(tmp_path):
 
     assert m.extra["policy_init"] == "random" and m.extra["policy_channel_multiplier"] == 1.0
     assert m.extra["policy_gflops"] == policy_gmacs(256, 256, s.patch_size)
+    # the width is the file's: a narrower policy file counts the narrower net, with or without
+    # the setting; settings that name another width than the file's say to retrain it
+    narrow = tmp_path / "narrow.safetensors"
+    save_policy(PolicyNet(channel_multiplier=0.2), narrow)
+    target = 0.7 * analytic_gmacs(s)
+    for settings in ({}, {"policy": {"channel_multiplier": 0.2}}):
+        m = solve("cts", s, target, {**settings, "policy_file": str(narrow)})
+        assert m.extra["policy_channel_multiplier"] == 0.2
+        assert m.extra["policy_gflops"] == policy_gmacs(256, 256, s.patch_size, 0.2) < policy_gmacs(256, 256, s.patch_size)
+        assert m.achieved_gflops == cts_gmacs(s, m.knob, channel_multiplier=0.2)
+    with pytest.raises(ValueError, match="narrow.safetensors: CTS policy trained with channel_multiplier 0.2, the "
+                                         "settings say 1.0; retrain it"):
+        solve("cts", s, target, {"policy": {"channel_multiplier": 1.0}, "policy_file": str(narrow)})
     with pytest.raises(FileNotFoundError, match="missing.safetensors: CTS policy weights not found"):
         solve("cts", s, 0.7 * analytic_gmacs(s), {"policy_file": str(tmp_path / "missing.safetensors")})
 

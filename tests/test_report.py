@@ -442,7 +442,7 @@ def _study(root: Path, n: int = 20) -> None:
              **{**prov, "source_revision": "r2", "source_dirty": True})
     for target in (0.5, 0.35):  # one knob, one model: 1.0 GFLOPs, i.e. 0.5 of dense
         rows("cts", target, lambda k: 80, 1.0, {"k": 4}, post_train_iters=0, policy_init="random",
-             policy_channel_multiplier=0.2, policy_gflops=0.1, **prov)
+             policy_channel_multiplier=0.2, policy_gflops=0.1, policy_net_counted=True, **prov)
     rows("algm", 0.35, lambda k: 75, 0.9, {"threshold": 0.9}, post_train_iters=0, **prov)
 
 
@@ -568,7 +568,8 @@ def test_the_report_says_how_the_policy_net_was_initialised(tmp_path: Path) -> N
     _report(root, out, html=out / "report.html")
     page = (out / "report.html").read_text()
     assert ("<b>CTS policy net:</b> random init (no ImageNet weights: methods.cts.policy.pretrained; the "
-            "reference starts from ImageNet weights); channels ×0.2; ade20k 0.1 GFLOPs (5.0% of dense)") in page
+            "reference starts from ImageNet weights); channels ×0.2; ade20k 0.1 GFLOPs (5.0% of dense), counted in "
+            "CTS&#x27;s GFLOPs") in page
     assert "ToMe policy net" not in page
 
 

@@ -128,16 +128,24 @@ def predict(
     return first_max_class(logits[0])
 
 
+#: Up to this many torch threads, the CPU class index is NumPy's argmax (single-threaded) rather
+#: than torch's max, which runs in parallel over the pixels (:func:`first_max_class`).
+NUMPY_ARGMAX_MAX_THREADS = 2
+
+
 def first_max_class(logits: torch.Tensor) -> torch.Tensor:
     """The first maximal class (K, H, W) -> (H, W) int64, as ``argmax(0)`` gives it.
 
-    On CPU, with the classes fastest in memory (Segmenter's layout), NumPy's argmax over the
-    contiguous class axis runs it with SIMD: 3.5-5.7 ms per image of the default study (150
-    classes, 178×214) against 13 ms for torch's ``max(0).indices`` and 18 ms for its ``argmax``.
-    NumPy's argmax also returns the first maximum on ties (and the first NaN).
+    On CPU, with the classes fastest in memory (Segmenter's layout) and at most
+    :data:`NUMPY_ARGMAX_MAX_THREADS` torch threads, NumPy's argmax over the contiguous class axis
+    runs it with SIMD: per image of the default study (150 classes, 178×214, one Emerald Rapids
+    core) 3.5-5.8 ms against 13-16 ms for torch's ``max(0).indices`` (18 ms for its ``argmax``);
+    at two threads 5.3 against 8.4 ms. NumPy's argmax also returns the first maximum on ties
+    (and the first NaN).
     """
-    class_last = logits.permute(1, 2, 0)
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and class_last.is_contiguous():
+    class_last = logits.detach().permute(1, 2, 0)
+    if (logits.device.type == "cpu" and logits.dtype == torch.float32 and class_last.is_contiguous()
+            and torch.get_num_threads() <= NUMPY_ARGMAX_MAX_THREADS):
         return torch.from_numpy(np.argmax(class_last.numpy(), axis=-1).astype(np.int64, copy=False))
     # max's indices are argmax's (the first maximal class on ties, as documented for both), faster on CPU
     return logits.max(0).indices

@@ -45,8 +45,8 @@ RESERVED = frozenset({
 })
 MATCH_COLUMNS = ("target_fraction", "target_gflops", "achieved_gflops", "gflops_std", "within_tolerance", "tolerance")
 # A method with a trained policy net says in its match file how the net was initialised, its
-# channel multiplier and its counted GFLOPs (CTS); the rows carry them for the report.
-POLICY_COLUMNS = ("policy_init", "policy_channel_multiplier", "policy_gflops")
+# channel multiplier, its GFLOPs and whether they are counted (CTS); the rows carry them for the report.
+POLICY_COLUMNS = ("policy_init", "policy_channel_multiplier", "policy_gflops", "policy_net_counted")
 # Where a row's achieved_gflops / gflops_std come from: measured on the row's own images (an
 # input-dependent method), or the variant's match file (the same on every condition).
 GFLOPS_SOURCES = ("condition", "match")

@@ -48,16 +48,24 @@ METHOD = Method("cts", "CTS", "token", settings=CTSSettings, knob_keys=frozenset
                 matched=True, needs_policy=True)
 
 
+def given_multiplier(settings: CTSSettings) -> float | None:
+    """The settings' ``policy.channel_multiplier``, None when they leave it out."""
+    value = (settings.policy or {}).get("channel_multiplier")
+    return None if value is None else float(value)
+
+
 def channel_multiplier(settings: CTSSettings, policy_file: Any = None) -> float:
-    """The policy net's channel multiplier: the policy file's when it exists (it was trained so),
-    else the settings' (``policy.channel_multiplier``, default 1.0: efficientnet_lite0)."""
+    """The policy net's channel multiplier: the policy file's when it exists (it was trained so;
+    settings that name another are an error that says to retrain), else the settings' (default
+    1.0: efficientnet_lite0)."""
     from pathlib import Path
 
     from segcompress.tokens.cts import channel_multiplier_of
 
     if policy_file is not None and Path(policy_file).is_file():
-        return channel_multiplier_of(policy_file)
-    return float((settings.policy or {}).get("channel_multiplier", POLICY_RECIPE["channel_multiplier"]))
+        return channel_multiplier_of(policy_file, given_multiplier(settings))
+    given = given_multiplier(settings)
+    return float(POLICY_RECIPE["channel_multiplier"]) if given is None else given
 
 
 def build(model: Any, knob: dict[str, Any]) -> Any:
@@ -68,9 +76,8 @@ def build(model: Any, knob: dict[str, Any]) -> Any:
         raise ValueError("cts knob needs 'k' (shared superpatches per image)")
     path = rest.get("policy_file")
     # the settings' multiplier, when they set one, must be the file's (else: retrain)
-    given = (settings.policy or {}).get("channel_multiplier")
     policy = load_policy(path, map_location=next(model.parameters()).device,
-                         channel_multiplier=None if given is None else float(given))
+                         channel_multiplier=given_multiplier(settings))
     return CTS(int(rest["k"]), policy, None if path is None else str(path), prop_attn=settings.prop_attn,
                decoder_on_merged=settings.decoder_on_merged)
 

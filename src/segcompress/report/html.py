@@ -126,8 +126,8 @@ def setup_items(df: pd.DataFrame, categories: Sequence[str] | None, severities: 
 
 def policy_items(df: pd.DataFrame) -> list[str]:
     """One bullet per method with a trained policy net (rows with ``policy_init``): how the net was
-    initialised (random: no ImageNet weights, unlike the reference), its channel multiplier and
-    its counted GFLOPs per dataset as a share of the dense model's."""
+    initialised (random: no ImageNet weights, unlike the reference), its channel multiplier, and
+    its GFLOPs per dataset as a share of the dense model's, counted in the method's or not."""
     if "policy_init" not in df.columns:
         return []
     items = []
@@ -135,9 +135,11 @@ def policy_items(df: pd.DataFrame) -> list[str]:
     for method in sorted(rows["method"].unique(), key=method_rank):
         g = rows[rows["method"] == method]
         inits = sorted({str(v) for v in g["policy_init"]})
-        init = _join([f"random init (no ImageNet weights: methods.{method}.policy.pretrained; the reference "
-                      "starts from ImageNet weights)" if v == "random" else v for v in inits])
+        parts = [_join([f"random init (no ImageNet weights: methods.{method}.policy.pretrained; the reference "
+                        "starts from ImageNet weights)" if v == "random" else v for v in inits])]
         mult = sorted({float(v) for v in pd.to_numeric(g.get("policy_channel_multiplier"), errors="coerce").dropna()})
+        if mult:
+            parts.append(f"channels ×{_join([f'{m:g}' for m in mult])}")
         cost = []
         for (ds, bb), h in g.groupby(["dataset", "backbone"]):
             gflops = pd.to_numeric(h.get("policy_gflops"), errors="coerce").dropna()
@@ -145,8 +147,11 @@ def policy_items(df: pd.DataFrame) -> list[str]:
             dense_g = pd.to_numeric(dense.get("achieved_gflops"), errors="coerce").dropna()
             if len(gflops) and len(dense_g):
                 cost.append(f"{ds} {gflops.iloc[0]:.3g} GFLOPs ({gflops.iloc[0] / dense_g.iloc[0]:.1%} of dense)")
-        items.append(f"<b>{_e(method_label(method))} policy net:</b> {_e(init)}; channels ×{_e(_join([f'{m:g}' for m in mult]))}"
-                     + (f"; {_e(_join(cost))}" if cost else ""))
+        if cost:
+            counted = {str(v).lower() for v in g.get("policy_net_counted", pd.Series(dtype=object)).dropna()}
+            where = {"true": f", counted in {method_label(method)}'s GFLOPs", "false": ", not counted in its GFLOPs"}
+            parts.append(_join(cost) + (where[counted.pop()] if len(counted) == 1 and counted <= set(where) else ""))
+        items.append(f"<b>{_e(method_label(method))} policy net:</b> {_e('; '.join(parts))}")
     return items
 
 

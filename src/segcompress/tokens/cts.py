@@ -316,11 +316,7 @@ def load_policy(path: str | Path | None, map_location: str | torch.device = "cpu
     else:
         from safetensors.torch import load_file
 
-        own = channel_multiplier_of(path)
-        if channel_multiplier is not None and own != channel_multiplier:
-            raise ValueError(f"{path}: CTS policy trained with channel_multiplier {own}, the settings say "
-                             f"{channel_multiplier}; retrain it (`segcompress policy`, or rerun the workflow)")
-        policy = PolicyNet(channel_multiplier=own)
+        policy = PolicyNet(channel_multiplier=channel_multiplier_of(path, channel_multiplier))
         state = load_file(str(_existing_policy(path)), device=str(map_location))
         missing, unexpected = policy.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -349,9 +345,14 @@ def policy_init_of(path: str | Path) -> str | None:
     return _policy_metadata(path).get(POLICY_INIT_KEY)
 
 
-def channel_multiplier_of(path: str | Path) -> float:
-    """The channel multiplier of the policy in ``path`` (1.0 for a file written before it was recorded)."""
-    return float(json.loads(_policy_metadata(path).get(POLICY_MULTIPLIER_KEY, "1.0")))
+def channel_multiplier_of(path: str | Path, expected: float | None = None) -> float:
+    """The channel multiplier of the policy in ``path`` (1.0 for a file written before it was
+    recorded); with ``expected`` (the settings' value), a file of another width is an error."""
+    own = float(json.loads(_policy_metadata(path).get(POLICY_MULTIPLIER_KEY, "1.0")))
+    if expected is not None and own != float(expected):
+        raise ValueError(f"{path}: CTS policy trained with channel_multiplier {own}, the settings say "
+                         f"{float(expected)}; retrain it (`segcompress policy`, or rerun the workflow)")
+    return own
 
 
 def uniform_fraction_of(path: str | Path | None) -> float | None:
