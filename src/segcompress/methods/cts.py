@@ -62,9 +62,9 @@ def channel_multiplier(settings: CTSSettings, policy_file: Any = None) -> float:
 
     from segcompress.tokens.cts import channel_multiplier_of
 
-    if policy_file is not None and Path(policy_file).is_file():
-        return channel_multiplier_of(policy_file, given_multiplier(settings))
     given = given_multiplier(settings)
+    if policy_file is not None and Path(policy_file).is_file():
+        return channel_multiplier_of(policy_file, given)
     return float(POLICY_RECIPE["channel_multiplier"]) if given is None else given
 
 

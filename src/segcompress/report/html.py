@@ -150,7 +150,7 @@ def policy_items(df: pd.DataFrame) -> list[str]:
         if cost:
             counted = {str(v).lower() for v in g.get("policy_net_counted", pd.Series(dtype=object)).dropna()}
             where = {"true": f", counted in {method_label(method)}'s GFLOPs", "false": ", not counted in its GFLOPs"}
-            parts.append(_join(cost) + (where[counted.pop()] if len(counted) == 1 and counted <= set(where) else ""))
+            parts.append(_join(cost) + (where.get(counted.pop(), "") if len(counted) == 1 else ""))
         items.append(f"<b>{_e(method_label(method))} policy net:</b> {_e('; '.join(parts))}")
     return items
 

@@ -73,13 +73,13 @@ def _policy_backbone(pretrained: str | None, channel_multiplier: float = 1.0) ->
     import timm
 
     check_channel_multiplier(channel_multiplier, pretrained)
+    if channel_multiplier != 1.0:  # random init only (checked above)
+        from timm.models.efficientnet import _gen_efficientnet_lite
+
+        return _gen_efficientnet_lite(POLICY_BACKBONE, channel_multiplier=channel_multiplier, pretrained=False,
+                                      features_only=True, out_indices=(4,))
 
     def create(overlay: dict[str, str] | None = None, weights: bool = True) -> nn.Module:
-        if channel_multiplier != 1.0:
-            from timm.models.efficientnet import _gen_efficientnet_lite
-
-            return _gen_efficientnet_lite(POLICY_BACKBONE, channel_multiplier=channel_multiplier, pretrained=False,
-                                          features_only=True, out_indices=(4,))
         return timm.create_model(POLICY_BACKBONE, pretrained=weights, pretrained_cfg_overlay=overlay,
                                  features_only=True, out_indices=(4,))
 
