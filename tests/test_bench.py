@@ -18,9 +18,9 @@ torch.set_num_threads(1)
 
 SPEC = tiny_spec(num_classes=3, **SEGMENTER_DROPOUT)  # 32 px, 8 px patches, width 32, 2 blocks
 
-FIELDS = {"images_per_s", "images_per_s_min", "images_per_s_max", "batch_time_s", "batch_time_s_min",
-          "batch_time_s_max", "batch", "crop", "warmup", "repeats", "dtype", "device", "device_type", "threads",
-          "torch", "timm"}
+FIELDS = {"images_per_s", "images_per_s_median", "images_per_s_min", "images_per_s_max", "batch_time_s",
+          "batch_time_s_median", "batch_time_s_min", "batch_time_s_max", "batch_times_s", "batch", "crop", "warmup",
+          "repeats", "statistic", "dtype", "device", "device_type", "threads", "torch", "timm"}
 
 
 def test_measure_throughput_fields_and_positive_numbers():
@@ -65,6 +65,22 @@ def test_several_models_are_timed_in_interleaved_rounds():
     assert len(rows) == 2 and all(r["repeats"] == 3 and r["images_per_s"] > 0 for r in rows)
 
 
+@pytest.mark.parametrize("statistic", ["best", "median"])
+def test_the_headline_is_the_fastest_or_the_median_batch(monkeypatch, statistic):
+    """images/s comes from the statistic's batch time; the others and every batch's time are kept."""
+    import segcompress.bench as bench
+
+    clock = iter([0.4, 0.1, 0.2, 0.8, 0.3])  # seconds of the five timed batches, in order
+    monkeypatch.setattr(bench, "timed_call", lambda fn, device: (fn(), next(clock))[1])
+    out = measure_throughput(torch.nn.Identity(), 2, 8, warmup=0, repeats=5, statistic=statistic)
+    assert out["batch_times_s"] == [0.4, 0.1, 0.2, 0.8, 0.3] and out["statistic"] == statistic
+    assert out["batch_time_s"] == (0.1 if statistic == "best" else 0.3)
+    assert out["images_per_s"] == pytest.approx(2 / out["batch_time_s"])
+    assert (out["images_per_s_max"], out["images_per_s_median"], out["images_per_s_min"]) == pytest.approx((20, 2 / 0.3, 2.5))
+    with pytest.raises(ValueError, match="statistic must be one of best, median"):
+        measure_throughput(torch.nn.Identity(), 2, 8, statistic="mean")
+
+
 def test_cli_bench_saved_model(tmp_path, capsys):
     path = tmp_path / "dense.safetensors"
     save_model(build_segmenter(SPEC), path)
@@ -74,8 +90,13 @@ def test_cli_bench_saved_model(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert FIELDS <= set(out) and out["images_per_s"] > 0 and out["threads"] == 1
     assert out["method"] == "dense" and out["weights"] == str(path) and out["num_classes"] == 3
-    assert out["allocator"] == "default"
+    assert out["allocator"] == "default" and out["statistic"] == "best"
+    assert out["images_per_s"] == out["images_per_s_max"]
     assert json.loads((tmp_path / "bench.json").read_text())["batch"] == 2
+    assert cli([*argv[:-2], "--statistic", "median"]) == 0
+    median = json.loads(capsys.readouterr().out)
+    assert median["statistic"] == "median" and median["images_per_s"] == median["images_per_s_median"]
+    assert median["settings_hash"] != out["settings_hash"]
 
 
 def test_cli_bench_variants_in_one_process(tmp_path, capsys):
@@ -133,7 +154,8 @@ def test_autocast_option():
 
 
 def test_bench_rule_takes_every_core_and_times_with_the_configured_threads():
-    """Dry run: a bench job holds all of --cores (no job runs beside it); torch gets analysis.throughput.threads."""
+    """Dry run: a bench job holds all of --cores (no job runs beside it); torch gets analysis.throughput.threads,
+    and images/s is taken by analysis.throughput.statistic."""
     import re
     from pathlib import Path
 
@@ -146,21 +168,23 @@ def test_bench_rule_takes_every_core_and_times_with_the_configured_threads():
     assert run.returncode == 0, run.stderr[-2000:]
     blocks = [b for b in re.split(r"\n(?=rule \w+:)", run.stdout) if b.startswith("rule bench:")]
     assert blocks
-    threads = yaml.safe_load((root / "config.yaml").read_text())["analysis"]["throughput"]["threads"]
+    throughput = yaml.safe_load((root / "config.yaml").read_text())["analysis"]["throughput"]
     for block in blocks:
         assert re.search(r"^\s+threads: 3$", block, flags=re.M), block[:500]
-        assert f"--threads {threads} >" in block
+        assert f"--threads {throughput['threads']} >" in block
+        assert f"--repeats {throughput['repeats']} --statistic {throughput['statistic']} " in block
 
 
 def test_report_joins_the_spread_of_a_bench_row():
     from segcompress.report.rows import join_throughput, variant_key
 
     row = {"dataset": "ade20k", "backbone": "tiny", "method": "tome", "target_fraction": 0.5, "seed": 0}
-    bench = {variant_key(row): {"images_per_s": 10.0, "images_per_s_min": 9.0, "images_per_s_max": 12.0, "batch": 8,
-                                "device": "cpu", "threads": 1}}
+    bench = {variant_key(row): {"images_per_s": 12.0, "images_per_s_min": 9.0, "images_per_s_median": 10.0,
+                                "images_per_s_max": 12.0, "statistic": "best", "batch": 8, "device": "cpu", "threads": 1}}
     rows = [dict(row), {**row, "seed": 1}]
     assert join_throughput(rows, bench) == 0
-    assert (rows[0]["images_per_s_min"], rows[0]["images_per_s"], rows[0]["images_per_s_max"]) == (9.0, 10.0, 12.0)
+    spread = ("images_per_s_min", "images_per_s_median", "images_per_s", "images_per_s_max", "bench_statistic")
+    assert tuple(rows[0][k] for k in spread) == (9.0, 10.0, 12.0, 12.0, "best")
     assert "images_per_s_min" not in rows[1]
 
 
@@ -175,3 +199,17 @@ def test_report_gives_the_speedup_over_the_dense_model_of_the_same_seed():
     assert join_throughput(rows, bench) == 0
     assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] == 70.0 / 40.0
     assert rows[2]["speedup"] is None  # seed 1 has no dense model timed: no ratio across jobs
+
+
+def test_the_speedup_pairs_the_batches_of_each_round():
+    """With batch times, the speed-up is the median of dense ÷ variant round by round: a slow spell
+    that hits one round of both stays out of it, where a ratio of the two medians would not."""
+    from segcompress.report.rows import speedup_over
+
+    dense = {"images_per_s": 8.0, "batch_times_s": [1.0, 3.0, 1.0, 3.0, 3.0]}  # slow rounds 2, 4 and 5
+    tome = {"images_per_s": 20.0, "batch_times_s": [0.5, 1.5, 0.5, 1.5, 0.5]}  # slow rounds 2 and 4
+    assert speedup_over(tome, dense) == 2.0  # per round 2, 2, 2, 2, 6; the medians' ratio would be 3.0 / 0.5 = 6
+    # batch times of a different number of rounds (not one job), or none (older rows): the images/s ratio
+    assert speedup_over({**tome, "batch_times_s": [0.5, 1.5]}, dense) == 2.5
+    assert speedup_over({"images_per_s": 12.0}, {"images_per_s": 8.0}) == 1.5
+    assert speedup_over(tome, {}) is None

@@ -275,7 +275,7 @@ def test_throughput_and_rank_are_joined_as_columns(raw: Path, tmp_path: Path, ca
     bench, rank = tmp_path / "raw_bench", tmp_path / "raw_rank"
     for seed, ips in ((0, 100.0), (1, 110.0)):
         _side(bench, f"tome{seed}", dataset="ade20k", backbone="tiny", method="tome", target_fraction=0.5, seed=seed,
-              images_per_s=ips, batch=8, device="cpu x", threads=1)
+              images_per_s=ips, batch=8, device="cpu x", threads=1, statistic="best")
         _side(rank, f"tome-clean{seed}", dataset="ade20k", backbone="tiny", method="tome", target_fraction=0.5,
               seed=seed, corruption="clean", severity=0, erank_mean=0.4 + 0.1 * seed, erank_std=0.1, num_images=3)
         _side(rank, f"dense-clean{seed}", dataset="ade20k", backbone="tiny", method="dense", target_fraction=None,
@@ -284,14 +284,15 @@ def test_throughput_and_rank_are_joined_as_columns(raw: Path, tmp_path: Path, ca
           corruption="fog", severity=3, erank_mean=0.3, erank_std=0.02, num_images=3)
     _side(rank, "orphan", dataset="ade20k", backbone="tiny", method="tome", target_fraction=0.5, seed=0,
           corruption="snow", severity=3, erank_mean=0.3, erank_std=0.02, num_images=3)
-    summary = _report(raw, tmp_path, rank=[rank], bench=[bench])
+    summary = _report(raw, tmp_path, rank=[rank], bench=[bench], html=tmp_path / "report.html")
     assert summary["rows"] == 2 * 2 * (4 + 2 * 2 * 4)  # no rows added: joined as columns
+    assert "images/s of the fastest timed batch) at batch 8 on cpu x" in (tmp_path / "report.html").read_text()
     assert "1 effective-rank row(s) match no result row" in caplog.text
     with (tmp_path / "benchmark.csv").open() as f:
         rows = [r for r in csv.DictReader(f) if r["dataset"] == "ade20k"]
     tome05 = [r for r in rows if r["method"] == "tome" and r["target_fraction"] == "0.5"]
     assert {(r["seed"], r["images_per_s"]) for r in tome05} == {("0", "100.0"), ("1", "110.0")}
-    assert {r["bench_batch"] for r in tome05} == {"8"}
+    assert {r["bench_batch"] for r in tome05} == {"8"} and {r["bench_statistic"] for r in tome05} == {"best"}
     ranked = {(r["seed"], r["corruption"], r["severity"]): r["erank_mean"] for r in tome05 if r["erank_mean"]}
     assert ranked == {("0", "clean", "0"): "0.4", ("1", "clean", "0"): "0.5", ("0", "fog", "3"): "0.3"}
     assert all(r["images_per_s"] == "" for r in rows if r["method"] == "nvit")

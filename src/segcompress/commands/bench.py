@@ -1,7 +1,8 @@
 """``segcompress bench``: throughput (images/s) of a model variant at a fixed batch.
 
 Selects the model as ``segcompress flops`` does; prints (and with ``--out`` writes) a JSON object
-with the median/min/max images per second, the settings, the device and software versions and,
+with the images per second of the fastest batch (``--statistic median``: of the median one), the
+median, slowest and fastest batch's beside it, the settings, the device and software versions and,
 as evaluation rows, the code's provenance (``segcompress_version``, ``source_revision``,
 ``source_dirty``) and a ``settings_hash`` of what the timing depends on besides the machine. With
 ``--calib-root`` the first calibration image, repeated ``--batch`` times, is the input (as ALGM
@@ -27,19 +28,20 @@ from pathlib import Path
 
 import torch
 
-from segcompress.bench import add_allocator_argument, measure_throughput, measure_throughputs, use_allocator
+from segcompress.bench import STATISTICS, add_allocator_argument, measure_throughput, measure_throughputs, use_allocator
 from segcompress.commands._evaluation import knob_of, model_sha256, parse_tags, read_match
 from segcompress.commands._model_options import add_model_arguments, calibration_images, variant_from_args
 from segcompress.io import write_json
 
 # Columns bench measures itself: a tag may not set them.
-MEASURED = frozenset({"images_per_s", "images_per_s_min", "images_per_s_max", "batch_time_s", "batch_time_s_min",
-                      "batch_time_s_max", "batch", "crop", "warmup", "repeats", "dtype", "device", "device_type",
+MEASURED = frozenset({"images_per_s", "images_per_s_median", "images_per_s_min", "images_per_s_max", "batch_time_s",
+                      "batch_time_s_median", "batch_time_s_min", "batch_time_s_max", "batch_times_s", "batch", "crop",
+                      "warmup", "repeats", "statistic", "dtype", "device", "device_type",
                       "threads", "torch", "timm", "cuda", "images", "allocator", "python", "segcompress_version",
                       "source_revision", "source_dirty", "settings_hash"})
 # What a timing depends on besides the machine (with the checkpoint's content and the input's seed).
-HASHED = ("method", "knob", "backbone", "num_classes", "crop", "batch", "warmup", "repeats", "dtype", "images",
-          "allocator", "threads")
+HASHED = ("method", "knob", "backbone", "num_classes", "crop", "batch", "warmup", "repeats", "statistic", "dtype",
+          "images", "allocator", "threads")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches first (default: 3)")
     parser.add_argument("--repeats", type=int, default=10, help="timed batches (default: 10)")
+    parser.add_argument("--statistic", choices=STATISTICS, default="best",
+                        help="which batch's time gives images/s: best (default; the fastest, which other work on "
+                             "the machine can only slow down) or median; the row records both")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:i]")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     add_allocator_argument(parser)
@@ -89,7 +94,8 @@ def main(args: argparse.Namespace) -> int:
     if len(crops) > 1:
         raise ValueError(f"--variant models have different crops {sorted(crops)}; time them in separate calls")
     results = measure_throughputs([(variant.model, inputs) for variant, inputs in prepared], args.batch,
-                                  prepared[0][0].spec.crop, args.warmup, args.repeats, args.device, args.seed)
+                                  prepared[0][0].spec.crop, args.warmup, args.repeats, args.device, args.seed,
+                                  args.statistic)
     for one, (variant, inputs), result, own, (out, model, method, *_) in zip(
             each, prepared, results, own_tags, args.variant):
         row = {**_row(one, variant, inputs, result), **tags, **own}
@@ -123,7 +129,7 @@ def _time_variant(args: argparse.Namespace) -> dict:
     """Load the variant the options select and time it: the row without tags."""
     variant, inputs = _prepare(args)
     result = measure_throughput(variant.model, args.batch, variant.spec.crop, args.warmup, args.repeats,
-                                args.device, inputs=inputs, seed=args.seed)
+                                args.device, inputs=inputs, seed=args.seed, statistic=args.statistic)
     return _row(args, variant, inputs, result)
 
 

@@ -204,7 +204,7 @@ class Options(Inputs):
         for i, v in enumerate(self.variants(wildcards.ds, wildcards.arch, wildcards.seed)):
             tags = ",".join(f"{k}={x}" for k, x in self.tags(v).items())
             opts.append(f"--variant {output[i]} {input[f'model{i}']} {v.applied} {input[f'match{i}']} {tags}")
-        opts.append(f"--batch {t['batch']} --warmup {t['warmup']} --repeats {t['repeats']}"
+        opts.append(f"--batch {t['batch']} --warmup {t['warmup']} --repeats {t['repeats']} --statistic {t['statistic']}"
                     f" --calib-root {Path(input.manifest).parent} --calib-layout {self._dataset(wildcards)['layout']}"
                     " --calib-images 1")
         return " ".join(opts)

@@ -73,6 +73,10 @@ def _lookup(config: Mapping[str, Any], path: Sequence[str]) -> tuple[bool, Any]:
     return True, node
 
 
+#: How a bench row's ``statistic`` reads in "images/s of the ... timed batch".
+STATISTIC_PHRASES = {"best": "fastest", "median": "median"}
+
+
 def _join(values: Sequence[Any]) -> str:
     return ", ".join(str(v) for v in values) if len(values) else "none"
 
@@ -110,7 +114,9 @@ def setup_items(df: pd.DataFrame, categories: Sequence[str] | None, severities: 
     if df["images_per_s"].notna().any():
         dev = sorted({str(d) for d in df.get("bench_device", pd.Series(dtype=str)).dropna().unique()})
         batch = sorted({int(b) for b in pd.to_numeric(df.get("bench_batch"), errors="coerce").dropna().unique()})
-        items.append(f"<b>Throughput</b> (images/s, median over repeats) at batch {_e(_join(batch))} on "
+        stat = sorted({str(s) for s in df.get("bench_statistic", pd.Series(dtype=str)).dropna().unique()})
+        taken = _join([STATISTIC_PHRASES.get(s, s) for s in stat]) if stat else "median (older rows)"
+        items.append(f"<b>Throughput</b> (images/s of the {_e(taken)} timed batch) at batch {_e(_join(batch))} on "
                      f"{_e(_join(dev))}; a shared machine makes these numbers noisy, and the speed-up over the dense "
                      "model timed in the same job less so")
     else:

@@ -7,7 +7,8 @@ as columns, never as rows of their own:
 
 * throughput (``segcompress bench`` rows, ``results/raw_bench/**``): ``images_per_s``,
   ``speedup`` (over the dense model of the same dataset, backbone and seed, timed in the same
-  job) and ``bench_batch`` / ``bench_device`` / ``bench_threads``, the same value on every
+  job), ``bench_statistic`` (which timed batch gave images/s: ``best`` or ``median``) and
+  ``bench_batch`` / ``bench_device`` / ``bench_threads``, the same value on every
   condition of a variant (throughput does not depend on the image content for input-independent
   methods; ALGM and CTS are timed on a real val image);
 * effective rank (``segcompress rank`` rows, ``results/raw_rank/**``): ``erank_mean``,
@@ -42,6 +43,7 @@ import io
 import json
 import logging
 import math
+import statistics
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -264,10 +266,11 @@ def load_side_rows(paths: Iterable[str | Path], what: str, with_condition: bool)
 
 
 def join_throughput(rows: list[dict[str, Any]], bench: Mapping[tuple, Mapping[str, Any]]) -> int:
-    """Set ``images_per_s``, its spread over the timed repeats (``images_per_s_min``/``_max``),
-    batch, device, threads and ``speedup`` on every row of a benched variant.
+    """Set ``images_per_s``, its spread over the timed repeats (``images_per_s_min``, ``_median``,
+    ``_max``), the statistic it was taken by, batch, device, threads and ``speedup`` on every row
+    of a benched variant.
 
-    ``speedup`` is its images/s over the dense model's of the same dataset, backbone and seed.
+    ``speedup`` is over the dense model of the same dataset, backbone and seed (:func:`speedup_over`).
     Every variant of a seed is timed in one job, in interleaved rounds (``segcompress bench``), so
     the ratio holds when the machine's own speed drifts between runs, which moves all of a job's
     images/s alike.
@@ -280,15 +283,35 @@ def join_throughput(rows: list[dict[str, Any]], bench: Mapping[tuple, Mapping[st
         if b is None:
             continue
         used.add(variant_key(r))
-        dense = bench.get(variant_key({**r, "method": "dense", "target_fraction": None}), {}).get("images_per_s")
+        dense_row = bench.get(variant_key({**r, "method": "dense", "target_fraction": None}), {})
         r.update(images_per_s=b.get("images_per_s"), images_per_s_min=b.get("images_per_s_min"),
-                 images_per_s_max=b.get("images_per_s_max"), bench_batch=b.get("batch"), bench_device=b.get("device"),
+                 images_per_s_median=b.get("images_per_s_median"), images_per_s_max=b.get("images_per_s_max"),
+                 bench_statistic=b.get("statistic"), bench_batch=b.get("batch"), bench_device=b.get("device"),
                  bench_threads=b.get("threads"),
-                 speedup=b["images_per_s"] / dense if dense and b.get("images_per_s") is not None else None)
+                 speedup=speedup_over(b, dense_row))
     unused = len(set(bench) - used)
     if unused:
         log.warning("%d throughput row(s) match no result row (variant not evaluated); left out", unused)
     return unused
+
+
+def speedup_over(row: Mapping[str, Any], dense: Mapping[str, Any]) -> float | None:
+    """A bench row's speed-up over the dense model's bench row of the same job.
+
+    Paired round by round where both rows carry ``batch_times_s`` of the same length: the median
+    over the rounds of the dense batch time over the variant's in the same round. Each round of
+    ``segcompress bench`` times one batch of every variant within about a second
+    (:func:`segcompress.bench.measure_throughputs`), so a slow spell of the machine falls on both
+    batches of a pair, and the paired median moves far less between two runs of a study than a
+    ratio of two separately taken statistics (docs/methods.md §7.3). Rows without batch times
+    (written before they were recorded) give the ratio of their ``images_per_s``. None without a
+    dense row.
+    """
+    times, ref = row.get("batch_times_s") or [], dense.get("batch_times_s") or []
+    if times and len(times) == len(ref):
+        return float(statistics.median(r / t for r, t in zip(ref, times)))
+    ips, dense_ips = row.get("images_per_s"), dense.get("images_per_s")
+    return ips / dense_ips if ips is not None and dense_ips else None
 
 
 def join_rank(rows: list[dict[str, Any]], ranks: Mapping[tuple, Mapping[str, Any]]) -> int:

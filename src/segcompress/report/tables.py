@@ -157,8 +157,10 @@ NOTE = ("mIoU in %, mean ± std over seeds (± only with two or more seeds) [95 
         f"{UNREACHED_MARK} = FLOPs target not reached (see the footnotes); corrupted mIoU = mean over the "
         "selected corruptions of the mean over the selected severities; rel. robustness = corrupted / clean mIoU; "
         "mCD against the dense model of the same seed; GFLOPs = achieved fvcore GMACs of one crop; images/s = "
-        "median throughput at a fixed batch (empty: not measured); speed-up = images/s over the dense "
-        "model's of the same seed, timed in the same job (steadier between runs than images/s); erank = "
+        "throughput at a fixed batch, of the fastest timed batch unless analysis.throughput.statistic is median "
+        "(empty: not measured); speed-up = over the dense model of the "
+        "same seed timed in the same job, the median over its timing rounds of the dense batch time over the "
+        "variant's (steadier between runs than images/s); erank = "
         "normalised effective rank of the restored encoder features, mean ± std over images.")
 
 
