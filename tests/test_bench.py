@@ -63,6 +63,7 @@ def test_several_models_are_timed_in_interleaved_rounds():
     rows = measure_throughputs([(Recorder("a"), None), (Recorder("b"), None)], 2, 8, warmup=1, repeats=3)
     assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b"]
     assert len(rows) == 2 and all(r["repeats"] == 3 and r["images_per_s"] > 0 for r in rows)
+    assert rows[0]["timed_at"] == rows[1]["timed_at"]  # one set of rounds: their batch times pair up
 
 
 @pytest.mark.parametrize("statistic", ["best", "median"])
@@ -73,7 +74,7 @@ def test_the_headline_is_the_fastest_or_the_median_batch(monkeypatch, statistic)
     clock = iter([0.4, 0.1, 0.2, 0.8, 0.3])  # seconds of the five timed batches, in order
     monkeypatch.setattr(bench, "timed_call", lambda fn, device: (fn(), next(clock))[1])
     out = measure_throughput(torch.nn.Identity(), 2, 8, warmup=0, repeats=5, statistic=statistic)
-    assert out["batch_times_s"] == [0.4, 0.1, 0.2, 0.8, 0.3] and out["statistic"] == statistic
+    assert out["batch_times_s"] == [0.4, 0.1, 0.2, 0.8, 0.3] and out["statistic"] == statistic and out["timed_at"]
     assert out["batch_time_s"] == (0.1 if statistic == "best" else 0.3)
     assert out["images_per_s"] == pytest.approx(2 / out["batch_time_s"])
     assert (out["images_per_s_max"], out["images_per_s_median"], out["images_per_s_min"]) == pytest.approx((20, 2 / 0.3, 2.5))
@@ -206,10 +207,12 @@ def test_the_speedup_pairs_the_batches_of_each_round():
     that hits one round of both stays out of it, where a ratio of the two medians would not."""
     from segcompress.report.rows import speedup_over
 
-    dense = {"images_per_s": 8.0, "batch_times_s": [1.0, 3.0, 1.0, 3.0, 3.0]}  # slow rounds 2, 4 and 5
-    tome = {"images_per_s": 20.0, "batch_times_s": [0.5, 1.5, 0.5, 1.5, 0.5]}  # slow rounds 2 and 4
+    job = {"timed_at": "2026-12-01T16:00:00.000000+00:00"}
+    dense = {**job, "images_per_s": 8.0, "batch_times_s": [1.0, 3.0, 1.0, 3.0, 3.0]}  # slow rounds 2, 4 and 5
+    tome = {**job, "images_per_s": 20.0, "batch_times_s": [0.5, 1.5, 0.5, 1.5, 0.5]}  # slow rounds 2 and 4
     assert speedup_over(tome, dense) == 2.0  # per round 2, 2, 2, 2, 6; the medians' ratio would be 3.0 / 0.5 = 6
-    # batch times of a different number of rounds (not one job), or none (older rows): the images/s ratio
+    # rows of other rounds (another job), or without batch times (older rows): the images/s ratio
+    assert speedup_over({**tome, "timed_at": "2026-12-01T17:00:00.000000+00:00"}, dense) == 2.5
     assert speedup_over({**tome, "batch_times_s": [0.5, 1.5]}, dense) == 2.5
     assert speedup_over({"images_per_s": 12.0}, {"images_per_s": 8.0}) == 1.5
     assert speedup_over(tome, {}) is None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import platform
 import statistics
 import time
@@ -176,7 +177,8 @@ def measure_throughput(
         ``images_per_s`` and ``batch_time_s`` by ``statistic``; ``images_per_s_median``,
         ``images_per_s_min`` (slowest batch) and ``images_per_s_max`` (fastest), the batch times
         alike (``batch_time_s_median``/``_min``/``_max``) and every batch's (``batch_times_s``,
-        in timing order); the settings, the device name, thread count, software versions and the
+        in timing order, one per round); ``timed_at``, the UTC start of the rounds, the same in
+        every row of one :func:`measure_throughputs` call; the settings, the device name, thread count, software versions and the
         code's provenance (:func:`software_versions`).
     """
     return measure_throughputs([(model, inputs)], batch, crop, warmup, repeats, device, seed, statistic)[0]
@@ -214,6 +216,8 @@ def measure_throughputs(
             raise ValueError(f"inputs of shape {tuple(inputs.shape)} do not match batch {batch} and crop {(h, w)}")
         xs.append(inputs.to(dev, torch.float32))
     modes = [model.training for model, _ in runs]
+    # one stamp for every row of these rounds: which rows' batch times pair up (report.rows.speedup_over)
+    timed_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
     times: list[list[float]] = [[] for _ in runs]
     try:
         with torch.inference_mode():
@@ -230,7 +234,8 @@ def measure_throughputs(
         for (model, _), mode in zip(runs, modes):
             model.train(mode)
     common = {
-        "batch": batch, "crop": [h, w], "warmup": warmup, "repeats": repeats, "statistic": statistic, "dtype": "float32",
+        "batch": batch, "crop": [h, w], "warmup": warmup, "repeats": repeats, "statistic": statistic, "timed_at": timed_at,
+        "dtype": "float32",
         "device": device_name(dev), "device_type": dev.type, "threads": torch.get_num_threads(),
         **software_versions(dev),
     }

@@ -36,11 +36,11 @@ from segcompress.io import write_json
 # Columns bench measures itself: a tag may not set them.
 MEASURED = frozenset({"images_per_s", "images_per_s_median", "images_per_s_min", "images_per_s_max", "batch_time_s",
                       "batch_time_s_median", "batch_time_s_min", "batch_time_s_max", "batch_times_s", "batch", "crop",
-                      "warmup", "repeats", "statistic", "dtype", "device", "device_type",
+                      "warmup", "repeats", "statistic", "timed_at", "dtype", "device", "device_type",
                       "threads", "torch", "timm", "cuda", "images", "allocator", "python", "segcompress_version",
                       "source_revision", "source_dirty", "settings_hash"})
 # What a timing depends on besides the machine (with the checkpoint's content and the input's seed).
-HASHED = ("method", "knob", "backbone", "num_classes", "crop", "batch", "warmup", "repeats", "statistic", "dtype",
+HASHED = ("method", "knob", "backbone", "num_classes", "crop", "batch", "warmup", "repeats", "statistic", "timed_at", "dtype",
           "images", "allocator", "threads")
 
 

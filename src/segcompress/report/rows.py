@@ -298,17 +298,19 @@ def join_throughput(rows: list[dict[str, Any]], bench: Mapping[tuple, Mapping[st
 def speedup_over(row: Mapping[str, Any], dense: Mapping[str, Any]) -> float | None:
     """A bench row's speed-up over the dense model's bench row of the same job.
 
-    Paired round by round where both rows carry ``batch_times_s`` of the same length: the median
-    over the rounds of the dense batch time over the variant's in the same round. Each round of
+    Paired round by round where both rows come from the same timing rounds (the same
+    ``timed_at``) and carry ``batch_times_s``: the median over the rounds of the dense batch time
+    over the variant's in the same round. Each round of
     ``segcompress bench`` times one batch of every variant within about a second
     (:func:`segcompress.bench.measure_throughputs`), so a slow spell of the machine falls on both
     batches of a pair, and the paired median moves far less between two runs of a study than a
-    ratio of two separately taken statistics (docs/methods.md §7.3). Rows without batch times
-    (written before they were recorded) give the ratio of their ``images_per_s``. None without a
-    dense row.
+    ratio of two separately taken statistics (docs/methods.md §7.3). Other rows (timed apart, or
+    written before batch times were recorded) give the ratio of their ``images_per_s``. None
+    without a dense row.
     """
     times, ref = row.get("batch_times_s") or [], dense.get("batch_times_s") or []
-    if times and len(times) == len(ref):
+    same_rounds = row.get("timed_at") is not None and row.get("timed_at") == dense.get("timed_at")
+    if same_rounds and times and len(times) == len(ref):
         return float(statistics.median(r / t for r, t in zip(ref, times)))
     ips, dense_ips = row.get("images_per_s"), dense.get("images_per_s")
     return ips / dense_ips if ips is not None and dense_ips else None
