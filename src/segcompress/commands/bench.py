@@ -40,7 +40,7 @@ MEASURED = frozenset({"images_per_s", "images_per_s_median", "images_per_s_min",
                       "threads", "torch", "timm", "cuda", "images", "allocator", "python", "segcompress_version",
                       "source_revision", "source_dirty", "settings_hash"})
 # What a timing depends on besides the machine (with the checkpoint's content and the input's seed).
-HASHED = ("method", "knob", "backbone", "num_classes", "crop", "batch", "warmup", "repeats", "statistic", "timed_at", "dtype",
+HASHED = ("method", "knob", "backbone", "num_classes", "crop", "batch", "warmup", "repeats", "statistic", "dtype",
           "images", "allocator", "threads")
 
 
