@@ -178,8 +178,8 @@ def measure_throughput(
         ``images_per_s_min`` (slowest batch) and ``images_per_s_max`` (fastest), the batch times
         alike (``batch_time_s_median``/``_min``/``_max``) and every batch's (``batch_times_s``,
         in timing order, one per round); ``timed_at``, the UTC start of the rounds, the same in
-        every row of one :func:`measure_throughputs` call; the settings, the device name, thread count, software versions and the
-        code's provenance (:func:`software_versions`).
+        every row of one :func:`measure_throughputs` call; the settings, the device name, thread
+        count, software versions and the code's provenance (:func:`software_versions`).
     """
     return measure_throughputs([(model, inputs)], batch, crop, warmup, repeats, device, seed, statistic)[0]
 
@@ -234,9 +234,9 @@ def measure_throughputs(
         for (model, _), mode in zip(runs, modes):
             model.train(mode)
     common = {
-        "batch": batch, "crop": [h, w], "warmup": warmup, "repeats": repeats, "statistic": statistic, "timed_at": timed_at,
-        "dtype": "float32",
-        "device": device_name(dev), "device_type": dev.type, "threads": torch.get_num_threads(),
+        "batch": batch, "crop": [h, w], "warmup": warmup, "repeats": repeats, "statistic": statistic,
+        "timed_at": timed_at, "dtype": "float32", "device": device_name(dev), "device_type": dev.type,
+        "threads": torch.get_num_threads(),
         **software_versions(dev),
     }
     rows = []
