@@ -14,7 +14,7 @@ from segcompress.tokens.algm import (
 from segcompress.tokens.algm import algm_cost
 from segcompress.tokens.algm import ALGM
 from segcompress.tokens import patch
-from segcompress.tokens.state import TokenState, tokenwise
+from segcompress.tokens.state import TokenState, split_images, stack_images, tokenwise
 from tiny_segmenter import tiny_model, tiny_spec
 
 torch.set_num_threads(1)
@@ -119,6 +119,66 @@ def test_blocks_without_a_merge_run_each_image_on_its_own_tokens(model, prop_att
     with torch.no_grad():
         batched = method.run_block(3, blk, state, merge=False).x
     assert torch.allclose(out[valid], batched[valid], atol=1e-5)
+
+
+@pytest.mark.parametrize("prop_attn", [False, True])
+def test_a_merging_block_runs_each_image_alone(model, prop_attn, monkeypatch):
+    """On CPU ALGM's global merge on a ragged batch runs image by image: the same tokens per image,
+    sizes and patch → token map as the padded batch (the path CUDA and ``batch_coupled`` take), to
+    rounding; padding stays size 0 and zeros."""
+    imgs = smooth_images(3, 48, 64, seed=2)
+    method = ALGM(config_from_knob(KNOB, 4, 32), prop_attn=prop_attn)
+    assert method.merges_each_image and not ALGM(config_from_knob({**KNOB, "batch_coupled": True}, 4, 32)).merges_each_image
+    with torch.no_grad():
+        state = method.encode(model, imgs, final_norm=False, num_blocks=2)
+        assert patch.runs_per_image(state) and len(set(state.token_counts().tolist())) > 1
+        alone = method.run_block(2, model.encoder.blocks[2], state, merge=True)
+        monkeypatch.setattr(patch, "PER_IMAGE_DEVICES", ())
+        batched = method.run_block(2, model.encoder.blocks[2], state, merge=True)
+    assert alone.token_counts().tolist() == batched.token_counts().tolist()
+    assert alone.token_counts().tolist() != state.token_counts().tolist()  # it merged
+    valid = batched.valid()
+    assert valid is not None and torch.equal(alone.valid(), valid)
+    assert torch.equal(alone.token_of, batched.token_of) and torch.equal(alone.size, batched.size)
+    assert torch.allclose(alone.x[valid], batched.x[valid], atol=1e-5) and alone.x[~valid].eq(0).all()
+
+
+def test_split_and_stack_images_are_inverses(model):
+    """A ragged state split into batches of one (real tokens only) and stacked again is the same
+    state; a batch whose images hold equal counts stacks without padding."""
+    imgs = smooth_images(3, 48, 64, seed=2)
+    method = ALGM(config_from_knob(KNOB, 4, 32))
+    with torch.no_grad():
+        state = method.encode(model, imgs, final_norm=False, num_blocks=2)
+    ones = split_images(state)
+    assert [s.num_tokens for s in ones] == state.token_counts().tolist() and all(s.counts is None for s in ones)
+    back = stack_images(ones)
+    for field in ("x", "size", "token_of", "counts"):
+        assert torch.equal(getattr(back, field), getattr(state, field)), field
+    assert back.merged and back.grid == state.grid and back.num_prefix == state.num_prefix
+    same = stack_images([ones[0], ones[0]])
+    assert same.counts is None and torch.equal(same.x, ones[0].x.expand(2, -1, -1))
+
+
+def test_a_ragged_stretch_runs_each_image_through_it_at_once(model):
+    """Between ALGM's merges (layers 1 and 4: blocks 2 and 3 without one), each image goes through
+    the stretch alone: the tokens equal those of running it block by block bit for bit, and the
+    recorded counts still have one entry per block."""
+    imgs = smooth_images(3, 48, 64, seed=2)
+    method = ALGM(config_from_knob({**KNOB, "layers": [1, 4]}, 4, 32))
+    method.record = True
+    blocks = model.encoder.blocks
+    with torch.no_grad():
+        stretch = method.encode(model, imgs, final_norm=False, num_blocks=3)
+        trace = method.trace
+        assert len(trace) == 3
+        state = method.encode(model, imgs, final_norm=False, num_blocks=1)
+        assert patch.runs_per_image(state)
+        for i in (1, 2):
+            state = method.run_block(i, blocks[i], state, merge=False)
+    assert torch.equal(stretch.x, state.x) and torch.equal(stretch.token_of, state.token_of)
+    counts = state.token_counts().tolist()
+    assert [c.tolist() for c, _ in trace[1:]] == [counts, counts]
 
 
 @pytest.mark.parametrize("prop_attn", [False, True])

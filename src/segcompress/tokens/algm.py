@@ -113,7 +113,8 @@ def window_similarity(patches: torch.Tensor, window: tuple[int, int]) -> torch.T
     Gh, Gw = gh // wh, gw // ww
     n = patches[:, :Gh * wh, :Gw * ww]
     n = n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    s = n.reshape(B, Gh, wh, Gw, ww, C).sum(dim=(2, 4))
+    # one axis at a time: a single reduction over the two strided window axes runs ~15x slower on CPU
+    s = n.reshape(B, Gh, wh, Gw, ww, C).sum(dim=4).sum(dim=2)
     w = wh * ww
     return ((s * s).sum(dim=-1) - w) / (w * (w - 1))
 
@@ -229,6 +230,10 @@ class ALGM(TokenMethod):
     def __init__(self, config: ALGMConfig, prop_attn: bool = False, decoder_on_merged: bool = True):
         super().__init__(prop_attn, decoder_on_merged)
         self.config = config
+
+    @property
+    def merges_each_image(self) -> bool:  # type: ignore[override]
+        return not self.config.batch_coupled
 
     def merge_blocks(self, depth: int) -> set[int]:
         first, second = self.config.layers

@@ -29,7 +29,7 @@ not apply:
   Decided under ``no_grad``. Threshold ≥ 1 never exits (scores are ≤ 1).
 * **Removal.** Exited tokens are gathered out of the sequence per image (survivors first, in
   their order; images pad to the batch's largest count, −∞ attention bias, as ALGM; on CPU the
-  blocks then run image by image, :func:`~segcompress.tokens.patch.per_image_block`). The reference
+  blocks then run image by image, :func:`~segcompress.tokens.patch.per_image_blocks`). The reference
   scatters survivors back into zeros; here an exited token's feature at its exit moment is kept
   for the grid features (:meth:`DToP.encode`, the rank analysis) instead of zeros.
 * **Final composition** (:func:`compose`): Segmenter's decoder has no presence branch, so the

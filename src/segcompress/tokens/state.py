@@ -147,6 +147,35 @@ def merge_slots(state: TokenState, slot: torch.Tensor, num_out: int, counts: tor
     return TokenState(x_new, size_sum, token_of, state.grid, state.num_prefix, counts, merged=True)
 
 
+def split_images(state: TokenState) -> list[TokenState]:
+    """Each image of the batch as a state of its own (batch 1), on its real tokens only."""
+    return [
+        TokenState(state.x[b:b + 1, :n], state.size[b:b + 1, :n], state.token_of[b:b + 1], state.grid,
+                   state.num_prefix, None, state.merged)
+        for b, n in enumerate(state.token_counts().tolist())
+    ]
+
+
+def stack_images(states: list[TokenState]) -> TokenState:
+    """One batch from single-image states (the inverse of :func:`split_images`): padded to the
+    largest image with size-0, zero tokens, ``counts`` set when the images differ."""
+    counts = [s.num_tokens for s in states]
+    first = states[0]
+    merged = any(s.merged for s in states)
+    token_of = torch.cat([s.token_of for s in states])
+    if len(set(counts)) == 1:
+        return TokenState(torch.cat([s.x for s in states]), torch.cat([s.size for s in states]), token_of,
+                          first.grid, first.num_prefix, None, merged)
+    T = max(counts)
+    x = first.x.new_zeros(len(states), T, first.x.shape[-1])
+    size = first.size.new_zeros(len(states), T)
+    for b, s in enumerate(states):
+        x[b, :counts[b]] = s.x[0]
+        size[b, :counts[b]] = s.size[0]
+    return TokenState(x, size, token_of, first.grid, first.num_prefix,
+                      torch.tensor(counts, dtype=torch.long, device=x.device), merged)
+
+
 def tokenwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """``fn`` (a per-token map: LayerNorm, a linear layer, an MLP) on the real tokens of ``x`` only.
 
