@@ -12,7 +12,8 @@ from segcompress.methods import apply_method
 from segcompress.tokens import cts
 from segcompress.tokens.cts import cts_gmacs
 from segcompress.tokens.cts import (
-    PolicyNet, load_policy, policy_targets, save_policy, share_tokens, top_superpatches, train_policy, uniform_scores,
+    PolicyNet, load_policy, mean_2x2, policy_targets, save_policy, share_tokens, top_superpatches, train_policy,
+    uniform_scores,
 )
 from segcompress.tokens.cts import CTS
 from tiny_segmenter import tiny_model, tiny_spec
@@ -56,6 +57,14 @@ def test_policy_targets():
     assert ade[0, 1, 2] == 0 and ade[0, 0, 0] == 1
     cs = policy_targets(lab, 16, border_ignore=False)
     assert cs[0, 2, 0] == 0 and cs[0, 1, 2] == 0
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64, 96), (1, 3, 512, 512), (5, 4, 6)])
+def test_mean_2x2_equals_the_mean_over_the_block_axes_bit_for_bit(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    h, w = shape[-2:]
+    blocks = x.reshape(*shape[:-2], h // 2, 2, w // 2, 2)
+    assert torch.equal(mean_2x2(x), blocks.mean(dim=(-3, -1)))
 
 
 def test_k0_is_exactly_dense(model, policy):

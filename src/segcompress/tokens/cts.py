@@ -484,6 +484,17 @@ def top_superpatches(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
 
 
+def mean_2x2(x: torch.Tensor) -> torch.Tensor:
+    """The mean of every 2×2 block of the last two axes (even sizes), (..., h/2, w/2).
+
+    The same numbers as ``x.reshape(..., h/2, 2, w/2, 2).mean(dim=(-3, -1))`` (sums in the order
+    (top-left + top-right) + (bottom-left + bottom-right)), whose one reduction over two strided
+    axes ran 6x slower on CPU (43 against 7 ms for a batch of 8 images at 512², one thread).
+    """
+    top, bottom = x[..., 0::2, :], x[..., 1::2, :]
+    return ((top[..., 0::2] + top[..., 1::2]) + (bottom[..., 0::2] + bottom[..., 1::2])) / 4
+
+
 def share_tokens(encoder: nn.Module, img: torch.Tensor, scores: torch.Tensor, k: int) -> TokenState:
     """Embed ``img`` with the top-``k`` superpatches of each image shared (one token per 2×2 patches).
 
@@ -514,7 +525,7 @@ def share_tokens(encoder: nn.Module, img: torch.Tensor, scores: torch.Tensor, k:
     E = pos.shape[-1]
     # Pixels of every patch, in the conv weight's (c, kh, kw) order, and of every pooled superpatch.
     patches = img.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, n, C * p * p)
-    pooled = img[:, :, :2 * sh * p, :2 * sw * p].reshape(B, C, sh * p, 2, sw * p, 2).mean(dim=(3, 5))
+    pooled = mean_2x2(img[:, :, :2 * sh * p, :2 * sw * p])
     super_px = pooled.reshape(B, C, sh, p, sw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, ns, C * p * p)
     pos_grid = pos[:, prefix:].reshape(1, gh, gw, E)
     pos_super = pos_grid[:, :2 * sh, :2 * sw].reshape(1, sh, 2, sw, 2, E).mean(dim=(2, 4)).reshape(1, ns, E)
