@@ -210,6 +210,15 @@ def test_the_decoder_runs_each_image_on_its_own_tokens(model, prop_attn, monkeyp
         assert torch.allclose(masks, method.masks(model, imgs), atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [(2, 2), (3, 3), (2, 4)])
+def test_window_sums_one_axis_at_a_time_are_the_joint_reduction_bit_for_bit(window):
+    x = torch.randn(3, 12, 24, 16, generator=torch.Generator().manual_seed(4))
+    n = x / x.norm(dim=-1, keepdim=True)
+    (wh, ww), w = window, window[0] * window[1]
+    s = n.reshape(3, 12 // wh, wh, 24 // ww, ww, 16).sum(dim=(2, 4))
+    assert torch.equal(window_similarity(x, window), ((s * s).sum(dim=-1) - w) / (w * (w - 1)))
+
+
 def test_window_similarity_matches_brute_force():
     torch.manual_seed(5)
     x = torch.randn(2, 4, 6, 8)
