@@ -410,17 +410,17 @@ class DToP(TokenMethod):
         z = tokens.x.new_zeros(B, K, N)
         st = DToPState(tokens, patch_of.expand(B, -1), torch.zeros(B, N, dtype=torch.bool, device=img.device),
                        tokens.x.new_zeros(B, N, E), z, z)
-        head_at = {s - 1: h for h, s in enumerate(self.split)}
+        blocks = model.encoder.blocks
+        end = len(blocks) if num_blocks is None else min(num_blocks, len(blocks))
         self.trace, self.head_trace = [], []
-        for i, blk in enumerate(model.encoder.blocks):
-            if num_blocks is not None and i >= num_blocks:
+        start = 0
+        for head, after in zip(self.heads, self.split):  # the blocks up to each head, the head, ...
+            if after > end:
                 break
-            counts = st.tokens.token_counts() if self.record else None
-            st.tokens = self.run_block(i, blk, st.tokens, False)
-            if self.record:
-                self.trace.append((counts, counts))
-            if i in head_at:
-                self.exit_step(self.heads[head_at[i]], st)
+            st.tokens = self.run_blocks(blocks, start, after, st.tokens, set())
+            self.exit_step(head, st)
+            start = after
+        st.tokens = self.run_blocks(blocks, start, end, st.tokens, set())  # ... and the rest
         if self.keep_outputs or self.training or torch.is_grad_enabled():
             self.last = st
         return st

@@ -107,15 +107,27 @@ class TokenMethod(nn.Module):
         after the first ``num_blocks`` blocks."""
         state = self.start(model, img)
         blocks = model.encoder.blocks
-        merging = self.merge_blocks(len(blocks))
         end = len(blocks) if num_blocks is None else min(num_blocks, len(blocks))
         self.trace = []
-        i = 0
-        while i < end:
+        state = self.run_blocks(blocks, 0, end, state, self.merge_blocks(len(blocks)))
+        if num_blocks is not None and num_blocks < len(blocks):
+            return state
+        return state.with_x(model.encoder.norm(state.x)) if final_norm else state
+
+    def run_blocks(self, blocks: nn.ModuleList, start: int, stop: int, state: TokenState,
+                   merging: set[int]) -> TokenState:
+        """Blocks ``start`` to ``stop - 1`` on the state (:meth:`run_block`; ``merging``: the
+        indices that merge), recording each block's counts in :attr:`trace` when ``record`` is set.
+
+        A ragged stretch without a merge on the devices of :data:`PER_IMAGE_DEVICES` takes each image
+        through all of its blocks at once (:func:`per_image_blocks`): the same tokens as block by
+        block, without padding the batch again after every block.
+        """
+        i = start
+        while i < stop:
             before = state.token_counts() if self.record else None
             if i not in merging and runs_per_image(state):
-                # a ragged stretch without a merge: each image through all of it at once
-                j = min([k for k in merging if k > i] + [end])
+                j = min([k for k in merging if k > i] + [stop])
                 state = state.with_x(per_image_blocks(blocks[i:j], state, self.prop_attn))
             else:
                 j = i + 1
@@ -123,9 +135,7 @@ class TokenMethod(nn.Module):
             if self.record:
                 self.trace.extend([(before, state.token_counts())] * (j - i))
             i = j
-        if num_blocks is not None and num_blocks < len(blocks):
-            return state
-        return state.with_x(model.encoder.norm(state.x)) if final_norm else state
+        return state
 
     def features(self, model: nn.Module, img: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
         """Final encoder patch features restored onto the grid, (B, N, E) (class token dropped)."""
