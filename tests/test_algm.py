@@ -109,7 +109,7 @@ def test_blocks_without_a_merge_run_each_image_on_its_own_tokens(model, prop_att
     assert valid is not None and len(set(state.token_counts().tolist())) > 1
     blk = model.encoder.blocks[3]
     x = state.x.masked_fill(~valid[..., None], 7.0).requires_grad_(True)  # padding holds junk
-    out = method.run_block(3, blk, state.with_x(x), merge=False).x
+    out = method.run_blocks(model.encoder.blocks, 3, 4, state.with_x(x), set()).x
     padded = blk(x, attn_mask=state.attn_bias(prop_attn))
     assert out.shape == padded.shape
     assert torch.allclose(out[valid], padded[valid], atol=1e-5) and out[~valid].eq(0).all()
@@ -117,7 +117,7 @@ def test_blocks_without_a_merge_run_each_image_on_its_own_tokens(model, prop_att
     assert grad[valid].abs().sum() > 0 and grad[~valid].eq(0).all()
     monkeypatch.setattr(patch, "PER_IMAGE_DEVICES", ())
     with torch.no_grad():
-        batched = method.run_block(3, blk, state, merge=False).x
+        batched = method.run_blocks(model.encoder.blocks, 3, 4, state, set()).x
     assert torch.allclose(out[valid], batched[valid], atol=1e-5)
 
 
@@ -175,7 +175,7 @@ def test_a_ragged_stretch_runs_each_image_through_it_at_once(model):
         state = method.encode(model, imgs, final_norm=False, num_blocks=1)
         assert patch.runs_per_image(state)
         for i in (1, 2):
-            state = method.run_block(i, blocks[i], state, merge=False)
+            state = method.run_blocks(blocks, i, i + 1, state, set())
     assert torch.equal(stretch.x, state.x) and torch.equal(stretch.token_of, state.token_of)
     counts = state.token_counts().tolist()
     assert [c.tolist() for c, _ in trace[1:]] == [counts, counts]

@@ -76,18 +76,15 @@ class TokenMethod(nn.Module):
 
         When images hold different counts (padding), the per-token layers (norms, projections,
         MLP) see only the real tokens (:func:`~segcompress.tokens.state.tokenwise`) and attention
-        runs padded, with −∞ bias on the padding keys; on the devices of
-        :data:`PER_IMAGE_DEVICES` a block without a merge instead runs each image on its own
-        tokens (:func:`per_image_blocks`), and so does a merging block when the method
-        :attr:`merges_each_image` (each image merged as a batch of one, then padded again,
+        runs padded, with −∞ bias on the padding keys. On the devices of :data:`PER_IMAGE_DEVICES`
+        a merging block of a method that :attr:`merges_each_image` instead runs each image on its
+        own tokens (merged as a batch of one, then padded again,
         :func:`~segcompress.tokens.state.stack_images`): ALGM's global merge at half of ViT-S/16's
-        FLOPs took 0.22 s instead of 0.25 s per batch of 8 (512², one CPU thread).
+        FLOPs took 0.22 s instead of 0.25 s per batch of 8 (512², one CPU thread). Blocks without a
+        merge do so in :meth:`run_blocks`.
         """
-        if runs_per_image(state):
-            if not merge:
-                return state.with_x(per_image_blocks([blk], state, self.prop_attn))
-            if self.merges_each_image:
-                return stack_images([self.run_block(index, blk, one, True) for one in split_images(state)])
+        if merge and self.merges_each_image and runs_per_image(state):
+            return stack_images([self.run_block(index, blk, one, True) for one in split_images(state)])
         attn = blk.attn
         x, rows = state.x, state.real_rows()
         q, k, v = attn.split_heads(tokenwise(lambda t: attn.qkv(blk.norm1(t)), x, rows))
