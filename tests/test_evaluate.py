@@ -16,7 +16,7 @@ from torch import nn
 from segcompress.cli import main as cli_main
 from segcompress.data.datasets import build_dataset
 from segcompress.evaluate import (
-    SegMetric, areas_from_per_image, evaluate, miou_of, predict, slide_inference, window_starts,
+    SegMetric, areas_from_per_image, evaluate, miou_of, predict, slide_inference, sliding_windows, window_starts,
 )
 from segcompress.models.checkpoint import save_model
 from segcompress.provenance import settings_hash
@@ -153,6 +153,56 @@ def test_metric_equals_confusion_matrix() -> None:
     assert got["macc"] == pytest.approx(ref["macc"], abs=1e-12)
     assert got["iou"][k - 1] is None and np.isnan(ref["iou"][k - 1])  # absent everywhere: not counted
     assert np.allclose([v for v in got["iou"] if v is not None], ref["iou"][~np.isnan(ref["iou"])])
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8])
+def test_areas_equal_mmsegs_intersect_and_union(dtype: torch.dtype) -> None:
+    """The confusion-matrix areas are mmseg's histograms', also for labels and predictions outside
+    the classes (counted in no class) and the ignore label."""
+    from mmseg.evaluation import IoUMetric
+
+    from segcompress.evaluate import intersect_and_union
+
+    g = torch.Generator().manual_seed(0)
+    k = 9
+    for h, w in [(37, 51), (1, 1), (64, 3)]:
+        label = torch.randint(0, k + 3, (h, w), generator=g)  # k, k+1, k+2: outside the classes
+        label[torch.rand((h, w), generator=g) < 0.15] = 255
+        other = torch.randint(0, k + 2, (h, w), generator=g)
+        pred = torch.where(torch.rand((h, w), generator=g) < 0.5, label % k, other)
+        if dtype == torch.int64:
+            label[0, 0], pred[-1, -1] = -1, -1  # negative: outside too
+        ref = torch.stack([a.to(torch.float64) for a in IoUMetric.intersect_and_union(pred.to(dtype), label.to(dtype),
+                                                                                      k, 255)])
+        got = intersect_and_union(pred.to(dtype), label.to(dtype), k, 255)
+        assert got.dtype == torch.float64 and torch.equal(got, ref)
+    assert intersect_and_union(torch.zeros(2, 2, dtype=torch.int64), torch.full((2, 2), 255), k, 255).sum() == 0
+
+
+def test_window_tiles_count_the_windows_over_each_segment() -> None:
+    from segcompress.evaluate import window_tiles
+
+    assert window_tiles([0, 26], 128) == [(0, 26, 1), (26, 128, 2), (128, 154, 1)]
+    assert window_tiles([0, 3, 6], 4) == [(0, 3, 1), (3, 4, 2), (4, 6, 1), (6, 7, 2), (7, 10, 1)]
+    assert window_tiles([0, 2, 4], 8) == [(0, 2, 1), (2, 4, 2), (4, 8, 3), (8, 10, 2), (10, 12, 1)]
+    assert window_tiles([0], 64) == [(0, 64, 1)]
+
+
+@pytest.mark.parametrize("stride", [16, 24, 48])  # up to 4 windows deep in each direction
+def test_slide_equals_zeroed_sums_divided_by_counts(stride: int) -> None:
+    """Tile by tile, the averaged logits equal the plain accumulation (zeroed sums, every window
+    added in order, divided by a count map) exactly, not just to a tolerance."""
+    torch.manual_seed(3)
+    model = tiny_model(ADE_SPEC, 3)
+    img = torch.randn(3, 100, 147)
+    with torch.inference_mode():
+        padded, boxes = sliding_windows(img, 64, stride)
+        sums, count = torch.zeros(150, *padded.shape[-2:]), torch.zeros(1, *padded.shape[-2:])
+        for y, x in boxes:
+            sums[:, y:y + 64, x:x + 64] += model(padded[:, :, y:y + 64, x:x + 64])[0]
+            count[:, y:y + 64, x:x + 64] += 1
+        assert count.max() >= 3
+        assert torch.equal(slide_inference(model, img, 64, stride, batch_size=5), sums / count)
 
 
 def test_metric_counts_a_predicted_but_absent_class_as_zero() -> None:
