@@ -40,9 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from segcompress.bench import keep_freed_memory
     from segcompress.evaluate import environment, evaluate
     from segcompress.io import atomic_write_text
 
+    keep_freed_memory()  # each image's class maps are large and freed again: reuse them, do not page-fault them afresh
     conditions = conditions_of(args)
     run = load_variant_run(args, RESERVED)
     settings_hash = run.settings_hash(args)
