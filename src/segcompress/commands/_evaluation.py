@@ -100,7 +100,7 @@ class Condition:
         """The row's condition columns (corruption, category, severity), if this condition names them."""
         if self.corruption is None:
             return {}
-        from segcompress.robustness import corruption_category
+        from segcompress.corrupt import corruption_category
 
         category = "clean" if self.corruption == "clean" else corruption_category(self.corruption)
         return {"corruption": self.corruption, "category": category, "severity": self.severity}
