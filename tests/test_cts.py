@@ -349,6 +349,40 @@ def test_fused_convolutions_compute_what_convolution_then_activation_does(monkey
     assert _fused_calls(lambda: folded(x).sum().backward()) == 0 and x.grad.abs().sum() > 0
 
 
+@pytest.mark.skipif(not cts.ONEDNN_FUSION, reason="this PyTorch build has no oneDNN fused convolution")
+def test_inference_policy_runs_blocked_on_cpu_with_the_channels_last_logits():
+    """On CPU inference the folded net runs on oneDNN tensors from input to logits: the logits are
+    dense, equal the channels-last path's to float32 rounding and share the same superpatches; under
+    autocast, with oneDNN off or with a gradient wanted it runs channels-last instead."""
+    from segcompress.tokens.cts import InferencePolicy
+
+    torch.manual_seed(7)
+    policy = InferencePolicy(PolicyNet())
+    img = torch.randn(3, 3, 128, 160)
+    layouts = []
+    probe = policy.folded.backbone.blocks[-1].register_forward_hook(lambda m, i, o: layouts.append(o.layout))
+    with torch.inference_mode():
+        assert policy.blocked(img)
+        out = policy(img)
+        channels_last = policy.folded(img.contiguous(memory_format=torch.channels_last))
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert not policy.blocked(img)
+            policy(img)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not policy.blocked(img)
+    probe.remove()
+    assert layouts == [torch._mkldnn, torch.strided, torch.strided]  # blocked, channels-last, oneDNN off
+    assert out.layout == torch.strided and out.shape == channels_last.shape == (3, 2, 4, 5)
+    assert torch.allclose(out, channels_last, atol=1e-5 * float(channels_last.abs().max()), rtol=1e-5)
+    grid = (img.shape[-2] // 16, img.shape[-1] // 16)
+    with torch.inference_mode():
+        chosen = top_superpatches(uniform_scores(policy, img, grid), 20)
+        chosen_cl = top_superpatches(uniform_scores(lambda x: policy.folded(x.contiguous(
+            memory_format=torch.channels_last)), img, grid), 20)
+    assert torch.equal(chosen, chosen_cl)
+    assert not policy.blocked(img.requires_grad_(True))
+
+
 def test_load_policy_returns_the_folded_net(tmp_path):
     torch.manual_seed(5)
     policy = PolicyNet().eval()
