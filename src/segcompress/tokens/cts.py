@@ -240,7 +240,7 @@ def fold_policy(policy: nn.Module) -> nn.Module:
     0.47-0.51 s, and inside CTS's forward pass from 0.61-0.74 s to 0.41-0.58 s (another). The
     copy is frozen, in eval mode, and for inference only (no batch norm left to train); ``policy``
     is left unchanged. Logits agree with the plain net's to float32 rounding (about 1e-5
-    relative).
+    relative). :class:`InferencePolicy` runs it on oneDNN's blocked layout on CPU, faster still.
     """
     import copy
 
