@@ -6,9 +6,9 @@ In one run: a synthetic val set is written to a temporary folder
 and the same windows, cut out beforehand and held in memory, are pushed through the model alone in
 the same batches. Prints windows/s of both and their ratio (evaluation ÷ forward; 1.0 = no
 overhead; also with this process's CPU time, which other processes on a shared machine perturb
-far less), then where the difference goes: data loading, the forward passes inside evaluation,
-stitching (windows → averaged logits → resized prediction) and the metric, timed stage by stage
-on the same images.
+far less), then where the difference goes, each stage timed on its own on the same images:
+data loading, the windows (their forward passes, and stitching them into averaged logits), the
+resize of those to the label size, the class index (argmax) and the metric.
 
     .venv/bin/python benchmarks/eval_overhead.py                  # the default study's setting
     .venv/bin/python benchmarks/eval_overhead.py --backbone vit_tiny_patch16_384 --crop 512 \\
@@ -73,20 +73,29 @@ def forward_all(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
 
 def stage_times(model: torch.nn.Module, dataset: Any, crop: int, stride: int, batch: int,
                 num_classes: int) -> dict[str, float]:
-    """Seconds per stage of evaluation over the whole dataset, each timed on its own."""
-    from segcompress.evaluate import SegMetric, predict
+    """Seconds per stage of evaluation over the whole dataset, summed over its images: loading, then
+    per image the steps of :func:`segcompress.evaluate.predict` (windows, resize, argmax) and the
+    metric."""
+    from segcompress.evaluate import SegMetric, first_max_class, resize_logits, slide_inference
 
-    t0 = time.perf_counter()
-    items = [dataset[i] for i in range(len(dataset))]
-    load = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    preds = [predict(model, it["image"], it["label"].shape, crop, stride, batch) for it in items]
-    predict_s = time.perf_counter() - t0
+    def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+        t0 = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - t0
+
+    items, load = timed(lambda: [dataset[i] for i in range(len(dataset))])
     metric = SegMetric(num_classes)
-    t0 = time.perf_counter()
-    for it, pred in zip(items, preds):
-        metric.update(pred, it["label"], it["name"])
-    return {"load_s": load, "predict_s": predict_s, "metric_s": time.perf_counter() - t0}
+    seconds = dict.fromkeys(("slide_s", "resize_s", "argmax_s", "metric_s"), 0.0)
+    for it in items:  # one image at a time, as evaluation holds them
+        logits, t = timed(lambda: slide_inference(model, it["image"], crop, stride, batch))
+        seconds["slide_s"] += t
+        resized, t = timed(lambda: resize_logits(logits, it["label"].shape))
+        seconds["resize_s"] += t
+        pred, t = timed(lambda: first_max_class(resized))
+        seconds["argmax_s"] += t
+        _, t = timed(lambda: metric.update(pred, it["label"], it["name"]))
+        seconds["metric_s"] += t
+    return {"load_s": load, **seconds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,12 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     ratios_cpu = [f[1] / e[1] for e, f in zip(evals, forwards)]
     result = {"images": len(ds), "windows": windows, "eval_s": ev, "forward_s": fw, "eval_windows_per_s": windows / ev,
               "forward_windows_per_s": windows / fw, "ratio": fw / ev, "ratio_cpu": statistics.median(ratios_cpu),
-              **stages, "stitch_s": max(stages["predict_s"] - fw, 0.0)}
+              **stages, "stitch_s": max(stages["slide_s"] - fw, 0.0)}
     print(f"evaluation {result['eval_windows_per_s']:.1f} windows/s ({ev:.2f} s), forward "
           f"{result['forward_windows_per_s']:.1f} windows/s ({fw:.2f} s): ratio {result['ratio']:.2f} "
           f"(CPU time: {result['ratio_cpu']:.2f})")
-    print(f"stages: load {stages['load_s']:.2f} s, predict {stages['predict_s']:.2f} s (forward {fw:.2f} + "
-          f"stitch/resize/argmax {result['stitch_s']:.2f}), metric {stages['metric_s']:.2f} s")
+    print(f"stages: load {stages['load_s']:.3f} s, windows {stages['slide_s']:.3f} s (forward {fw:.3f} + stitch "
+          f"{result['stitch_s']:.3f}), resize {stages['resize_s']:.3f} s, argmax {stages['argmax_s']:.3f} s, "
+          f"metric {stages['metric_s']:.3f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -145,11 +145,14 @@ def predict(
         batch_size: int = 8,
 ) -> torch.Tensor:
     """Label map (H0, W0) int64: slide inference, bilinear resize to ``out_size``, argmax."""
-    logits = slide_inference(model, image, crop, stride, batch_size)
-    # (1, K, h, w) as a channels-last view (classes fastest), the layout CPU upsampling is fastest on
-    logits = logits.movedim(0, -1)[None].permute(0, 3, 1, 2)
-    logits = F.interpolate(logits, size=tuple(int(s) for s in out_size), mode="bilinear", align_corners=False)
-    return first_max_class(logits[0])
+    return first_max_class(resize_logits(slide_inference(model, image, crop, stride, batch_size), out_size))
+
+
+def resize_logits(logits: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
+    """Averaged logits (K, h, w), classes fastest in memory, bilinearly resized to ``out_size``:
+    (K, H0, W0), classes still fastest (the layout CPU upsampling is fastest on)."""
+    logits = logits.movedim(0, -1)[None].permute(0, 3, 1, 2)  # (1, K, h, w), a channels-last view
+    return F.interpolate(logits, size=tuple(int(s) for s in out_size), mode="bilinear", align_corners=False)[0]
 
 
 #: Up to this many torch threads, the CPU class index is NumPy's argmax (single-threaded) rather
