@@ -376,11 +376,21 @@ def test_inference_policy_runs_blocked_on_cpu_with_the_channels_last_logits():
     assert torch.allclose(out, channels_last, atol=1e-5 * float(channels_last.abs().max()), rtol=1e-5)
     grid = (img.shape[-2] // 16, img.shape[-1] // 16)
     with torch.inference_mode():
-        chosen = top_superpatches(uniform_scores(policy, img, grid), 20)
-        chosen_cl = top_superpatches(uniform_scores(lambda x: policy.folded(x.contiguous(
-            memory_format=torch.channels_last)), img, grid), 20)
-    assert torch.equal(chosen, chosen_cl)
+        scores = uniform_scores(policy, img, grid)
+        scores_cl = uniform_scores(lambda x: policy.folded(x.contiguous(memory_format=torch.channels_last)), img, grid)
+    for k in (3, 7, 12):  # of the 20 superpatches
+        assert torch.equal(top_superpatches(scores, k), top_superpatches(scores_cl, k))
     assert not policy.blocked(img.requires_grad_(True))
+    # a layer of its own besides the fused convolutions (here where a squeeze-excite would sit; a
+    # hardtanh, which a oneDNN tensor cannot take): the net runs channels-last, the same logits
+    assert policy.blockable
+    plain = PolicyNet().eval()
+    assert isinstance(plain.backbone.blocks[-1][0].se, nn.Identity)
+    plain.backbone.blocks[-1][0].se = nn.Hardtanh(-1e4, 1e4)
+    other = InferencePolicy(plain)
+    with torch.inference_mode():
+        assert not other.blockable and not other.blocked(img)
+        assert torch.allclose(other(img), plain(img), atol=1e-4)
 
 
 def test_load_policy_returns_the_folded_net(tmp_path):

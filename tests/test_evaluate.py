@@ -188,21 +188,32 @@ def test_window_tiles_count_the_windows_over_each_segment() -> None:
     assert window_tiles([0], 64) == [(0, 64, 1)]
 
 
-@pytest.mark.parametrize("stride", [16, 24, 48])  # up to 4 windows deep in each direction
-def test_slide_equals_zeroed_sums_divided_by_counts(stride: int) -> None:
+@pytest.mark.parametrize("size, crop, stride, deepest", [
+    ((100, 147), 64, 16, 20), ((100, 147), 64, 24, 12), ((100, 147), 64, 48, 4),  # up to 4 × 5 windows deep
+    ((100, 147), 64, 64, 4),  # stride = crop: overlaps only where the last windows align to the border
+    ((50, 40), 64, 32, 1),  # smaller than the crop: padded, one window
+    ((100, 147), (64, 48), (40, 16), 8),  # rectangular crop and stride
+])
+def test_slide_equals_zeroed_sums_divided_by_counts(size, crop, stride, deepest) -> None:
     """Tile by tile, the averaged logits equal the plain accumulation (zeroed sums, every window
-    added in order, divided by a count map) exactly, not just to a tolerance."""
+    added in order, divided by a count map) exactly, not just to a tolerance; a batch of 5 splits
+    tiles' windows across forward passes."""
     torch.manual_seed(3)
-    model = tiny_model(ADE_SPEC, 3)
-    img = torch.randn(3, 100, 147)
+    model = PixelModel(150)
+    wrapped = lambda x: model(x) + x.mean(dim=(1, 2, 3), keepdim=True)  # noqa: E731  (each window its own logits)
+    img = torch.randn(3, *size)
+    ch, cw = (crop, crop) if isinstance(crop, int) else crop
     with torch.inference_mode():
-        padded, boxes = sliding_windows(img, 64, stride)
+        padded, boxes = sliding_windows(img, crop, stride)
         sums, count = torch.zeros(150, *padded.shape[-2:]), torch.zeros(1, *padded.shape[-2:])
-        for y, x in boxes:
-            sums[:, y:y + 64, x:x + 64] += model(padded[:, :, y:y + 64, x:x + 64])[0]
-            count[:, y:y + 64, x:x + 64] += 1
-        assert count.max() >= 3
-        assert torch.equal(slide_inference(model, img, 64, stride, batch_size=5), sums / count)
+        crops = [padded[:, :, y:y + ch, x:x + cw] for y, x in boxes]
+        outs = torch.cat([wrapped(torch.cat(crops[i:i + 5])) for i in range(0, len(crops), 5)])  # batched alike
+        for (y, x), o in zip(boxes, outs):
+            sums[:, y:y + ch, x:x + cw] += o
+            count[:, y:y + ch, x:x + cw] += 1
+        assert count.max() == deepest
+        ref = (sums / count)[:, :size[0], :size[1]]
+        assert torch.equal(slide_inference(wrapped, img, crop, stride, batch_size=5), ref)
 
 
 def test_metric_counts_a_predicted_but_absent_class_as_zero() -> None:
@@ -275,7 +286,7 @@ def test_evaluate_verb_writes_a_row(city: Path, tmp_path: Path) -> None:
     out = tmp_path / "results/raw/cityscapes/vit/dense/clean/0.json"
     args = ["evaluate", "--model", str(ckpt), "--layout", "cityscapes", "--root", str(city), "--img-scale", "256", "96",
             "--stride", "40", "--out", str(out), "--no-progress", "--tag", "seed=0", "--tag", "backbone=vit_tiny_p8",
-            "--tag", "severity=0", "--tag", "category=clean", "--match", str(match)]
+            "--tag", "severity=0", "--tag", "category=clean", "--match", str(match), "--allocator", "default"]
     assert cli_main(args) == 0
     row = json.loads(out.read_text())
     assert row["dataset"] == "cityscapes" and row["method"] == "dense" and row["knob"] == "{}"
@@ -308,7 +319,7 @@ def test_evaluate_verb_runs_several_conditions_in_one_process(city: Path, tmp_pa
         dst.parent.mkdir(parents=True, exist_ok=True)
         Image.open(src).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(dst)
     base = ["evaluate", "--model", str(ckpt), "--layout", "cityscapes", "--root", str(city), "--img-scale", "256",
-            "96", "--stride", "40", "--no-progress", "--tag", "seed=0"]
+            "96", "--stride", "40", "--no-progress", "--tag", "seed=0", "--allocator", "default"]
     clean, foggy = tmp_path / "multi/clean/0.json", tmp_path / "multi/fog/3.json"
     assert cli_main(base + ["--condition", "clean", "0", "-", str(clean), "--condition", "fog", "3", str(fog),
                             str(foggy)]) == 0
@@ -334,7 +345,7 @@ def test_evaluate_rows_carry_provenance(city: Path, tmp_path: Path) -> None:
     ckpt = tmp_path / "dense.safetensors"
     save_model(tiny_model(CITY_SPEC), ckpt)
     base = ["evaluate", "--model", str(ckpt), "--layout", "cityscapes", "--root", str(city), "--img-scale", "256",
-            "96", "--no-progress", "--tag", "seed=0", "--max-images", "1"]
+            "96", "--no-progress", "--tag", "seed=0", "--max-images", "1", "--allocator", "default"]
     rows = {}
     for stride in (40, 48):
         a, b = tmp_path / f"{stride}/clean/0.json", tmp_path / f"{stride}/fog/1.json"
@@ -380,6 +391,7 @@ def test_algm_rows_measure_gflops_on_their_own_condition(city: Path, tmp_path: P
     clean, noisy = tmp_path / "clean/0.json", tmp_path / "gaussian_noise/5.json"
     assert cli_main(["evaluate", "--model", str(ckpt), "--method", "algm", "--match", str(match), "--layout",
                      "cityscapes", "--root", str(city), "--img-scale", "256", "96", "--stride", "40", "--no-progress",
+                     "--allocator", "default",
                      "--condition", "clean", "0", "-", str(clean), "--condition", "gaussian_noise", "5", str(noise),
                      str(noisy)]) == 0
     clean_row, noisy_row = json.loads(clean.read_text()), json.loads(noisy.read_text())
@@ -396,7 +408,7 @@ def test_evaluate_verb_errors(city: Path, tmp_path: Path, capsys: pytest.Capture
     ckpt = tmp_path / "ade.safetensors"
     save_model(tiny_model(ADE_SPEC), ckpt)
     base = ["evaluate", "--model", str(ckpt), "--root", str(city), "--img-scale", "256", "96", "--out",
-            str(tmp_path / "r.json"), "--no-progress"]
+            str(tmp_path / "r.json"), "--no-progress", "--allocator", "default"]
     assert cli_main(base + ["--layout", "cityscapes"]) == 2
     assert "150 classes but cityscapes has 19" in capsys.readouterr().err
     assert cli_main(base + ["--layout", "ade20k", "--crop", "128"]) == 2

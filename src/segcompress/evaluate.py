@@ -96,8 +96,10 @@ def slide_inference(
     The windows' logits are summed in window order and divided by the number of windows that cover
     a pixel, tile by tile: the tiles are the rectangles that the windows' edges cut the image into,
     so a tile's first window is copied (no zeroed buffer to add it to), later ones are added, and
-    a tile is divided once its last window is in, while it is still in cache. The same numbers as
-    zeroing a sum, adding every window and dividing by a count map (up to the sign of a zero).
+    a tile is divided once its last window is in (right after its last addition). The same numbers
+    as zeroing a sum, adding every window and dividing by a count map (up to the sign of a zero):
+    the divisor is a tensor on the logits' device, since CUDA divides by a Python number as a
+    multiplication by its reciprocal.
 
     Args:
         model: maps crops (B, 3, cH, cW) to logits (B, K, cH, cW).
@@ -113,6 +115,7 @@ def slide_inference(
     rows = window_tiles(sorted({y for y, _ in boxes}), ch)
     cols = window_tiles(sorted({x for _, x in boxes}), cw)
     seen: dict[tuple[int, int], int] = {}
+    divisors: dict[int, torch.Tensor] = {}
     # Sums are kept class-last (ph, pw, K), the memory layout of Segmenter's logits.
     logits: torch.Tensor | None = None
     for i in range(0, len(boxes), batch_size):
@@ -120,7 +123,7 @@ def slide_inference(
         out = model(torch.cat([image[:, :, y:y + ch, x:x + cw] for y, x in chunk]))
         if logits is None:
             logits = torch.empty((ph, pw, out.shape[1]), device=image.device)
-        for (y, x), o in zip(chunk, out.movedim(1, -1).float()):
+        for (y, x), o in zip(chunk, out.movedim(1, -1)):  # copy_ and add_ convert a low-precision window exactly
             for r0, r1, nr in (t for t in rows if y <= t[0] and t[1] <= y + ch):
                 for c0, c1, nc in (t for t in cols if x <= t[0] and t[1] <= x + cw):
                     tile, window = logits[r0:r1, c0:c1], o[r0 - y:r1 - y, c0 - x:c1 - x]
@@ -130,7 +133,9 @@ def slide_inference(
                     else:
                         tile.add_(window)
                     if n == nr * nc > 1:
-                        tile.div_(n)
+                        if n not in divisors:
+                            divisors[n] = torch.tensor(float(n), device=tile.device)
+                        tile.div_(divisors[n])
     assert logits is not None
     return logits[:h, :w].movedim(-1, 0)
 
@@ -190,11 +195,14 @@ def intersect_and_union(pred: torch.Tensor, label: torch.Tensor, num_classes: in
     Pixels labelled ``ignore_index`` are left out; a label or prediction outside 0..K-1 counts in
     no class, as in mmseg's histograms. One NumPy ``bincount`` over (label, prediction) pairs
     instead of mmseg's three ``histc``: the same counts, a third of the time on CPU (0.3 against
-    1.0 ms for a 178×214 map of 150 classes).
+    1.0 ms for a 178×214 map of 150 classes). One exception: with a single class mmseg's
+    ``histc(min=0, max=0)`` takes the data's own range instead, and counts values outside the
+    class; here they count in no class, as for any other number of classes.
     """
-    valid = (label != ignore_index).cpu().numpy()
-    lab = label.cpu().numpy()[valid].astype(np.int64, copy=False)
-    prd = pred.cpu().numpy()[valid].astype(np.int64, copy=False)
+    lab, prd = label.cpu().numpy(), pred.cpu().numpy()
+    valid = lab != ignore_index
+    lab = lab[valid].astype(np.int64, copy=False)
+    prd = prd[valid].astype(np.int64, copy=False)
     k = num_classes
     lab = np.where((lab >= 0) & (lab < k), lab, k)  # row and column k: outside the classes
     prd = np.where((prd >= 0) & (prd < k), prd, k)

@@ -36,15 +36,18 @@ __all__ = ["ROW_COLUMNS", "RESERVED", "MATCH_COLUMNS", "add_arguments", "parse_t
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from segcompress.bench import add_allocator_argument
+
     add_variant_arguments(parser, out_help="results row (JSON)")
+    add_allocator_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    from segcompress.bench import keep_freed_memory
+    from segcompress.bench import use_allocator
     from segcompress.evaluate import environment, evaluate
     from segcompress.io import atomic_write_text
 
-    keep_freed_memory()  # each image's class maps are large and freed again: reuse them, do not page-fault them afresh
+    use_allocator(args.allocator)  # each image's class maps are large and freed again: reuse, not page-fault, them
     conditions = conditions_of(args)
     run = load_variant_run(args, RESERVED)
     settings_hash = run.settings_hash(args)

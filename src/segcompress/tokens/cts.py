@@ -275,12 +275,17 @@ class InferencePolicy(nn.Module):
         super().__init__()
         self.plain = policy.eval().requires_grad_(False)
         self.folded = fold_policy(self.plain)
+        convs = [name for name, m in self.folded.named_modules() if isinstance(m, ConvAct)]
+        # any other layer with weights or its own op (e.g. a squeeze-excite of another timm
+        # variant) may not take a oneDNN tensor: such a net always runs channels-last
+        self.blockable = all(isinstance(m, nn.Identity) for name, m in self.folded.named_modules()
+                             if not any(m.children()) and not any(name.startswith(c + ".") for c in convs))
 
     def blocked(self, img: torch.Tensor) -> bool:
-        """Whether ``img`` runs through the folded net as a oneDNN tensor: wherever every
-        convolution takes its fused oneDNN call (:meth:`ConvAct.fused`: CPU, float32, no autocast,
-        no gradient)."""
-        return all(m.fused(img) for m in self.folded.modules() if isinstance(m, ConvAct))
+        """Whether ``img`` runs through the folded net as a oneDNN tensor: where the net holds only
+        :class:`ConvAct` layers (and identities) and every one takes its fused oneDNN call
+        (:meth:`ConvAct.fused`: CPU, float32, no autocast, no gradient)."""
+        return self.blockable and all(m.fused(img) for m in self.folded.modules() if isinstance(m, ConvAct))
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         """Logits (B, 2, ⌈H/32⌉, ⌈W/32⌉), as :meth:`PolicyNet.forward`.
