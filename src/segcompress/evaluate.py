@@ -78,7 +78,7 @@ def sliding_windows(
 def window_tiles(starts: Sequence[int], crop: int) -> list[tuple[int, int, int]]:
     """The segments ``(lo, hi, windows)`` that windows of length ``crop`` at ``starts`` cut one axis
     into, each with the number of windows that cover it (segments no window covers are left out)."""
-    edges = sorted({s for s in starts} | {s + crop for s in starts})
+    edges = sorted(set(starts) | {s + crop for s in starts})
     tiles = [(lo, hi, sum(s <= lo and hi <= s + crop for s in starts)) for lo, hi in zip(edges, edges[1:])]
     return [t for t in tiles if t[2]]
 

@@ -275,7 +275,8 @@ class InferencePolicy(nn.Module):
         super().__init__()
         self.plain = policy.eval().requires_grad_(False)
         self.folded = fold_policy(self.plain)
-        convs = [name for name, m in self.folded.named_modules() if isinstance(m, ConvAct)]
+        convs = {name: m for name, m in self.folded.named_modules() if isinstance(m, ConvAct)}
+        self.convs = list(convs.values())  # a plain list: already registered under ``folded``
         # any other layer with weights or its own op (e.g. a squeeze-excite of another timm
         # variant) may not take a oneDNN tensor: such a net always runs channels-last
         self.blockable = all(isinstance(m, nn.Identity) for name, m in self.folded.named_modules()
@@ -285,7 +286,7 @@ class InferencePolicy(nn.Module):
         """Whether ``img`` runs through the folded net as a oneDNN tensor: where the net holds only
         :class:`ConvAct` layers (and identities) and every one takes its fused oneDNN call
         (:meth:`ConvAct.fused`: CPU, float32, no autocast, no gradient)."""
-        return self.blockable and all(m.fused(img) for m in self.folded.modules() if isinstance(m, ConvAct))
+        return self.blockable and all(m.fused(img) for m in self.convs)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         """Logits (B, 2, ⌈H/32⌉, ⌈W/32⌉), as :meth:`PolicyNet.forward`.
