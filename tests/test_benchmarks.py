@@ -48,3 +48,27 @@ def test_gpu_check_smoke_runs_every_step_on_the_fallback_device(tmp_path):
     assert len(re.findall(r"^ +50% ", text, flags=re.M)) == 4 and len(re.findall(r"^ +35% ", text, flags=re.M)) == 4
     assert "## Study .test/config-all-methods.yaml (dry run)" in text
     assert re.search(r"^evaluate +\d+", text, flags=re.M)  # the study's plan lists its evaluation jobs
+    assert "0 step(s) failed" in text
+
+
+def test_gpu_check_keeps_what_ran_when_a_step_fails(tmp_path, monkeypatch):
+    """A failed step is written with its traceback, the later steps still run, the status is 1."""
+    import gpu_check
+
+    def broken() -> str:
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(gpu_check, "speed_sections", lambda device, smoke: [("first", broken), ("second", lambda: "42\n")])
+    out = tmp_path / "gpu_check.md"
+    assert gpu_check.main(["--smoke", "--device", "cpu", "--skip-study", "--out", str(out)]) == 1
+    text = out.read_text()
+    assert "## first" in text and "FAILED" in text and "RuntimeError: out of memory, say" in text
+    assert "## second" in text and "42" in text and "1 step(s) failed" in text
+
+
+def test_gpu_check_stops_without_a_gpu_unless_smoke(tmp_path):
+    import gpu_check
+
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        gpu_check.main(["--device", "cpu", "--out", str(tmp_path / "gpu_check.md")])
+    assert not (tmp_path / "gpu_check.md").exists()

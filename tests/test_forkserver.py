@@ -70,6 +70,36 @@ def test_another_python_environment_is_refused(server, monkeypatch):
     assert forkserver.delegate(["segcompress", "--version"], server) is None
 
 
+def test_the_server_checks_for_gpus_without_initialising_cuda(server):
+    """NVML's device check (a CUDA device initialised in the server would fail in every job)."""
+    env = Path(f"/proc/{_server_pid(server)}/environ").read_bytes().split(b"\0")
+    assert b"PYTORCH_NVML_BASED_CUDA_CHECK=1" in env
+
+
+def test_a_server_that_initialised_cuda_lets_the_command_run_itself(tmp_path):
+    """CUDA cannot work in a child forked after it was initialised: such a child refuses the
+    command, which then runs in its own process (a server whose fork check says so, as it would
+    on a GPU machine where something initialised CUDA while it imported)."""
+    path, log = tmp_path / "server.sock", tmp_path / "server.log"
+    code = ("import sys, torch; torch.cuda._is_in_bad_fork = lambda: True\n"
+            "from segcompress import forkserver; forkserver.main(sys.argv[1:])")
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", code, "--socket", str(path), "--parent", str(os.getpid())],
+                                stdout=subprocess.DEVNULL, stderr=err,
+                                env={**os.environ, forkserver.ENV: "0", "OMP_NUM_THREADS": "1"})  # as start() runs it
+    try:
+        deadline = time.monotonic() + 120
+        while not path.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.2)
+        assert forkserver.delegate(["segcompress", "--version"], str(path)) is None
+        time.sleep(0.5)  # the refusing child writes to the server's log before it exits
+        assert "CUDA was initialised before the fork" in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def test_the_console_command_uses_the_server_it_is_given(server, tmp_path):
     """`segcompress` as the workflow runs it: through the server, the same output as without."""
     exe = Path(sys.executable).with_name("segcompress")

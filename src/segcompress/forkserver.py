@@ -179,7 +179,13 @@ def _start(conn: socket.socket, listener: socket.socket) -> None:
 
 
 def _run_child(conn: socket.socket, fds: list[int], request: dict) -> None:
-    """In the forked child: become the command's process, run it, report its exit status."""
+    """In the forked child: become the command's process, run it, report its exit status (or
+    refuse, so that the command runs itself, where CUDA cannot work in a forked child)."""
+    if _cuda_unusable_after_fork():
+        print("fork server: CUDA was initialised before the fork; the command runs in its own process",
+              file=sys.stderr, flush=True)  # still the server's log
+        conn.sendall(b"refused\n")
+        os._exit(0)
     code = 1
     try:
         for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
@@ -230,6 +236,16 @@ def _run_child(conn: socket.socket, fds: list[int], request: dict) -> None:
             os._exit(code if 0 <= code < 256 else 1)
 
 
+def _cuda_unusable_after_fork() -> bool:
+    """Whether the server had initialised CUDA when it forked this child: CUDA then fails here
+    ("Cannot re-initialize CUDA in forked subprocess"). The server is started with NVML's device
+    check (:func:`start`), so that ``torch.cuda.is_available()``, which mmengine calls when it is
+    imported, does not initialise CUDA; this catches anything else that did."""
+    import torch
+
+    return torch.cuda._is_in_bad_fork()
+
+
 def _stop_when_gone(conn: socket.socket) -> None:
     """Stop this child when its command process is gone (killed without passing the signal on)."""
     try:
@@ -257,7 +273,10 @@ def start(parent: int | None = None) -> str | None:
             [sys.executable, "-m", "segcompress.forkserver", "--socket", str(path),
              "--parent", str(os.getpid() if parent is None else parent)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=server_log,
-            env={**os.environ, "OMP_NUM_THREADS": "1", ENV: "0"}, start_new_session=True,
+            # NVML's device check: is_available() (mmengine's import calls it) without initialising
+            # CUDA, which would keep every forked job off the GPU (_cuda_unusable_after_fork)
+            env={**os.environ, "OMP_NUM_THREADS": "1", ENV: "0", "PYTORCH_NVML_BASED_CUDA_CHECK": "1"},
+            start_new_session=True,
         )
     return str(path)
 
