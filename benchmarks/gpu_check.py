@@ -5,7 +5,7 @@
 
 Steps, each printed as it runs and added to ``--out`` (one Markdown file, the figures of the run)
 as soon as it ends, so that a crash or a kill keeps the steps before it; a failed step is written
-with its traceback and the others still run (exit status 1):
+with what it printed and its traceback, and the others still run (exit status 1):
 
 1. every token method (ToMe, ToFu, ALGM, CTS, DToP) against dense at 50 % and 35 % of the dense
    FLOPs (``benchmarks/token_speed.py``) and the NViT-pruned models (``benchmarks/prune_speed.py``),
@@ -76,8 +76,12 @@ class _Tee(io.StringIO):
 def captured(fn: Callable[[list[str]], object], argv: list[str]) -> str:
     """Run a benchmark's ``main(argv)`` in this process; returns what it printed (also echoed live)."""
     out = _Tee(sys.stdout)
-    with contextlib.redirect_stdout(out):
-        fn(argv)
+    try:
+        with contextlib.redirect_stdout(out):
+            fn(argv)
+    except (Exception, SystemExit) as e:  # what it printed before it failed goes into the file too
+        e.add_note(f"printed before the failure:\n{out.getvalue()}")
+        raise
     return out.getvalue()
 
 
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         try:
             text = step()
-        except Exception:
+        except (Exception, SystemExit):  # SystemExit: a benchmark's argparse error, say
             text, failed = f"FAILED\n{traceback.format_exc()}", failed + 1
             print(text, file=sys.stderr, flush=True)
         body += f"\n## {title}\n\n```\n{text.rstrip()}\n```\n({time.perf_counter() - t1:.0f} s)\n"

@@ -58,12 +58,23 @@ def test_gpu_check_keeps_what_ran_when_a_step_fails(tmp_path, monkeypatch):
     def broken() -> str:
         raise RuntimeError("out of memory, say")
 
-    monkeypatch.setattr(gpu_check, "speed_sections", lambda device, smoke: [("first", broken), ("second", lambda: "42\n")])
+    def prints_then_breaks(argv: list[str]) -> None:
+        print("dense 12.3 images/s")
+        raise RuntimeError("out of memory, say")
+
+    def bad_arguments() -> str:
+        raise SystemExit(2)  # as argparse exits on a bad option
+
+    monkeypatch.setattr(gpu_check, "speed_sections", lambda device, smoke: [
+        ("first", lambda: gpu_check.captured(prints_then_breaks, [])), ("second", bad_arguments),
+        ("third", lambda: "42\n")])
     out = tmp_path / "gpu_check.md"
     assert gpu_check.main(["--smoke", "--device", "cpu", "--skip-study", "--out", str(out)]) == 1
     text = out.read_text()
-    assert "## first" in text and "FAILED" in text and "RuntimeError: out of memory, say" in text
-    assert "## second" in text and "42" in text and "1 step(s) failed" in text
+    first, second, third = text.split("## first")[1].split("## second")[0], *text.split("## second")[1].split("## third")
+    assert "FAILED" in first and "RuntimeError: out of memory, say" in first and "dense 12.3 images/s" in first
+    assert "FAILED" in second and "SystemExit: 2" in second
+    assert "42" in third and "2 step(s) failed" in text
 
 
 def test_gpu_check_stops_without_a_gpu_unless_smoke(tmp_path):
