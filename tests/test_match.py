@@ -126,6 +126,24 @@ def test_match_verb_rejects_dense_and_algm_without_images(capsys):
     assert "--calib-root" in capsys.readouterr().err
 
 
+def test_match_verb_runs_on_its_device(capsys):
+    """--device as the other verbs take it: CUDA where asked for is checked; calibration batches
+    reach the model's device one at a time, the originals left where they were."""
+    from segcompress.commands.match import OnDevice
+
+    arch = json.dumps({"patch_size": 16, "embed_dim": 32, "depth": 6, "num_heads": 2})
+    common = ["--target-fraction", "0.8", "--arch", arch, "--num-classes", "4", "--crop", "128"]
+    if not torch.cuda.is_available():
+        assert cli_main(["match", "--method", "tome", *common, "--device", "cuda"]) == 2
+        assert "--device cuda: CUDA is not available here" in capsys.readouterr().err
+    assert cli_main(["match", "--method", "tome", *common, "--device", "cpu"]) == 0
+    batches = [torch.randn(2, 3, 8, 8), torch.randn(1, 3, 8, 8)]
+    moved = OnDevice(batches, "meta")
+    assert len(moved) == 2 and [b.device.type for b in moved] == ["meta", "meta"]
+    assert [tuple(b.shape) for b in moved] == [(2, 3, 8, 8), (1, 3, 8, 8)]
+    assert all(b.device.type == "cpu" for b in batches)
+
+
 def test_policy_and_algm_match_verbs_on_a_dataset(synthetic_ade20k, tmp_path, capsys):
     from segcompress.models.checkpoint import save_model
     from segcompress.tokens.cts import load_policy

@@ -17,7 +17,8 @@ Prints one JSON object on stdout (and with ``--out`` writes it): at least ``knob
 method's achievable range) and ``message`` (why a target is out of reach). ``--target-fraction`` is relative to ``--reference-model`` when given (prune-then-merge
 solves ToMe on a pruned model for a fraction of the dense model), else to the model itself.
 ``--arch``/``--backbone`` models have random weights drawn from ``--seed`` (default 0), so ALGM's
-threshold and GFLOPs are the same on every call.
+threshold and GFLOPs are the same on every call. The model runs on ``--device`` (default: a GPU
+where there is one, as evaluation runs), the calibration images moved there one batch at a time.
 Exit status 0 even when the target is out of reach (the nearest knob is written), unless
 ``--strict``.
 """
@@ -28,10 +29,11 @@ import argparse
 import json
 import logging
 import sys
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
+from segcompress.commands._conventions import add_device_argument, resolve_device
 from segcompress.commands._model_options import add_model_arguments, calibration_images, parse_json_arg, spec_and_model
 
 log = logging.getLogger("segcompress.match")
@@ -53,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", metavar="SAFETENSORS", help="CTS: the trained policy net (recorded in the knob)")
     parser.add_argument("--calib-batch", type=int, default=8, help="ALGM: calibration images per forward pass")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    add_device_argument(parser)
     parser.add_argument("--strict", action="store_true", help="exit with status 3 when the target is not met")
     parser.add_argument("--out", metavar="JSON", help="also write the result to this file (atomically)")
 
@@ -68,6 +71,20 @@ def batched(images: Iterator[torch.Tensor], size: int) -> list[torch.Tensor]:
     if cur:
         out.append(torch.cat(cur))
     return out
+
+
+class OnDevice(Sequence[torch.Tensor]):
+    """Batches kept where they are and moved to ``device`` one at a time as they are read (the
+    calibration set need not fit on the GPU: ALGM's bisection reads it some 30 times)."""
+
+    def __init__(self, batches: list[torch.Tensor], device: torch.device | str) -> None:
+        self.batches, self.device = batches, torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        return self.batches[i].to(self.device)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -89,21 +106,23 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--target-fraction must be > 0, got {args.target_fraction}")
     if args.knob:
         raise ValueError("--knob is what match solves; give the method's settings with --settings")
+    device = resolve_device(args.device)
     settings = method.parse_settings(parse_json_arg(args.settings, "--settings")).to_dict()
     if method.needs_policy:
         settings["policy_file"] = args.policy
     spec, model, source = spec_and_model(args)
+    model.to(device)
     reference = SegmenterSpec.load(spec_path(args.reference_model)) if args.reference_model else spec
     dense_ref = analytic_gmacs(reference)
     target = args.target_gflops if args.target_gflops is not None else args.target_fraction * dense_ref
 
-    def images() -> list[torch.Tensor]:
+    def images() -> Sequence[torch.Tensor]:
         if args.calib_root is None:
             raise ValueError(f"{args.method}'s FLOPs depend on the images: give --calib-root (and --calib-layout)")
         batches = batched(calibration_images(args, spec), args.calib_batch)
         if not batches:
             raise ValueError(f"{args.calib_root}: no calibration images found")
-        return batches
+        return OnDevice(batches, device)
 
     result = methods.solve(args.method, spec, target, settings, model=model, images=images, tolerance=args.tolerance)
     out = {
