@@ -145,6 +145,18 @@ def study_section(smoke: bool, cores: int, device: torch.device, keep: Path) -> 
     return text
 
 
+def gpu_facts() -> str:
+    """nvidia-smi's driver, CUDA compute mode and clocks, where it runs ("" elsewhere). In the
+    Exclusive_Process mode the study's jobs cannot open the GPU this process holds."""
+    query = "name,driver_version,compute_mode,clocks.sm,clocks.max.sm,power.limit"
+    try:
+        run = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv"], capture_output=True,
+                             text=True, timeout=20, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return f"\n```\n{run.stdout.strip()}\n```\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="Markdown file the figures are written to")
@@ -163,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     head = (f"# GPU check{' (smoke)' if args.smoke else ''}\n\n{device_name(device)} ({device.type}), "
             f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
             f"float32 matmul precision {torch.get_float32_matmul_precision()}, cuDNN TF32 "
-            f"{torch.backends.cudnn.allow_tf32} (float32 convolutions may run in TF32)\n")
+            f"{torch.backends.cudnn.allow_tf32} (float32 convolutions may run in TF32)\n{gpu_facts()}")
     steps = speed_sections(str(device), args.smoke)
     if not args.skip_study:
         title = "Study .test/config-all-methods.yaml" + (" (dry run)" if args.smoke else "")
